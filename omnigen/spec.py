@@ -1,0 +1,185 @@
+"""Stage 0: read spec.yaml (+ --set overrides) into a frozen, validated Spec.
+
+Every problem becomes one SpecError naming the file, the key and what is allowed. Unknown keys are
+errors with a did-you-mean, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from .errors import SpecError
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    config: str
+    class_name: str | None = Field(None, alias="class")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+    # Modules kept frozen (no gradients, no optimizer state): dotted module-path prefixes.
+    freeze: tuple[str, ...] = ()
+
+
+class ClusterSpec(_Strict):
+    nodes: PositiveInt = 1
+    procs_per_node: PositiveInt = 2
+    device: Literal["cpu", "cuda"] = "cpu"
+    hardware: Union[str, dict[str, Any]] = "cpu"
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class TrainSpec(_Strict):
+    seq_len: PositiveInt = 128
+    micro_batch_size: PositiveInt = 1
+    global_batch_size: PositiveInt = 2
+    steps: PositiveInt = 4
+    lr: PositiveFloat = 1.0e-3
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 disables clipping
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    data: str = "synthetic"  # or a path to a .jsonl file of {"input_ids": [...]} rows
+
+
+class ParallelSpec(_Strict):
+    dp_replicate: Union[PositiveInt, Auto] = "auto"
+    dp_shard: Union[PositiveInt, Auto] = "auto"
+    sp: Union[PositiveInt, Auto] = "auto"
+    ep: Union[PositiveInt, Auto] = "auto"
+    activation_checkpointing: Literal["auto", "none", "full", "selective"] = "auto"
+
+
+class Spec(_Strict):
+    name: str
+    model: ModelSpec
+    cluster: ClusterSpec = ClusterSpec()
+    train: TrainSpec = TrainSpec()
+    parallel: ParallelSpec = ParallelSpec()
+    # Where the spec came from: relative paths inside it resolve against this folder.
+    source: str = Field("<memory>", exclude=True)
+    base_dir: str = Field(".", exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("must be a folder name: letters, digits, '-', '_' or '.'")
+        return v
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    def config_path(self) -> Path:
+        p = self.resolve(self.model.config)
+        return p / "config.json" if p.is_dir() else p
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
+    """Read, override and validate a spec file; raise SpecError on anything wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a mapping with keys {sorted(_fields(Spec))}")
+    for item in sets:
+        _apply_set(raw, item, path)
+    return spec_from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "<memory>", base_dir: str = ".") -> Spec:
+    try:
+        spec = Spec.model_validate({**raw, "source": source, "base_dir": base_dir})
+    except ValidationError as e:
+        raise SpecError(_describe(e, source)) from None
+    _check_files(spec)
+    return spec
+
+
+def _apply_set(raw: dict[str, Any], item: str, path: Path) -> None:
+    """`--set train.seq_len=256`: the value is parsed as YAML (numbers, lists, null, auto stay typed)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"{path}: --set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.seq_len=256")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{path}: --set {item!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items() if not f.exclude]
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": Spec, "model": ModelSpec, "cluster": ClusterSpec, "train": TrainSpec, "parallel": ParallelSpec,
+}
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    """One line per problem: file, dotted key, what is wrong, what is allowed."""
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Union types add the member type name to the location; keep only real keys.
+        loc = [p for p in loc if not p.startswith(("literal[", "constrained-", "int", "str", "dict["))
+               and p not in ("function-after[_name_is_a_folder_name(), str]",)]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = ".".join(loc[:-1])
+            allowed = _fields(_SECTIONS.get(parent, Spec))
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{source}: unknown key '{key}'{hint} Allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            got = json.dumps(err.get("input"), default=str)
+            lines.append(f"{source}: key '{key}': {err['msg']} (got {got})")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _check_files(spec: Spec) -> None:
+    cfg = spec.config_path()
+    if not cfg.is_file():
+        raise SpecError(f"{spec.source}: key 'model.config': no config.json at {cfg} "
+                        "(give a folder holding config.json or the path of a config.json)")
+    if spec.model.weights is not None:
+        w = spec.resolve(spec.model.weights)
+        if not w.is_dir() or not any(w.glob("*.safetensors")):
+            raise SpecError(f"{spec.source}: key 'model.weights': no *.safetensors files in {w}")
+    if spec.train.data != "synthetic":
+        d = spec.resolve(spec.train.data)
+        if not d.is_file() or d.suffix != ".jsonl":
+            raise SpecError(f"{spec.source}: key 'train.data': expected 'synthetic' or an existing .jsonl file, "
+                            f"got {spec.train.data!r}")
+    mb, gb = spec.train.micro_batch_size, spec.train.global_batch_size
+    if gb % mb:
+        raise SpecError(f"{spec.source}: key 'train.global_batch_size': {gb} is not a multiple of "
+                        f"train.micro_batch_size={mb}")

@@ -72,6 +72,7 @@ class ModelGraph:
     groups: tuple[Group, ...]
     total_params: int
     total_param_bytes: int
+    vocab_size: int = 0            # the LM head's output size (logits memory)
     # Roles present and the sub-module that carries each (e.g. {"encoder:vision": "model.visual"}).
     towers: dict[str, str] = field(default_factory=dict)
 

@@ -1,0 +1,126 @@
+"""`omnigen` command line: analyze, plan, compile, run, verify."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import OmnigenError
+
+SETS = click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE",
+                    help="Override a spec value, e.g. --set train.seq_len=256 (repeatable).")
+SPEC = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+
+
+def user_errors(fn):
+    """Bad input → one clear message on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OmnigenError as e:
+            click.echo(f"omnigen: error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _load(spec_path, sets):
+    from .spec import load_spec
+    return load_spec(spec_path, sets)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="omnigen")
+def main():
+    """Compile a spec for an omni-modal HuggingFace model into a readable torchrun training script."""
+
+
+@main.command()
+@SPEC
+@SETS
+@click.option("--json", "as_json", is_flag=True, help="Print the ModelGraph as JSON.")
+@user_errors
+def analyze(spec_path, sets, as_json):
+    """Inspect the model: blocks, roles, groups, parameters, FLOPs and activations per token."""
+    from .analyze import format_graph
+    from .pipeline import analyze as run_analyze
+    graph = run_analyze(_load(spec_path, sets))
+    click.echo(json.dumps(graph.to_dict(), indent=2) if as_json else format_graph(graph))
+
+
+@main.command()
+@SPEC
+@SETS
+@click.option("--json", "as_json", is_flag=True, help="Print the Plan as JSON (the plan.json contract).")
+@click.option("--explain", is_flag=True, help="Show the alternatives considered and why each lost.")
+@user_errors
+def plan(spec_path, sets, as_json, explain):
+    """Choose the device mesh and per-group placement, with predicted cost."""
+    from .emit import canonical_json
+    from .pipeline import plan as run_plan
+    from .plan import format_explain
+    compiled = run_plan(_load(spec_path, sets))
+    if as_json:
+        click.echo(canonical_json(compiled.plan.to_dict()), nl=False)
+    else:
+        text = format_explain(compiled.plan)
+        click.echo(text if explain else text.split("\nalternatives:")[0])
+
+
+@main.command(name="compile")
+@SPEC
+@SETS
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default generated/<name>/).")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff if the files on disk differ.")
+@user_errors
+def compile_cmd(spec_path, sets, out_dir, check):
+    """Write train.py, launch.sh, plan.json and config.json."""
+    from . import emit
+    from .pipeline import default_out_dir, plan as run_plan, render
+    spec = _load(spec_path, sets)
+    out = Path(out_dir) if out_dir else default_out_dir(spec)
+    files = render(run_plan(spec), out)
+    if check:
+        changes = emit.diff(files, out)
+        if changes:
+            click.echo(changes, nl=False)
+            click.echo(f"omnigen: {out} is out of date with {spec_path}; run `omnigen compile {spec_path}`", err=True)
+            sys.exit(1)
+        click.echo(f"{out}: up to date")
+        return
+    emit.write(files, out)
+    click.echo(f"wrote {out}/ ({', '.join(sorted(files))})")
+
+
+@main.command()
+@SPEC
+@SETS
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default generated/<name>/).")
+@click.option("--steps", type=int, help="Override the number of steps.")
+@user_errors
+def run(spec_path, sets, out_dir, steps):
+    """Compile, launch the script with torchrun on the spec's ranks, and stream its metrics."""
+    from .runner import compile_and_run
+    sys.exit(compile_and_run(_load(spec_path, sets), out_dir, steps))
+
+
+@main.command()
+@SPEC
+@SETS
+@click.option("--steps", type=int, help="Steps to compare (default: the spec's).")
+@click.option("--rtol", type=float, help="Relative loss tolerance (default 1e-5 for fp32, 2e-2 for bf16).")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the runs here (default: a temporary folder).")
+@user_errors
+def verify(spec_path, sets, steps, rtol, workdir):
+    """Prove the parallel script equal to a single-process reference: per-step losses and final parameters."""
+    from .runner import verify as run_verify
+    sys.exit(run_verify(_load(spec_path, sets), steps=steps, rtol=rtol, workdir=workdir))
+
+
+if __name__ == "__main__":
+    main()

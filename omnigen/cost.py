@@ -1,0 +1,194 @@
+"""The cost model: predicted step time and peak memory of one (mesh, per-group choices) candidate.
+
+Pure arithmetic over the ModelGraph, a HardwareProfile and the training shape. Every prediction keeps
+its breakdown (compute / exposed communication / recompute; parameters / gradients / optimizer /
+activations / transients / overhead) so `omnigen plan --explain` and `omnigen bench` can show it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .hardware import HardwareProfile, Link
+from .model_graph import Group, ModelGraph
+
+BYTES = {"fp32": 4, "bf16": 2}
+ADAM_STATES = 2                 # exp_avg and exp_avg_sq, fp32, sharded like the parameters
+FSDP_PREFETCH_UNITS = 2         # the running unit and the one prefetched ahead of it stay unsharded
+OVERLAP = 0.8                   # share of compute that FSDP prefetching can hide communication behind
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    precision: str
+    tokens_per_sample: dict[str, float] = field(default_factory=dict)  # role -> tokens a sample brings
+
+    def tokens(self, role: str) -> float:
+        """Tokens per micro-batch that blocks of this role process."""
+        per_sample = self.tokens_per_sample.get(role, self.seq_len if not role.startswith("encoder") else 0)
+        return per_sample * self.micro_batch_size
+
+    def context(self, role: str) -> float:
+        """Attention context length for this role (encoders attend within their own items)."""
+        return self.tokens_per_sample.get(f"{role}:context", self.seq_len)
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    reshard_after_forward: bool = True
+    activation_checkpointing: str = "none"   # none | selective | full
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class Mesh:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    sp: int = 1
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    step_time_s: float
+    compute_s: float
+    recompute_s: float
+    comm_s: float
+    exposed_comm_s: float
+    peak_memory_bytes: int
+    memory: dict[str, int]
+    tokens_per_s_per_device: float
+    mfu: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"step_time_s": round(self.step_time_s, 6),
+                "tokens_per_s_per_device": round(self.tokens_per_s_per_device, 2),
+                "peak_memory_bytes": int(self.peak_memory_bytes), "mfu": round(self.mfu, 4),
+                "breakdown": {"compute_s": round(self.compute_s, 6), "recompute_s": round(self.recompute_s, 6),
+                              "comm_s": round(self.comm_s, 6), "exposed_comm_s": round(self.exposed_comm_s, 6)},
+                "memory": self.memory}
+
+
+# --- collectives: alpha-beta, ring algorithms --------------------------------------------------------------
+
+def all_gather_s(total_bytes: float, n: int, link: Link) -> float:
+    """Ring all-gather of a tensor whose full size is total_bytes over n ranks."""
+    return 0.0 if n <= 1 else (n - 1) * link.latency_s + total_bytes * (n - 1) / n / link.bytes_per_s
+
+
+def reduce_scatter_s(total_bytes: float, n: int, link: Link) -> float:
+    return all_gather_s(total_bytes, n, link)
+
+
+def all_reduce_s(total_bytes: float, n: int, link: Link) -> float:
+    return reduce_scatter_s(total_bytes, n, link) + all_gather_s(total_bytes, n, link)
+
+
+def shard_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link:
+    """FSDP's shard dim is innermost: it stays on NVLink while it fits in a node."""
+    return hw.intra_node if mesh.dp_shard * mesh.sp <= procs_per_node else hw.inter_node
+
+
+def replicate_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link:
+    return hw.intra_node if mesh.dp_replicate * mesh.dp_shard * mesh.sp <= procs_per_node else hw.inter_node
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+def group_forward_flops(g: Group, shape: TrainShape) -> float:
+    """Forward FLOPs of one member for one micro-batch."""
+    tokens = shape.tokens(g.role)
+    return tokens * (g.flops_per_token + g.attn_flops_per_token_per_seq * shape.context(g.role))
+
+
+def root_forward_flops(graph: ModelGraph, shape: TrainShape) -> float:
+    """Blocks outside the repeated groups (embeddings, projector, lm_head): no sequence term."""
+    return sum(shape.tokens(b.role) * b.flops_per_token for b in graph.blocks
+               if b.parent is None and b.group is None)
+
+
+def root_param_bytes(graph: ModelGraph) -> int:
+    return graph.total_param_bytes - sum(g.param_bytes * g.count for g in graph.groups)
+
+
+def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
+             hw: HardwareProfile, procs_per_node: int) -> Estimate:
+    achieved = hw.achieved_flops(shape.precision)
+    shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
+    fsdp_n = mesh.dp_shard * mesh.sp
+    compute_scale = BYTES[shape.precision] / 4  # params are fp32 masters; collectives move compute dtype
+
+    fwd = root_forward_flops(graph, shape)
+    recompute = comm = 0.0
+    for g in graph.groups:
+        c = choices[g.name]
+        f = group_forward_flops(g, shape) * g.count
+        fwd += f
+        recompute += {"none": 0.0, "full": f, "selective": 0.15 * f}[c.activation_checkpointing]
+        gathers = 2 if c.reshard_after_forward else 1
+        member = g.param_bytes * compute_scale
+        comm += g.count * gathers * all_gather_s(member, fsdp_n, shard_l)
+        if not c.frozen:
+            comm += g.count * reduce_scatter_s(member, fsdp_n, shard_l)
+            comm += g.count * all_reduce_s(member / fsdp_n, mesh.dp_replicate, repl_l)
+    root = root_param_bytes(graph) * compute_scale
+    comm += all_gather_s(root, fsdp_n, shard_l) + reduce_scatter_s(root, fsdp_n, shard_l)
+    comm += all_reduce_s(root / fsdp_n, mesh.dp_replicate, repl_l)
+
+    micro = shape.grad_accum
+    compute_s = 3 * fwd / achieved * micro / mesh.sp
+    recompute_s = recompute / achieved * micro / mesh.sp
+    comm_s = comm * micro
+    exposed = max(comm_s - OVERLAP * (compute_s + recompute_s), comm_s / max(1, sum(g.count for g in graph.groups) + 1))
+    step = compute_s + recompute_s + exposed
+    memory = memory_breakdown(graph, mesh, choices, shape, hw)
+    tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
+    model_flops_per_device = 3 * fwd * micro / mesh.sp
+    return Estimate(step_time_s=step, compute_s=compute_s, recompute_s=recompute_s, comm_s=comm_s,
+                    exposed_comm_s=exposed, peak_memory_bytes=sum(memory.values()), memory=memory,
+                    tokens_per_s_per_device=tokens / step, mfu=model_flops_per_device / step / hw.peak_flops[shape.precision])
+
+
+def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
+                     hw: HardwareProfile) -> dict[str, int]:
+    fsdp_n = mesh.dp_shard * mesh.sp
+    compute_bytes = BYTES[shape.precision]
+    trainable = graph.total_param_bytes - sum(g.param_bytes * g.count for g in graph.groups if choices[g.name].frozen)
+    params = graph.total_param_bytes / fsdp_n
+    grads = trainable / fsdp_n
+    optimizer = ADAM_STATES * trainable / fsdp_n
+    # Unsharded copies alive at once: the prefetch window, every group kept gathered after forward, the root.
+    largest = max((g.param_bytes for g in graph.groups), default=0)
+    transient = FSDP_PREFETCH_UNITS * largest * compute_bytes / 4 + root_param_bytes(graph) * compute_bytes / 4
+    activations = 0.0
+    for g in graph.groups:
+        c = choices[g.name]
+        if not c.reshard_after_forward:
+            transient += (g.count - 1) * g.param_bytes * compute_bytes / 4
+        per_layer = g.act_bytes_per_token * shape.tokens(g.role) / mesh.sp * compute_bytes / 4
+        if c.activation_checkpointing == "full":  # keep each layer's input, rebuild one layer at a time
+            activations += g.count * g.hidden * compute_bytes * shape.tokens(g.role) / mesh.sp + per_layer
+        elif c.activation_checkpointing == "selective":
+            activations += 0.6 * g.count * per_layer
+        else:
+            activations += g.count * per_layer
+    vocab_bytes = _logits_bytes(graph, shape) / mesh.sp
+    return {"parameters": int(params), "gradients": int(grads), "optimizer": int(optimizer),
+            "activations": int(activations + vocab_bytes), "transient": int(transient),
+            "overhead": int(hw.overhead_gib * 1024**3)}
+
+
+def _logits_bytes(graph: ModelGraph, shape: TrainShape) -> float:
+    """Logits in fp32 plus their gradient: often the largest single activation of a small model."""
+    return 2 * 4 * graph.vocab_size * shape.tokens("foundation")

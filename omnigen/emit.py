@@ -1,0 +1,115 @@
+"""Stage 3: render the Plan into generated/<name>/ (train.py, launch.sh, plan.json, config.json).
+
+The emitter decides nothing: templates read Plan fields. Output bytes are a pure function of the Plan
+and the model config. train.py is parsed with libcst before anything is written, so a template bug is
+an omnigen error, never a broken file on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import libcst
+
+from .errors import OmnigenError
+from .plan import Plan
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Files the script reads at run time, relative to the output folder (None when unused)."""
+    data: str | None = None
+    weights: str | None = None
+
+
+def _template_dir() -> str:
+    try:
+        d = resources.files("omnigen.templates")
+        if d.joinpath("train.py.j2").is_file():
+            return str(d)
+    except ModuleNotFoundError:
+        pass
+    return str(Path(__file__).resolve().parent.parent / "templates")  # running from a source checkout
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_template_dir()), keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.globals["tuple_literal"] = lambda dims: "(" + ", ".join(f'"{d}"' for d in dims) + ("," if len(dims) == 1 else "") + ")"
+    return env
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
+
+
+def digest(spec_dict: dict[str, Any], plan: Plan) -> str:
+    blob = canonical_json({"spec": spec_dict, "plan": plan.to_dict()})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mesh_summary(plan: Plan) -> str:
+    dims = " x ".join(f"{k}={v}" for k, v in plan.mesh.items() if v > 1)
+    return f"{dims or 'single process'} (world size {plan.world_size})"
+
+
+def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:
+    """All output files as {name: text}."""
+    env = environment()
+    context = {
+        "plan": plan, "inputs": plan.inputs, "digest": digest(spec_dict, plan), "mesh_summary": mesh_summary(plan),
+        "parallel": plan.world_size > 1, "total_params": plan.total_params,
+        "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if v > 1 or k.startswith("dp")) + "}",
+        "data_path": repr(paths.data), "weights_path": repr(paths.weights),
+    }
+    train_py = env.get_template("train.py.j2").render(**context)
+    try:
+        libcst.parse_module(train_py)
+    except libcst.ParserSyntaxError as e:
+        raise OmnigenError(f"internal error: the train.py template rendered invalid Python for {plan.name}: {e}") from None
+    return {
+        "train.py": train_py,
+        "launch.sh": env.get_template("launch.sh.j2").render(**context),
+        "plan.json": canonical_json(plan.to_dict()),
+        "config.json": canonical_json(config),
+    }
+
+
+def diff(files: dict[str, str], out_dir: Path) -> str:
+    """Unified diff between what is on disk and what would be written ('' when identical)."""
+    chunks = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        old = path.read_text() if path.is_file() else ""
+        if old != text:
+            chunks.append("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                                       f"{path} (on disk)", f"{path} (omnigen)")))
+    return "\n".join(chunks)
+
+
+def write(files: dict[str, str], out_dir: Path) -> None:
+    """Write every file through a temporary sibling and rename: never a half-written output folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = []
+    try:
+        for name, text in sorted(files.items()):
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755 if name.endswith(".sh") else 0o644)
+            staged.append((tmp, out_dir / name))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,93 @@
+"""Hardware profiles: the figures the cost model needs, stored as data files, overridable from the spec."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpecError
+from .spec import Spec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_gbps: float   # GB/s per device, one direction
+    latency_us: float
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bandwidth_gbps * 1e9
+
+    @property
+    def latency_s(self) -> float:
+        return self.latency_us * 1e-6
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    peak_flops: dict[str, float]   # per device, by precision ("fp32", "bf16")
+    matmul_efficiency: float       # achieved / peak on transformer blocks
+    memory_gib: float
+    intra_node: Link
+    inter_node: Link
+    overhead_gib: float
+    source: str
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GIB)
+
+    def achieved_flops(self, precision: str) -> float:
+        return self.peak_flops[precision] * self.matmul_efficiency
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("omnigen.profiles").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_builtin(name: str, spec: Spec) -> dict[str, Any]:
+    if name not in builtin_profiles():
+        raise SpecError(f"{spec.source}: key 'cluster.hardware': unknown profile {name!r}; "
+                        f"built-in profiles: {', '.join(builtin_profiles())}, or a path to a profile .yaml file")
+    return yaml.safe_load(resources.files("omnigen.profiles").joinpath(f"{name}.yaml").read_text())
+
+
+def _read_profile(ref: str, spec: Spec) -> dict[str, Any]:
+    if ref.endswith((".yaml", ".yml")):
+        path = spec.resolve(ref)
+        if not path.is_file():
+            raise SpecError(f"{spec.source}: key 'cluster.hardware': profile file {path} not found")
+        return yaml.safe_load(Path(path).read_text())
+    return _read_builtin(ref, spec)
+
+
+def load_profile(spec: Spec) -> HardwareProfile:
+    """`hardware: h100`, `hardware: my_profile.yaml`, or `hardware: {profile: h100, memory_gib: 96, ...}`."""
+    hw = spec.cluster.hardware
+    overrides: dict[str, Any] = {}
+    if isinstance(hw, dict):
+        overrides = {k: v for k, v in hw.items() if k != "profile"}
+        hw = hw.get("profile", "cpu")
+    data = _read_profile(str(hw), spec)
+    allowed = set(HardwareProfile.__dataclass_fields__)
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise SpecError(f"{spec.source}: unknown key 'cluster.hardware.{key}'; "
+                            f"allowed: profile, {', '.join(sorted(allowed))}")
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
+    try:
+        return HardwareProfile(**{**data, "intra_node": Link(**data["intra_node"]),
+                                  "inter_node": Link(**data["inter_node"])})
+    except (TypeError, KeyError) as e:
+        raise SpecError(f"{spec.source}: key 'cluster.hardware': incomplete or malformed profile {hw!r}: {e}") from None

@@ -1,0 +1,56 @@
+"""spec → ModelGraph → Plan → files: the stages chained, each called once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import emit
+from .analyze import analyze_model
+from .hardware import HardwareProfile, load_profile
+from .hf import build_meta_model, config_to_dict, load_config, model_class
+from .inputs import input_recipe
+from .model_graph import ModelGraph
+from .plan import Plan, make_plan
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec: Spec
+    graph: ModelGraph
+    hardware: HardwareProfile
+    plan: Plan
+    config: dict
+
+
+def analyze(spec: Spec) -> ModelGraph:
+    config = load_config(spec)
+    cls = model_class(spec, config)
+    return analyze_model(build_meta_model(cls, config), config, cls.__name__)
+
+
+def plan(spec: Spec) -> Compiled:
+    config = load_config(spec)
+    cls = model_class(spec, config)
+    graph = analyze_model(build_meta_model(cls, config), config, cls.__name__)
+    hw = load_profile(spec)
+    inputs = input_recipe(config, cls.__name__, spec.train.seq_len)
+    the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
+    return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
+
+
+def default_out_dir(spec: Spec) -> Path:
+    """generated/<name>/ beside the specs/ folder holding the spec (or in the working directory)."""
+    base = Path(spec.base_dir)
+    root = base.parent if base.name == "specs" else Path.cwd()
+    return root / "generated" / spec.name
+
+
+def render(compiled: Compiled, out_dir: Path) -> dict[str, str]:
+    spec = compiled.spec
+    rel = lambda p: os.path.relpath(spec.resolve(p), out_dir.resolve())  # noqa: E731  (paths stay portable)
+    paths = emit.Paths(data=None if spec.train.data == "synthetic" else rel(spec.train.data),
+                       weights=None if spec.model.weights is None else rel(spec.model.weights))
+    return emit.render(compiled.plan, compiled.config, spec.to_dict(), paths)

@@ -1,0 +1,213 @@
+"""Stage 2: choose the device mesh and per-group placement. The Plan is the contract with the emitter.
+
+The search enumerates named mesh factorisations (dp_replicate x dp_shard x sp x ep), per-group choices
+(reshard_after_forward, activation checkpointing), prunes what the spec forbids or what does not fit
+memory, ranks the rest by predicted step time, and keeps every loser with the reason it lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import __version__
+from .cost import Estimate, GroupChoice, Mesh, TrainShape, estimate
+from .errors import PlanError
+from .hardware import GIB, HardwareProfile
+from .model_graph import ModelGraph
+from .spec import Spec
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    name: str                       # module path of the repeated layers: "model.language_model.layers"
+    role: str
+    layer_class: str
+    count: int
+    shard_dims: tuple[str, ...]     # mesh dims FSDP shards over (HSDP adds dp_replicate in front)
+    reshard_after_forward: bool
+    activation_checkpointing: str   # none | selective | full
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    omnigen_version: str
+    model_class: str
+    total_params: int
+    cluster: dict[str, Any]          # nodes, procs_per_node, world_size, device, hardware
+    train: dict[str, Any]            # the spec's train section + grad_accum
+    mesh: dict[str, int]             # named dims in mesh order; their product is the world size
+    groups: tuple[GroupPlan, ...]
+    root: dict[str, Any]             # the whole-model FSDP unit holding embeddings, heads, norms
+    inputs: dict[str, Any]           # the synthetic-data recipe (omnigen.inputs)
+    weights: str | None              # safetensors folder, relative to the output folder
+    predicted: dict[str, Any]
+    alternatives: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster["world_size"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        return cls(**{**d, "groups": tuple(GroupPlan(**{**g, "shard_dims": tuple(g["shard_dims"])})
+                                           for g in d["groups"]),
+                      "alternatives": tuple(d.get("alternatives", ()))})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mesh: Mesh
+    choices: dict[str, GroupChoice]
+    estimate: Estimate
+
+    def label(self) -> str:
+        dims = " x ".join(f"{k}={v}" for k, v in self.mesh.to_dict().items() if v > 1) or "single process"
+        raf = {c.reshard_after_forward for c in self.choices.values()}
+        ac = {c.activation_checkpointing for c in self.choices.values()}
+        return f"{dims}; reshard_after_forward={'/'.join(map(str, sorted(raf))) or '-'}; ac={'/'.join(sorted(ac)) or '-'}"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_candidates(spec: Spec) -> list[Mesh]:
+    """Every factorisation of the world size that honours the spec's fixed dims."""
+    world, p = spec.cluster.world_size, spec.parallel
+    fixed = {d: getattr(p, d) for d in MESH_DIMS if getattr(p, d) != "auto"}
+    for dim in ("sp", "ep"):
+        if fixed.get(dim, 1) != 1:
+            raise PlanError(f"{spec.source}: parallel.{dim}={fixed[dim]}: {dim} > 1 is not supported by this "
+                            f"omnigen version yet; use {dim}: 1 or auto")
+    meshes = []
+    for r in divisors(world):
+        m = Mesh(dp_replicate=r, dp_shard=world // r)
+        if all(getattr(m, d) == v for d, v in fixed.items()):
+            meshes.append(m)
+    if not meshes:
+        product = " x ".join(f"{d}={v}" for d, v in fixed.items())
+        raise PlanError(f"{spec.source}: parallel: {product} does not multiply to the world size "
+                        f"{world} (cluster.nodes={spec.cluster.nodes} x cluster.procs_per_node="
+                        f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard must equal {world}")
+    return meshes
+
+
+def choice_candidates(spec: Spec, graph: ModelGraph) -> list[dict[str, GroupChoice]]:
+    """Uniform per-group choices; frozen groups (spec.model.freeze) keep their flag."""
+    ac = spec.parallel.activation_checkpointing
+    acs = ["none", "selective", "full"] if ac == "auto" else [ac]
+    frozen = {g.name: any(g.name.startswith(f) for f in spec.model.freeze) for g in graph.groups}
+    return [{g.name: GroupChoice(raf, a, frozen[g.name]) for g in graph.groups}
+            for raf, a in itertools.product((True, False), acs)]
+
+
+def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
+    t = spec.train
+    return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                      grad_accum=grad_accum(spec, mesh.dp), precision=t.precision,
+                      tokens_per_sample=tokens_per_sample(inputs))
+
+
+def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
+    """How many tokens each encoder tower sees per sample, from the input recipe."""
+    out: dict[str, float] = {}
+    for modality, role in (("image", "encoder:vision"), ("audio", "encoder:audio")):
+        m = inputs.get(modality)
+        if m:
+            every = m.get("every", 1)
+            out[role] = m["encoder_tokens_per_item"] * m.get("items_per_sample", 1) / every
+            out[f"{role}:context"] = m["encoder_tokens_per_item"]
+    return out
+
+
+def grad_accum(spec: Spec, dp: int) -> int:
+    t = spec.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise PlanError(f"{spec.source}: train.global_batch_size={t.global_batch_size} is not a multiple of "
+                        f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    return t.global_batch_size // per_step
+
+
+def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> list[tuple[Candidate | None, str]]:
+    """All candidates, best first; each with the reason it lost (empty for the winner)."""
+    feasible, rejected = [], []
+    for mesh in mesh_candidates(spec):
+        try:
+            shape = train_shape(spec, mesh, inputs)
+        except PlanError as e:
+            rejected.append((None, f"{mesh.to_dict()}: {e}"))
+            continue
+        for choices in choice_candidates(spec, graph):
+            c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node))
+            if c.estimate.peak_memory_bytes > hw.memory_bytes:
+                rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
+                                    f"{hw.name} has {hw.memory_gib:g} GiB"))
+            else:
+                feasible.append(c)
+    feasible.sort(key=lambda c: (c.estimate.step_time_s, c.estimate.peak_memory_bytes))
+    if not feasible:
+        best = min((c for c, _ in rejected if c), key=lambda c: c.estimate.peak_memory_bytes, default=None)
+        need = f" The smallest candidate ({best.label()}) needs {best.estimate.peak_memory_bytes / GIB:.2f} GiB " \
+               f"per device; more devices, a shorter seq_len or a smaller micro_batch_size would fit." if best else ""
+        raise PlanError(f"{spec.source}: no parallel plan fits.{need}\n" + "\n".join(r for _, r in rejected[:8]))
+    winner = feasible[0]
+    ranked: list[tuple[Candidate | None, str]] = [(winner, "")]
+    for c in feasible[1:]:
+        slower = c.estimate.step_time_s / winner.estimate.step_time_s - 1
+        ranked.append((c, f"slower: {c.estimate.step_time_s:.4g} s/step vs {winner.estimate.step_time_s:.4g} "
+                          f"(+{slower:.1%})" if slower > 0 else "ties the winner on step time; uses more memory"))
+    return ranked + rejected
+
+
+def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any],
+              weights: str | None = None) -> Plan:
+    ranked = search(spec, graph, hw, inputs)
+    best = ranked[0][0]
+    assert best is not None
+    mesh = best.mesh
+    shard_dims = ("dp_shard",) if mesh.dp_replicate == 1 else ("dp_replicate", "dp_shard")
+    groups = tuple(GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count,
+                             shard_dims=shard_dims,
+                             reshard_after_forward=best.choices[g.name].reshard_after_forward,
+                             activation_checkpointing=best.choices[g.name].activation_checkpointing,
+                             frozen=best.choices[g.name].frozen)
+                   for g in graph.groups)
+    return Plan(
+        name=spec.name, omnigen_version=__version__, model_class=graph.model_class,
+        total_params=graph.total_params,
+        cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
+                 "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name},
+        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
+        mesh={d: getattr(mesh, d) for d in MESH_DIMS},
+        groups=groups,
+        root={"shard_dims": list(shard_dims), "reshard_after_forward": False},
+        inputs=inputs, weights=weights,
+        predicted=best.estimate.summary(),
+        alternatives=tuple({"candidate": c.label() if c else None, "reason": reason,
+                            "predicted": c.estimate.summary() if c else None}
+                           for c, reason in ranked[1:]),
+    )
+
+
+def format_explain(plan: Plan) -> str:
+    p = plan.predicted
+    lines = [f"chosen: mesh {plan.mesh}  step {p['step_time_s']:.4g} s  "
+             f"{p['tokens_per_s_per_device']:.4g} tokens/s/device  peak {p['peak_memory_bytes'] / GIB:.2f} GiB  "
+             f"MFU {p['mfu']:.1%}"]
+    for g in plan.groups:
+        lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): FSDP over {'+'.join(g.shard_dims)}, "
+                     f"reshard_after_forward={g.reshard_after_forward}, ac={g.activation_checkpointing}"
+                     + (", frozen" if g.frozen else ""))
+    lines.append("alternatives:")
+    lines += [f"  {a['candidate'] or '-'}: {a['reason']}" for a in plan.alternatives] or ["  (none)"]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Stage 4: execute generated scripts with torchrun, and verify them against a single-process reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import emit
+from .errors import OmnigenError
+from .pipeline import default_out_dir, plan as make_compiled, render
+from .spec import Spec, spec_from_dict
+
+LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}
+# Parameters after a few AdamW steps: fp32 summation order differs between layouts, and Adam's
+# normalisation turns a 1e-7 gradient difference into a similar *absolute* parameter difference.
+PARAM_ATOL = {"fp32": 1e-5, "bf16": 5e-3}
+
+
+def compile_to(spec: Spec, out_dir: Path) -> Path:
+    emit.write(render(make_compiled(spec), out_dir), out_dir)
+    return out_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_commands(spec: Spec, script: Path, args: list[str]) -> list[list[str]]:
+    """One torchrun agent per node. More than one node on this machine is emulated with c10d on localhost."""
+    c = spec.cluster
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(c.procs_per_node)]
+    if c.nodes == 1:
+        return [base + ["--standalone", "--nnodes", "1", str(script), *args]]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    multi = ["--nnodes", str(c.nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", spec.name]
+    return [base + multi + [str(script), *args] for _ in range(c.nodes)]
+
+
+def launch(spec: Spec, script: Path, args: list[str], log: Path | None = None) -> int:
+    """Run the script on the spec's ranks; stream rank 0's output (and keep it in `log`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    cmds = torchrun_commands(spec, script, args)
+    procs = [subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, text=True) for i, cmd in enumerate(cmds)]
+    sink = open(log, "w") if log else None
+    for line in procs[0].stdout:
+        print(line, end="", flush=True)
+        if sink:
+            sink.write(line)
+    codes = [p.wait() for p in procs]
+    if sink:
+        sink.close()
+    return max(codes, key=abs)
+
+
+def compile_and_run(spec: Spec, out_dir: str | None, steps: int | None) -> int:
+    out = Path(out_dir) if out_dir else default_out_dir(spec)
+    compiled = make_compiled(spec)
+    emit.write(render(compiled, out), out)
+    from .plan import format_explain
+    print(format_explain(compiled.plan).split("\nalternatives:")[0], flush=True)
+    return launch(spec, out / "train.py", ["--steps", str(steps)] if steps else [])
+
+
+# --- verify ------------------------------------------------------------------------------------------------
+
+def reference_spec(spec: Spec) -> Spec:
+    """The same model, data, seed and global batch on one plain process: the ground truth."""
+    raw = spec.to_dict()
+    hw = spec.cluster.hardware
+    raw["name"] = f"{spec.name}_reference"
+    raw["cluster"] = {"nodes": 1, "procs_per_node": 1, "device": spec.cluster.device,
+                      # the reference runs whatever it takes: memory is never the reason it cannot
+                      "hardware": {**(hw if isinstance(hw, dict) else {"profile": hw}), "memory_gib": 1e9}}
+    raw["parallel"] = {"dp_replicate": 1, "dp_shard": 1, "sp": 1, "ep": 1, "activation_checkpointing": "none"}
+    return spec_from_dict(raw, source=spec.source, base_dir=spec.base_dir)
+
+
+@dataclass(frozen=True)
+class Deviation:
+    name: str
+    max_abs: float
+    ref_norm: float
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare_params(ref: dict[str, torch.Tensor], par: dict[str, torch.Tensor]) -> list[Deviation]:
+    if set(ref) != set(par):
+        raise OmnigenError(f"parameter names differ: only in reference {sorted(set(ref) - set(par))[:5]}, "
+                           f"only in parallel run {sorted(set(par) - set(ref))[:5]}")
+    devs = [Deviation(k, (par[k].double() - ref[k].double()).abs().max().item(), ref[k].double().norm().item())
+            for k in ref if ref[k].numel()]
+    return sorted(devs, key=lambda d: -d.max_abs)
+
+
+def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, workdir: str | None = None) -> int:
+    steps = steps or spec.train.steps
+    rtol = rtol if rtol is not None else LOSS_RTOL[spec.train.precision]
+    atol = PARAM_ATOL[spec.train.precision]
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"omnigen-verify-{spec.name}-"))
+    results = {}
+    for label, s in (("reference", reference_spec(spec)), ("parallel", spec)):
+        out = compile_to(s, root / label)
+        args = ["--steps", str(steps), "--metrics", str(out / "metrics.jsonl"), "--dump-params", str(out / "params.pt")]
+        print(f"== {label}: {out}/train.py", flush=True)
+        if label == "reference":
+            code = subprocess.run([sys.executable, str(out / "train.py"), *args], cwd=out).returncode
+        else:
+            code = launch(s, out / "train.py", args)
+        if code != 0:
+            print(f"omnigen verify: the {label} run failed (exit {code})", file=sys.stderr)
+            return 1
+        results[label] = (read_metrics(out / "metrics.jsonl"), torch.load(out / "params.pt", weights_only=True))
+    return report(results, steps, rtol, atol)
+
+
+def report(results, steps: int, rtol: float, atol: float) -> int:
+    (ref_m, ref_p), (par_m, par_p) = results["reference"], results["parallel"]
+    ok = len(ref_m) == len(par_m) == steps
+    print(f"\n{'step':>4} {'reference loss':>18} {'parallel loss':>18} {'rel. diff':>10}")
+    worst = 0.0
+    for r, p in zip(ref_m, par_m):
+        rel = abs(p["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
+        worst = max(worst, rel)
+        print(f"{r['step']:>4} {r['loss']:>18.10f} {p['loss']:>18.10f} {rel:>10.2e}")
+    devs = compare_params(ref_p, par_p)
+    print(f"\nlargest parameter deviations (max |parallel - reference|, tolerance {atol:g}):")
+    for d in devs[:5]:
+        print(f"  {d.name:<60} {d.max_abs:.3e}   (|ref| = {d.ref_norm:.3g})")
+    ok = ok and worst <= rtol and (not devs or devs[0].max_abs <= atol)
+    print(f"\nlosses: max relative deviation {worst:.2e} (tolerance {rtol:g}); "
+          f"parameters: max abs deviation {devs[0].max_abs if devs else 0:.2e} over {len(devs)} tensors")
+    print("VERIFIED: the parallel script matches the single-process reference" if ok else "MISMATCH")
+    return 0 if ok else 1

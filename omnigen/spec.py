@@ -143,26 +143,28 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def _describe(error: ValidationError, source: str) -> str:
-    """One line per problem: file, dotted key, what is wrong, what is allowed."""
-    lines = []
+    """One line per problem key: file, dotted key, what is wrong, what is allowed."""
+    lines: dict[str, list[str]] = {}
     for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
-        # Union types add the member type name to the location; keep only real keys.
-        loc = [p for p in loc if not p.startswith(("literal[", "constrained-", "int", "str", "dict["))
-               and p not in ("function-after[_name_is_a_folder_name(), str]",)]
+        # Union members add their type to the location ("int", "literal['auto']"): keep only real keys.
+        loc = [str(p) for p in err["loc"] if not _is_type_tag(str(p))]
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            parent = ".".join(loc[:-1])
-            allowed = _fields(_SECTIONS.get(parent, Spec))
+            allowed = _fields(_SECTIONS.get(".".join(loc[:-1]), Spec))
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"{source}: unknown key '{key}'{hint} Allowed keys here: {', '.join(allowed)}")
+            lines[f"{source}: unknown key '{key}'{hint} Allowed keys here: {', '.join(allowed)}"] = []
         elif err["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}'")
+            lines[f"{source}: missing required key '{key}'"] = []
         else:
             got = json.dumps(err.get("input"), default=str)
-            lines.append(f"{source}: key '{key}': {err['msg']} (got {got})")
-    return "\n".join(dict.fromkeys(lines))
+            lines.setdefault(f"{source}: key '{key}' (got {got})", []).append(err["msg"])
+    return "\n".join(head.replace(" (got", ": " + "; or ".join(msgs) + " (got", 1) if msgs else head
+                     for head, msgs in lines.items())
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in ("int", "str", "float", "bool") or part.startswith(("literal[", "constrained-", "dict[", "function-"))
 
 
 def _check_files(spec: Spec) -> None:

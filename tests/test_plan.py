@@ -1,0 +1,97 @@
+"""Planner v1 and cost model on hand-built graphs: the best plan is known, refusals say why."""
+
+from pathlib import Path
+
+import pytest
+
+from omnigen import cost
+from omnigen.errors import PlanError
+from omnigen.hardware import GIB, HardwareProfile, Link
+from omnigen.model_graph import Block, Group, ModelGraph
+from omnigen.plan import Plan, format_explain, make_plan, mesh_candidates
+from omnigen.spec import spec_from_dict
+
+LLAMA = Path(__file__).resolve().parent.parent / "specs" / "models" / "llama_tiny"
+
+
+def spec(**sections):
+    return spec_from_dict({"name": "t", "model": {"config": str(LLAMA)}, **sections}, "spec.yaml", ".")
+
+
+def graph(layers=4, layer_params=1_000_000, root_params=500_000, hidden=256):
+    members = tuple(f"model.layers.{i}" for i in range(layers))
+    g = Group(name="model.layers", pattern="model.layers.*", role="foundation", layer_class="Layer", members=members,
+              params=layer_params, param_bytes=4 * layer_params, flops_per_token=2 * layer_params,
+              attn_flops_per_token_per_seq=4 * hidden, act_bytes_per_token=16 * hidden, hidden=hidden, heads=4, kv_heads=4)
+    blocks = [Block("model.embed_tokens", "foundation", "embedding", None, None, root_params, 4 * root_params, 0.0)]
+    blocks += [Block(m, "foundation", "layer", None, "model.layers", layer_params, 4 * layer_params, 2 * layer_params)
+               for m in members]
+    total = layers * layer_params + root_params
+    return ModelGraph("LlamaForCausalLM", "llama", tuple(blocks), (g,), total, 4 * total, vocab_size=1000)
+
+
+def hw(memory_gib=80.0, intra=100.0, inter=10.0):
+    return HardwareProfile("test", {"fp32": 1e12, "bf16": 2e12}, 0.5, memory_gib, Link(intra, 5), Link(inter, 10), 0.0, "")
+
+
+def test_all_gather_alpha_beta_by_hand():
+    link = Link(bandwidth_gbps=10.0, latency_us=5.0)
+    # 4 ranks, 1 GB tensor: 3 latency terms + 3/4 of the bytes over 10 GB/s.
+    assert cost.all_gather_s(1e9, 4, link) == pytest.approx(3 * 5e-6 + 0.75 * 1e9 / 1e10)
+    assert cost.all_reduce_s(1e9, 4, link) == pytest.approx(2 * cost.all_gather_s(1e9, 4, link))
+    assert cost.all_gather_s(1e9, 1, link) == 0.0
+
+
+def test_memory_shards_parameters_gradients_and_optimizer():
+    g = graph()
+    shape = cost.TrainShape(seq_len=128, micro_batch_size=1, grad_accum=1, precision="fp32")
+    choices = {"model.layers": cost.GroupChoice()}
+    one = cost.memory_breakdown(g, cost.Mesh(dp_shard=1), choices, shape, hw())
+    four = cost.memory_breakdown(g, cost.Mesh(dp_shard=4), choices, shape, hw())
+    assert one["parameters"] == g.total_param_bytes and four["parameters"] == g.total_param_bytes // 4
+    assert four["optimizer"] == 2 * four["gradients"]
+    assert one["activations"] == four["activations"]  # data parallelism does not split a micro-batch
+
+
+def test_mesh_candidates_honour_fixed_dims():
+    meshes = mesh_candidates(spec(cluster={"procs_per_node": 4}))
+    assert {(m.dp_replicate, m.dp_shard) for m in meshes} == {(1, 4), (2, 2), (4, 1)}
+    fixed = mesh_candidates(spec(cluster={"procs_per_node": 4}, parallel={"dp_replicate": 2}))
+    assert [(m.dp_replicate, m.dp_shard) for m in fixed] == [(2, 2)]
+
+
+def test_slow_inter_node_links_prefer_hsdp_across_nodes():
+    s = spec(cluster={"nodes": 2, "procs_per_node": 2}, train={"global_batch_size": 4})
+    plan = make_plan(s, graph(layer_params=20_000_000), hw(intra=100.0, inter=0.5), {})
+    assert plan.mesh["dp_replicate"] == 2 and plan.mesh["dp_shard"] == 2
+    assert plan.groups[0].shard_dims == ("dp_replicate", "dp_shard")
+    assert any("slower" in a["reason"] for a in plan.alternatives)
+
+
+def test_activation_checkpointing_only_when_memory_needs_it():
+    roomy = make_plan(spec(train={"seq_len": 4096}), graph(), hw(memory_gib=80), {})
+    assert roomy.groups[0].activation_checkpointing == "none"
+    tight_gib = (cost.memory_breakdown(graph(), cost.Mesh(dp_shard=2), {"model.layers": cost.GroupChoice(True, "full")},
+                                       cost.TrainShape(4096, 1, 1, "fp32"), hw())["activations"] * 1.2 + 60e6) / GIB
+    tight = make_plan(spec(train={"seq_len": 4096}), graph(), hw(memory_gib=tight_gib), {})
+    assert tight.groups[0].activation_checkpointing != "none"
+    assert any("does not fit" in a["reason"] for a in tight.alternatives)
+
+
+def test_refuses_with_reason_when_nothing_fits():
+    with pytest.raises(PlanError) as e:
+        make_plan(spec(), graph(layer_params=100_000_000), hw(memory_gib=0.1), {})
+    assert "no parallel plan fits" in str(e.value) and "GiB" in str(e.value)
+
+
+def test_refuses_unsupported_sequence_parallel_for_now():
+    with pytest.raises(PlanError, match="parallel.sp=2"):
+        mesh_candidates(spec(parallel={"sp": 2}))
+
+
+def test_plan_round_trips_through_json_and_explains():
+    plan = make_plan(spec(cluster={"procs_per_node": 4}, train={"global_batch_size": 8}), graph(), hw(), {})
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert set(plan.predicted) >= {"step_time_s", "tokens_per_s_per_device", "peak_memory_bytes", "mfu"}
+    text = format_explain(plan)
+    assert "chosen: mesh" in text and "alternatives:" in text

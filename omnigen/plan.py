@@ -124,7 +124,7 @@ def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
         m = inputs.get(modality)
         if m:
             every = m.get("every", 1)
-            out[role] = m["encoder_tokens_per_item"] * m.get("items_per_sample", 1) / every
+            out[role] = m["encoder_tokens_per_item"] / every  # one item per sample that has the modality
             out[f"{role}:context"] = m["encoder_tokens_per_item"]
     return out
 

@@ -47,8 +47,7 @@ def main():
 @user_errors
 def analyze(spec_path, sets, as_json):
     """Inspect the model: blocks, roles, groups, parameters, FLOPs and activations per token."""
-    from .analyze import format_graph
-    from .pipeline import analyze as run_analyze
+    from .analyze import analyze as run_analyze, format_graph
     graph = run_analyze(_load(spec_path, sets))
     click.echo(json.dumps(graph.to_dict(), indent=2) if as_json else format_graph(graph))
 

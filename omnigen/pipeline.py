@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import emit
-from .analyze import analyze_model
+from .analyze import analyze
 from .hardware import HardwareProfile, load_profile
-from .hf import build_meta_model, config_to_dict, load_config, model_class
+from .hf import config_to_dict, load_config
 from .inputs import input_recipe
 from .model_graph import ModelGraph
 from .plan import Plan, make_plan
@@ -25,18 +25,11 @@ class Compiled:
     config: dict
 
 
-def analyze(spec: Spec) -> ModelGraph:
-    config = load_config(spec)
-    cls = model_class(spec, config)
-    return analyze_model(build_meta_model(cls, config), config, cls.__name__)
-
-
 def plan(spec: Spec) -> Compiled:
+    graph = analyze(spec)
     config = load_config(spec)
-    cls = model_class(spec, config)
-    graph = analyze_model(build_meta_model(cls, config), config, cls.__name__)
     hw = load_profile(spec)
-    inputs = input_recipe(config, cls.__name__, spec.train.seq_len)
+    inputs = input_recipe(config, graph.model_class, spec.train.seq_len)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 

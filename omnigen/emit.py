@@ -44,7 +44,8 @@ def _template_dir() -> str:
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(_template_dir()), keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.globals["tuple_literal"] = lambda dims: "(" + ", ".join(f'"{d}"' for d in dims) + ("," if len(dims) == 1 else "") + ")"
+    # mesh["dp_shard"] for one dim, mesh[("dp_replicate", "dp_shard")] for a 2-D submesh
+    env.globals["mesh_dims"] = lambda dims: f'"{dims[0]}"' if len(dims) == 1 else "(" + ", ".join(f'"{d}"' for d in dims) + ")"
     return env
 
 

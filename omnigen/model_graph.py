@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import networkx as nx
 
 ROLES = ("encoder:vision", "encoder:audio", "projector", "foundation", "head")
 KINDS = ("layer", "embedding", "attention", "mlp", "moe", "norm", "head", "other")
@@ -84,8 +83,9 @@ class ModelGraph:
         return cls(**{**d, "blocks": tuple(Block(**b) for b in d["blocks"]),
                       "groups": tuple(Group(**{**g, "members": tuple(g["members"])}) for g in d["groups"])})
 
-    def graph(self) -> nx.DiGraph:
+    def graph(self) -> "networkx.DiGraph":
         """Blocks as nodes; `contains` edges from a layer to its parts, `next` edges along the forward order."""
+        import networkx as nx  # only the graph view needs it; keeps `omnigen compile` start-up short
         g = nx.DiGraph()
         for b in self.blocks:
             g.add_node(b.name, **asdict(b))

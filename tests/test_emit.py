@@ -51,7 +51,7 @@ def test_template_bug_is_an_omnigen_error_not_a_broken_file(tmp_path, monkeypatc
 
     def broken_environment():
         env = original()
-        env.globals["tuple_literal"] = lambda dims: "(("  # renders unbalanced parentheses
+        env.globals["mesh_dims"] = lambda dims: "(("  # renders unbalanced parentheses
         return env
 
     monkeypatch.setattr(emit, "environment", broken_environment)

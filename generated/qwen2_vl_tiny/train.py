@@ -252,12 +252,12 @@ def apply_fsdp(model, mesh):
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     # model.visual.blocks: 2 x Qwen2VLVisionBlock (encoder:vision)
     for layer in model.get_submodule("model.visual.blocks"):
-        fully_shard(layer, mesh=mesh[("dp_shard",)], reshard_after_forward=False, mp_policy=mp_policy)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp_policy)
     # model.language_model.layers: 2 x Qwen2VLDecoderLayer (foundation)
     for layer in model.get_submodule("model.language_model.layers"):
-        fully_shard(layer, mesh=mesh[("dp_shard",)], reshard_after_forward=False, mp_policy=mp_policy)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp_policy)
     # Root: kept unsharded after forward because backward starts with it.
-    fully_shard(model, mesh=mesh[("dp_shard",)], reshard_after_forward=False, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp_policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -106,15 +106,23 @@ def replicate_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link
 
 # --- the model ---------------------------------------------------------------------------------------------
 
-def group_forward_flops(g: Group, shape: TrainShape) -> float:
-    """Forward FLOPs of one member for one micro-batch."""
-    tokens = shape.tokens(g.role)
+SEQUENCE_SPLIT_ROLES = ("foundation", "head")  # encoders and projectors run replicated across an SP group
+
+
+def sp_share(role: str, mesh: Mesh) -> float:
+    """Fraction of a micro-batch's tokens of this role that one rank processes."""
+    return 1 / mesh.sp if role in SEQUENCE_SPLIT_ROLES else 1.0
+
+
+def group_forward_flops(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> float:
+    """Forward FLOPs of one member for one micro-batch on one rank (attention still sees the full context)."""
+    tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     return tokens * (g.flops_per_token + g.attn_flops_per_token_per_seq * shape.context(g.role))
 
 
-def root_forward_flops(graph: ModelGraph, shape: TrainShape) -> float:
+def root_forward_flops(graph: ModelGraph, shape: TrainShape, mesh: Mesh = Mesh()) -> float:
     """Blocks outside the repeated groups (embeddings, projector, lm_head): no sequence term."""
-    return sum(shape.tokens(b.role) * b.flops_per_token for b in graph.blocks
+    return sum(shape.tokens(b.role) * sp_share(b.role, mesh) * b.flops_per_token for b in graph.blocks
                if b.parent is None and b.group is None)
 
 
@@ -122,18 +130,36 @@ def root_param_bytes(graph: ModelGraph) -> int:
     return graph.total_param_bytes - sum(g.param_bytes * g.count for g in graph.groups)
 
 
+def padded_seq_len(seq_len: int, sp: int) -> int:
+    return -(-seq_len // sp) * sp
+
+
+def sp_all_to_all_bytes(g: Group, shape: TrainShape, sp: int, recompute: bool) -> int:
+    """Bytes one rank sends in Ulysses all-to-alls for one member and one micro-batch.
+
+    Forward moves q, k, v (kv heads repeated up to sp when fewer) and the attention output; backward moves their
+    gradients; a checkpointed layer repeats its forward. Each all-to-all keeps 1/sp of its input local."""
+    if sp == 1 or g.role != "foundation" or not g.heads:
+        return 0
+    local = shape.micro_batch_size * (padded_seq_len(shape.seq_len, sp) // sp) * g.head_dim * BYTES[shape.precision]
+    kv_heads = max(g.kv_heads, sp)
+    per_pass = sum(local * heads * (sp - 1) // sp for heads in (g.heads, kv_heads, kv_heads, g.heads))
+    return per_pass * (3 if recompute else 2)
+
+
 def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
              hw: HardwareProfile, procs_per_node: int) -> Estimate:
     achieved = hw.achieved_flops(shape.precision)
     shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
+    sp_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
     fsdp_n = mesh.dp_shard * mesh.sp
     compute_scale = BYTES[shape.precision] / 4  # params are fp32 masters; collectives move compute dtype
 
-    fwd = root_forward_flops(graph, shape)
-    recompute = comm = 0.0
+    fwd = root_forward_flops(graph, shape, mesh)
+    recompute = comm = exposed_sp = 0.0
     for g in graph.groups:
         c = choices[g.name]
-        f = group_forward_flops(g, shape) * g.count
+        f = group_forward_flops(g, shape, mesh) * g.count
         fwd += f
         recompute += {"none": 0.0, "full": f, "selective": 0.15 * f}[c.activation_checkpointing]
         gathers = 2 if c.reshard_after_forward else 1
@@ -142,22 +168,29 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
         if not c.frozen:
             comm += g.count * reduce_scatter_s(member, fsdp_n, shard_l)
             comm += g.count * all_reduce_s(member / fsdp_n, mesh.dp_replicate, repl_l)
+        # Ulysses all-to-alls sit on the critical path: attention cannot start before they finish.
+        sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, c.activation_checkpointing != "none")
+        if sp_bytes:
+            calls = 4 * (3 if c.activation_checkpointing != "none" else 2)
+            exposed_sp += g.count * (calls * (mesh.sp - 1) * sp_l.latency_s + sp_bytes / sp_l.bytes_per_s)
     root = root_param_bytes(graph) * compute_scale
     comm += all_gather_s(root, fsdp_n, shard_l) + reduce_scatter_s(root, fsdp_n, shard_l)
     comm += all_reduce_s(root / fsdp_n, mesh.dp_replicate, repl_l)
 
     micro = shape.grad_accum
-    compute_s = 3 * fwd / achieved * micro / mesh.sp
-    recompute_s = recompute / achieved * micro / mesh.sp
+    compute_s = 3 * fwd / achieved * micro
+    recompute_s = recompute / achieved * micro
     comm_s = comm * micro
     exposed = max(comm_s - OVERLAP * (compute_s + recompute_s), comm_s / max(1, sum(g.count for g in graph.groups) + 1))
+    exposed += exposed_sp * micro
+    comm_s += exposed_sp * micro
     step = compute_s + recompute_s + exposed
     memory = memory_breakdown(graph, mesh, choices, shape, hw)
     tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
-    model_flops_per_device = 3 * fwd * micro / mesh.sp
     return Estimate(step_time_s=step, compute_s=compute_s, recompute_s=recompute_s, comm_s=comm_s,
                     exposed_comm_s=exposed, peak_memory_bytes=sum(memory.values()), memory=memory,
-                    tokens_per_s_per_device=tokens / step, mfu=model_flops_per_device / step / hw.peak_flops[shape.precision])
+                    tokens_per_s_per_device=tokens / step,
+                    mfu=3 * fwd * micro / step / hw.peak_flops[shape.precision])
 
 
 def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
@@ -176,9 +209,10 @@ def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoi
         c = choices[g.name]
         if not c.reshard_after_forward:
             transient += (g.count - 1) * g.param_bytes * compute_bytes / 4
-        per_layer = g.act_bytes_per_token * shape.tokens(g.role) / mesh.sp * compute_bytes / 4
+        tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
+        per_layer = g.act_bytes_per_token * tokens * compute_bytes / 4
         if c.activation_checkpointing == "full":  # keep each layer's input, rebuild one layer at a time
-            activations += g.count * g.hidden * compute_bytes * shape.tokens(g.role) / mesh.sp + per_layer
+            activations += g.count * g.hidden * compute_bytes * tokens + per_layer
         elif c.activation_checkpointing == "selective":
             activations += 0.6 * g.count * per_layer
         else:

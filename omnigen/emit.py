@@ -69,20 +69,22 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
     context = {
         "plan": plan, "inputs": plan.inputs, "digest": digest(spec_dict, plan), "mesh_summary": mesh_summary(plan),
         "parallel": plan.world_size > 1, "total_params": plan.total_params,
+        "explicit_comm": plan.mesh.get("sp", 1) > 1 or plan.mesh.get("ep", 1) > 1,
+        "multimodal": any(m in plan.inputs for m in ("image", "audio")),
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if v > 1 or k.startswith("dp")) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
     }
-    train_py = env.get_template("train.py.j2").render(**context)
+    try:
+        train_py = env.get_template("train.py.j2").render(**context)
+        launch_sh = env.get_template("launch.sh.j2").render(**context)
+    except jinja2.TemplateError as e:
+        raise OmnigenError(f"internal error: a template failed to render for {plan.name}: {e}") from None
     try:
         libcst.parse_module(train_py)
     except libcst.ParserSyntaxError as e:
         raise OmnigenError(f"internal error: the train.py template rendered invalid Python for {plan.name}: {e}") from None
-    return {
-        "train.py": train_py,
-        "launch.sh": env.get_template("launch.sh.j2").render(**context),
-        "plan.json": canonical_json(plan.to_dict()),
-        "config.json": canonical_json(config),
-    }
+    return {"train.py": train_py, "launch.sh": launch_sh, "plan.json": canonical_json(plan.to_dict()),
+            "config.json": canonical_json(config)}
 
 
 def diff(files: dict[str, str], out_dir: Path) -> str:

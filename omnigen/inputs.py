@@ -167,11 +167,20 @@ def _sorted(value: Any) -> Any:
     return [_sorted(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len: int) -> dict[str, Any]:
-    """How the generated script builds a sample for `class_name`: token ranges, per-modality shapes, kwargs."""
+def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len: int,
+                 documents_per_sample: int = 1) -> dict[str, Any]:
+    """How the generated script builds a sample for `class_name`: token ranges, per-modality shapes, kwargs.
+
+    documents_per_sample > 1 packs several documents into each row (text-only models): position ids restart
+    per document and attention stays inside it."""
     cls = getattr(transformers, class_name)
     forward_args = set(inspect.signature(cls.forward).parameters)
     modalities = _modalities(config, forward_args, seq_len)
+    if documents_per_sample > 1 and modalities:
+        raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
+                        f"{class_name} takes {', '.join(modalities)} inputs (use pack_documents: 1)")
+    if documents_per_sample > 1 and seq_len < 2 * documents_per_sample:
+        raise SpecError(f"train.pack_documents={documents_per_sample} needs seq_len >= {2 * documents_per_sample}")
     mm_tokens = sum(m["llm_tokens_per_item"] + m["wrapper_tokens"] for m in modalities.values())
     min_seq_len = mm_tokens + MIN_TEXT_TOKENS
     if seq_len < min_seq_len:
@@ -183,8 +192,13 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
         "class_name": class_name,
         "seq_len": seq_len,
         "min_seq_len": min_seq_len,
+        "documents_per_sample": documents_per_sample,
+        # Models with 1-D rotary positions get them explicitly (multimodal M-RoPE models compute their own).
+        "position_ids": not modalities,
         "text": _text_range(config),
         **modalities,
-        "model_kwargs": _model_kwargs(modalities, forward_args),
+        "model_kwargs": sorted(_model_kwargs(modalities, forward_args)
+                               + (["position_ids"] if not modalities else [])
+                               + (["document_ids"] if documents_per_sample > 1 else [])),
         "ignored_label_token_ids": sorted(i for i in ignored if i is not None),
     })

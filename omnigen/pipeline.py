@@ -29,7 +29,7 @@ def plan(spec: Spec) -> Compiled:
     graph = analyze(spec)
     config = load_config(spec)
     hw = load_profile(spec)
-    inputs = input_recipe(config, graph.model_class, spec.train.seq_len)
+    inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 

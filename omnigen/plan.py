@@ -8,11 +8,11 @@ memory, ranks the rest by predicted step time, and keeps every loser with the re
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import __version__
-from .cost import Estimate, GroupChoice, Mesh, TrainShape, estimate
+from .cost import Estimate, GroupChoice, Mesh, TrainShape, estimate, memory_breakdown, sp_all_to_all_bytes
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -31,6 +31,8 @@ class GroupPlan:
     reshard_after_forward: bool
     activation_checkpointing: str   # none | selective | full
     frozen: bool = False
+    sequence_parallel: str = "none"  # ulysses (split over the sp dim) | replicated (whole sequence on every SP rank)
+    sp_all_to_all_bytes_per_step: int = 0  # bytes one rank sends in this group's Ulysses all-to-alls per step
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class Plan:
     groups: tuple[GroupPlan, ...]
     root: dict[str, Any]             # the whole-model FSDP unit holding embeddings, heads, norms
     inputs: dict[str, Any]           # the synthetic-data recipe (omnigen.inputs)
+    sequence_parallel: dict[str, Any] | None  # Ulysses / packed-document attention, None when neither
     weights: str | None              # safetensors folder, relative to the output folder
     predicted: dict[str, Any]
+    max_seq_len_by_sp: dict[str, int] = field(default_factory=dict)  # longest seq_len that fits, per SP degree
     alternatives: tuple[dict[str, Any], ...] = field(default=())
 
     @property
@@ -80,24 +84,39 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def mesh_candidates(spec: Spec) -> list[Mesh]:
+def foundation_attention(graph: ModelGraph) -> tuple[int, int]:
+    """(heads, kv_heads) of the LLM's attention: what Ulysses splits."""
+    g = next((g for g in graph.groups if g.role == "foundation" and g.heads), None)
+    return (g.heads, g.kv_heads or g.heads) if g else (0, 0)
+
+
+def valid_sp(sp: int, heads: int, kv_heads: int) -> bool:
+    """Ulysses gives each rank heads/sp query heads; kv heads are split, or repeated when fewer than sp."""
+    return sp == 1 or (heads > 0 and heads % sp == 0 and (kv_heads % sp == 0 or sp % kv_heads == 0))
+
+
+def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
     """Every factorisation of the world size that honours the spec's fixed dims."""
     world, p = spec.cluster.world_size, spec.parallel
     fixed = {d: getattr(p, d) for d in MESH_DIMS if getattr(p, d) != "auto"}
-    for dim in ("sp", "ep"):
-        if fixed.get(dim, 1) != 1:
-            raise PlanError(f"{spec.source}: parallel.{dim}={fixed[dim]}: {dim} > 1 is not supported by this "
-                            f"omnigen version yet; use {dim}: 1 or auto")
-    meshes = []
-    for r in divisors(world):
-        m = Mesh(dp_replicate=r, dp_shard=world // r)
-        if all(getattr(m, d) == v for d, v in fixed.items()):
-            meshes.append(m)
+    if fixed.get("ep", 1) != 1:
+        raise PlanError(f"{spec.source}: parallel.ep={fixed['ep']}: ep > 1 is not supported by this "
+                        f"omnigen version yet; use ep: 1 or auto")
+    heads, kv_heads = foundation_attention(graph) if graph else (0, 0)
+    sps = [d for d in divisors(world) if valid_sp(d, heads, kv_heads)]
+    if fixed.get("sp", 1) not in sps:
+        works = ", ".join(map(str, sps))
+        raise PlanError(f"{spec.source}: parallel.sp={fixed['sp']}: Ulysses needs sp to divide the {heads} attention "
+                        f"heads and either divide or be a multiple of the {kv_heads} kv heads, and to divide the world "
+                        f"size {world}; sp values that work: {works}")
+    meshes = [Mesh(dp_replicate=r, dp_shard=world // (r * sp), sp=sp)
+              for sp in sps for r in divisors(world // sp)]
+    meshes = [m for m in meshes if all(getattr(m, d) == v for d, v in fixed.items())]
     if not meshes:
         product = " x ".join(f"{d}={v}" for d, v in fixed.items())
         raise PlanError(f"{spec.source}: parallel: {product} does not multiply to the world size "
                         f"{world} (cluster.nodes={spec.cluster.nodes} x cluster.procs_per_node="
-                        f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard must equal {world}")
+                        f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard x sp must equal {world}")
     return meshes
 
 
@@ -141,7 +160,7 @@ def grad_accum(spec: Spec, dp: int) -> int:
 def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> list[tuple[Candidate | None, str]]:
     """All candidates, best first; each with the reason it lost (empty for the winner)."""
     feasible, rejected = [], []
-    for mesh in mesh_candidates(spec):
+    for mesh in mesh_candidates(spec, graph):
         try:
             shape = train_shape(spec, mesh, inputs)
         except PlanError as e:
@@ -169,19 +188,60 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
     return ranked + rejected
 
 
+def fsdp_dims(mesh: Mesh) -> tuple[str, ...]:
+    """FSDP shards over the data-parallel and SP ranks together (flattened); HSDP replicates over dp_replicate."""
+    shard = "dp_shard_sp" if mesh.sp > 1 else "dp_shard"
+    return (shard,) if mesh.dp_replicate == 1 else ("dp_replicate", shard)
+
+
+def foundation_group(graph: ModelGraph):
+    return next((g for g in graph.groups if g.role == "foundation"), None)
+
+
+def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...]) -> dict | None:
+    """What the script needs for Ulysses (sp > 1) or document-aware attention (packed rows); None otherwise."""
+    packed = spec.train.pack_documents > 1
+    found = foundation_group(graph)
+    if (mesh.sp == 1 and not packed) or found is None:
+        return None
+    attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
+    return {"degree": mesh.sp, "stack": found.name.rsplit(".", 1)[0], "layers": found.name,
+            "attention": attention.rsplit(".", 1)[1], "packed": packed,
+            "seq_len_padded": -(-spec.train.seq_len // mesh.sp) * mesh.sp,
+            "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
+
+
+def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
+    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree."""
+    world = spec.cluster.world_size
+    heads, kv_heads = foundation_attention(graph)
+    out = {}
+    for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
+        mesh = Mesh(dp_shard=world // sp, sp=sp)
+        options = choice_candidates(spec, graph)
+
+        def fits(seq_len: int) -> bool:
+            shape = replace(train_shape(spec, Mesh(dp_shard=world), inputs), seq_len=seq_len, grad_accum=1)
+            return any(sum(memory_breakdown(graph, mesh, c, shape, hw).values()) <= hw.memory_bytes for c in options)
+
+        lo, hi = 0, 1 << 24
+        while lo < hi:  # largest multiple of sp that fits
+            mid = (lo + hi + 1) // 2 // sp * sp
+            if mid <= lo:
+                break
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        out[str(sp)] = lo
+    return out
+
+
 def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any],
               weights: str | None = None) -> Plan:
     ranked = search(spec, graph, hw, inputs)
     best = ranked[0][0]
     assert best is not None
     mesh = best.mesh
-    shard_dims = ("dp_shard",) if mesh.dp_replicate == 1 else ("dp_replicate", "dp_shard")
-    groups = tuple(GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count,
-                             shard_dims=shard_dims,
-                             reshard_after_forward=best.choices[g.name].reshard_after_forward,
-                             activation_checkpointing=best.choices[g.name].activation_checkpointing,
-                             frozen=best.choices[g.name].frozen)
-                   for g in graph.groups)
+    shape = train_shape(spec, mesh, inputs)
+    groups = tuple(group_plan(g, best.choices[g.name], mesh, shape) for g in graph.groups)
     return Plan(
         name=spec.name, omnigen_version=__version__, model_class=graph.model_class,
         total_params=graph.total_params,
@@ -190,13 +250,25 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
-        root={"shard_dims": list(shard_dims), "reshard_after_forward": False},
-        inputs=inputs, weights=weights,
+        root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
+        inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
         predicted=best.estimate.summary(),
+        max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs),
         alternatives=tuple({"candidate": c.label() if c else None, "reason": reason,
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
     )
+
+
+def group_plan(g, choice: GroupChoice, mesh: Mesh, shape: TrainShape) -> GroupPlan:
+    ulysses = mesh.sp > 1 and g.role == "foundation"
+    recompute = choice.activation_checkpointing != "none"
+    return GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count, shard_dims=fsdp_dims(mesh),
+                     reshard_after_forward=choice.reshard_after_forward,
+                     activation_checkpointing=choice.activation_checkpointing, frozen=choice.frozen,
+                     sequence_parallel="ulysses" if ulysses else ("replicated" if mesh.sp > 1 else "none"),
+                     sp_all_to_all_bytes_per_step=g.count * shape.grad_accum
+                     * sp_all_to_all_bytes(g, shape, mesh.sp, recompute))
 
 
 def format_explain(plan: Plan) -> str:
@@ -205,9 +277,14 @@ def format_explain(plan: Plan) -> str:
              f"{p['tokens_per_s_per_device']:.4g} tokens/s/device  peak {p['peak_memory_bytes'] / GIB:.2f} GiB  "
              f"MFU {p['mfu']:.1%}"]
     for g in plan.groups:
+        sp = {"ulysses": f", Ulysses SP ({g.sp_all_to_all_bytes_per_step:,} all-to-all bytes/step/rank)",
+              "replicated": ", replicated across SP ranks", "none": ""}[g.sequence_parallel]
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): FSDP over {'+'.join(g.shard_dims)}, "
-                     f"reshard_after_forward={g.reshard_after_forward}, ac={g.activation_checkpointing}"
+                     f"reshard_after_forward={g.reshard_after_forward}, ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
+    if plan.max_seq_len_by_sp:
+        lines.append("longest seq_len that fits memory: "
+                     + ", ".join(f"sp={k}: {v:,}" for k, v in plan.max_seq_len_by_sp.items()))
     lines.append("alternatives:")
     lines += [f"  {a['candidate'] or '-'}: {a['reason']}" for a in plan.alternatives] or ["  (none)"]
     return "\n".join(lines)

@@ -18,10 +18,12 @@ from .errors import OmnigenError
 from .pipeline import default_out_dir, plan as make_compiled, render
 from .spec import Spec, spec_from_dict
 
-LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}
-# Parameters after a few AdamW steps: fp32 summation order differs between layouts, and Adam's
-# normalisation turns a 1e-7 gradient difference into a similar *absolute* parameter difference.
-PARAM_ATOL = {"fp32": 1e-5, "bf16": 5e-3}
+LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}   # per-step loss and gradient norm, relative
+# Parameters, absolute, as a fraction of the learning rate (AdamW moves a weight by at most about lr per step).
+# Summation order differs between layouts; Adam divides by sqrt(v), so on weights whose gradient is nearly zero
+# (rare token rows) a 1e-7 relative gradient difference becomes a visible fraction of a step. A real bug (wrong
+# data, a missing reduction, a wrong scale) moves weights by whole steps, and shows in losses and grad norms.
+PARAM_ATOL_PER_LR = {"fp32": 0.05, "bf16": 0.5}
 
 
 def compile_to(spec: Spec, out_dir: Path) -> Path:
@@ -111,7 +113,7 @@ def compare_params(ref: dict[str, torch.Tensor], par: dict[str, torch.Tensor]) -
 def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, workdir: str | None = None) -> int:
     steps = steps or spec.train.steps
     rtol = rtol if rtol is not None else LOSS_RTOL[spec.train.precision]
-    atol = PARAM_ATOL[spec.train.precision]
+    atol = PARAM_ATOL_PER_LR[spec.train.precision] * spec.train.lr
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"omnigen-verify-{spec.name}-"))
     results = {}
     for label, s in (("reference", reference_spec(spec)), ("parallel", spec)):
@@ -129,21 +131,26 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
     return report(results, steps, rtol, atol)
 
 
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
 def report(results, steps: int, rtol: float, atol: float) -> int:
     (ref_m, ref_p), (par_m, par_p) = results["reference"], results["parallel"]
-    ok = len(ref_m) == len(par_m) == steps
-    print(f"\n{'step':>4} {'reference loss':>18} {'parallel loss':>18} {'rel. diff':>10}")
+    print(f"\n{'step':>4} {'reference loss':>18} {'parallel loss':>18} {'rel. diff':>10} {'grad norm rel. diff':>20}")
     worst = 0.0
     for r, p in zip(ref_m, par_m):
-        rel = abs(p["loss"] - r["loss"]) / max(abs(r["loss"]), 1e-12)
-        worst = max(worst, rel)
-        print(f"{r['step']:>4} {r['loss']:>18.10f} {p['loss']:>18.10f} {rel:>10.2e}")
+        loss_rel, norm_rel = relative(p["loss"], r["loss"]), relative(p["grad_norm"], r["grad_norm"])
+        worst = max(worst, loss_rel, norm_rel)
+        print(f"{r['step']:>4} {r['loss']:>18.10f} {p['loss']:>18.10f} {loss_rel:>10.2e} {norm_rel:>20.2e}")
     devs = compare_params(ref_p, par_p)
     print(f"\nlargest parameter deviations (max |parallel - reference|, tolerance {atol:g}):")
     for d in devs[:5]:
         print(f"  {d.name:<60} {d.max_abs:.3e}   (|ref| = {d.ref_norm:.3g})")
-    ok = ok and worst <= rtol and (not devs or devs[0].max_abs <= atol)
-    print(f"\nlosses: max relative deviation {worst:.2e} (tolerance {rtol:g}); "
-          f"parameters: max abs deviation {devs[0].max_abs if devs else 0:.2e} over {len(devs)} tensors")
+    complete = len(ref_m) == len(par_m) == steps
+    ok = complete and worst <= rtol and (not devs or devs[0].max_abs <= atol)
+    print(f"\nlosses and grad norms: max relative deviation {worst:.2e} (tolerance {rtol:g}); "
+          f"parameters: max abs deviation {devs[0].max_abs if devs else 0:.2e} over {len(devs)} tensors"
+          + ("" if complete else f"; expected {steps} steps, got {len(ref_m)} reference / {len(par_m)} parallel"))
     print("VERIFIED: the parallel script matches the single-process reference" if ok else "MISMATCH")
     return 0 if ok else 1

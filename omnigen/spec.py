@@ -54,6 +54,7 @@ class TrainSpec(_Strict):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     data: str = "synthetic"  # or a path to a .jsonl file of {"input_ids": [...]} rows
+    pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
 
 
 class ParallelSpec(_Strict):

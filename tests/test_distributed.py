@@ -43,11 +43,14 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
 
 
 def test_verify_fails_on_a_real_mismatch():
-    ref = [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.9}]
+    ref = [{"step": 0, "loss": 2.0, "grad_norm": 1.0}, {"step": 1, "loss": 1.9, "grad_norm": 0.9}]
     params = {"w": torch.ones(3)}
-    assert runner.report({"reference": (ref, params), "parallel": (ref, params)}, 2, 1e-5, 1e-5) == 0
-    off_loss = [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.9001}]
-    assert runner.report({"reference": (ref, params), "parallel": (off_loss, params)}, 2, 1e-5, 1e-5) == 1
-    off_params = {"w": torch.tensor([1.0, 1.0, 1.001])}
-    assert runner.report({"reference": (ref, params), "parallel": (ref, off_params)}, 2, 1e-5, 1e-5) == 1
-    assert runner.report({"reference": (ref, params), "parallel": (ref[:1], params)}, 2, 1e-5, 1e-5) == 1
+
+    def code(metrics=ref, p=params):
+        return runner.report({"reference": (ref, params), "parallel": (metrics, p)}, 2, 1e-5, 1e-5)
+
+    assert code() == 0
+    assert code(metrics=[ref[0], {**ref[1], "loss": 1.9001}]) == 1
+    assert code(metrics=[ref[0], {**ref[1], "grad_norm": 1.8}]) == 1  # a gradient scale bug Adam would hide
+    assert code(p={"w": torch.tensor([1.0, 1.0, 1.001])}) == 1
+    assert code(metrics=ref[:1]) == 1

@@ -149,7 +149,7 @@ def test_recipe_for_the_omni_thinker():
 
 def test_text_only_models_have_no_modalities():
     recipe = recipe_for("deepseek_v3_tiny")
-    assert modalities(recipe) == [] and recipe["model_kwargs"] == ["attention_mask", "input_ids"]
+    assert modalities(recipe) == [] and recipe["model_kwargs"] == ["attention_mask", "input_ids", "position_ids"]
     assert recipe["text"]["token_low"] == 3  # above bos=0, eos=1, pad=2
     source = ENV.get_template("data.py.j2").render(inputs=recipe)
     assert "IMAGE" not in source and "AUDIO" not in source and "NON_TEXT" not in source

@@ -22,10 +22,12 @@ def graph(layers=4, layer_params=1_000_000, root_params=500_000, hidden=256):
     members = tuple(f"model.layers.{i}" for i in range(layers))
     g = Group(name="model.layers", pattern="model.layers.*", role="foundation", layer_class="Layer", members=members,
               params=layer_params, param_bytes=4 * layer_params, flops_per_token=2 * layer_params,
-              attn_flops_per_token_per_seq=4 * hidden, act_bytes_per_token=16 * hidden, hidden=hidden, heads=4, kv_heads=4)
+              attn_flops_per_token_per_seq=4 * hidden, act_bytes_per_token=16 * hidden, hidden=hidden, heads=4, kv_heads=2,
+              head_dim=hidden // 4)
     blocks = [Block("model.embed_tokens", "foundation", "embedding", None, None, root_params, 4 * root_params, 0.0)]
-    blocks += [Block(m, "foundation", "layer", None, "model.layers", layer_params, 4 * layer_params, 2 * layer_params)
-               for m in members]
+    for m in members:
+        blocks += [Block(m, "foundation", "layer", None, "model.layers", layer_params, 4 * layer_params, 2 * layer_params),
+                   Block(f"{m}.self_attn", "foundation", "attention", m, "model.layers", 0, 0, 0.0, heads=4, kv_heads=2)]
     total = layers * layer_params + root_params
     return ModelGraph("LlamaForCausalLM", "llama", tuple(blocks), (g,), total, 4 * total, vocab_size=1000)
 
@@ -73,7 +75,7 @@ def test_activation_checkpointing_only_when_memory_needs_it():
     assert roomy.groups[0].activation_checkpointing == "none"
     tight_gib = (cost.memory_breakdown(graph(), cost.Mesh(dp_shard=2), {"model.layers": cost.GroupChoice(True, "full")},
                                        cost.TrainShape(4096, 1, 1, "fp32"), hw())["activations"] * 1.2 + 60e6) / GIB
-    tight = make_plan(spec(train={"seq_len": 4096}), graph(), hw(memory_gib=tight_gib), {})
+    tight = make_plan(spec(train={"seq_len": 4096}, parallel={"sp": 1}), graph(), hw(memory_gib=tight_gib), {})
     assert tight.groups[0].activation_checkpointing != "none"
     assert any("does not fit" in a["reason"] for a in tight.alternatives)
 
@@ -84,9 +86,32 @@ def test_refuses_with_reason_when_nothing_fits():
     assert "no parallel plan fits" in str(e.value) and "GiB" in str(e.value)
 
 
-def test_refuses_unsupported_sequence_parallel_for_now():
-    with pytest.raises(PlanError, match="parallel.sp=2"):
-        mesh_candidates(spec(parallel={"sp": 2}))
+def test_sequence_parallel_degrees_follow_the_heads():
+    meshes = mesh_candidates(spec(cluster={"procs_per_node": 8}), graph())  # 4 heads, 2 kv heads
+    assert {m.sp for m in meshes} == {1, 2, 4}  # sp=4 repeats each kv head twice; sp=8 exceeds the heads
+    with pytest.raises(PlanError, match="sp values that work: 1, 2, 4"):
+        mesh_candidates(spec(cluster={"procs_per_node": 8}, parallel={"sp": 8}), graph())
+
+
+def test_ulysses_bytes_by_hand():
+    g = graph().groups[0]  # 4 heads, 2 kv heads, head_dim 64
+    shape = cost.TrainShape(seq_len=128, micro_batch_size=1, grad_accum=1, precision="fp32")
+    local = 1 * 64 * 64 * 4  # batch x (128 / sp=2) tokens x head_dim x 4 bytes, per head
+    per_pass = (4 + 2 + 2 + 4) * local // 2  # q, k, v, out; half of each stays on this rank
+    assert cost.sp_all_to_all_bytes(g, shape, 2, recompute=False) == 2 * per_pass  # forward + backward
+    assert cost.sp_all_to_all_bytes(g, shape, 2, recompute=True) == 3 * per_pass
+    # sp=4 > 2 kv heads: kv heads are repeated to 4 before the exchange
+    local4 = 1 * 32 * 64 * 4
+    assert cost.sp_all_to_all_bytes(g, shape, 4, recompute=False) == 2 * (4 + 4 + 4 + 4) * local4 * 3 // 4
+
+
+def test_activations_fall_with_sp():
+    g = graph()
+    shape = cost.TrainShape(seq_len=4096, micro_batch_size=1, grad_accum=1, precision="fp32")
+    choices = {"model.layers": cost.GroupChoice()}
+    one = cost.memory_breakdown(g, cost.Mesh(dp_shard=4), choices, shape, hw())["activations"]
+    four = cost.memory_breakdown(g, cost.Mesh(sp=4), choices, shape, hw())["activations"]
+    assert four == pytest.approx(one / 4, rel=1e-6)
 
 
 def test_plan_round_trips_through_json_and_explains():

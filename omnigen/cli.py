@@ -1,4 +1,4 @@
-"""`omnigen` command line: analyze, plan, compile, run, verify."""
+"""`omnigen` command line: analyze, plan, compile, run, verify, calibrate."""
 
 from __future__ import annotations
 
@@ -119,6 +119,27 @@ def verify(spec_path, sets, steps, rtol, workdir):
     """Prove the parallel script equal to a single-process reference: per-step losses and final parameters."""
     from .runner import verify as run_verify
     sys.exit(run_verify(_load(spec_path, sets), steps=steps, rtol=rtol, workdir=workdir))
+
+
+@main.command(name="calibrate")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="What to measure: CPU ranks over gloo, or GPUs over NCCL.")
+@click.option("--ranks", type=int, help="Local ranks for the measurement (default 2 on cpu, every GPU on cuda).")
+@click.option("--base", help="Profile whose unmeasured fields are kept: a built-in name or a .yaml file "
+                             "(default cpu, or h100 for cuda).")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False),
+              help="Profile to write (default <device>_measured.yaml).")
+@click.option("--quick", is_flag=True, help="Fewer shapes, sizes and repeats: under a minute on 2 CPU cores.")
+@user_errors
+def calibrate_cmd(device, ranks, base, out_path, quick):
+    """Measure this machine (GEMM FLOP/s, transformer-layer efficiency, collective latency and bandwidth) and write a
+    hardware profile for `cluster.hardware`."""
+    from .calibrate import CalibrationFailed, calibrate as run_calibrate
+    try:
+        run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, echo=click.echo)
+    except CalibrationFailed as e:
+        click.echo(f"omnigen: calibrate: {e}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,6 @@ def _modalities(config: Any, forward_args: set[str], seq_len: int) -> dict[str, 
     for name, item in found.items():
         if item["token_id"] is None:
             raise SpecError(f"the model config has a {name} tower but no {name} placeholder token id")
-        item["every"] = 1  # sample i carries this modality iff i % every == 0
         item["wrapper_tokens"] = sum(item[k] is not None for k in ("start_token_id", "end_token_id"))
         if "mm_token_type_ids" in forward_args:
             item["token_type_id"] = MM_TOKEN_TYPE[name]
@@ -168,7 +167,7 @@ def _sorted(value: Any) -> Any:
 
 
 def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len: int,
-                 documents_per_sample: int = 1) -> dict[str, Any]:
+                 documents_per_sample: int = 1, every: dict[str, int] | None = None) -> dict[str, Any]:
     """How the generated script builds a sample for `class_name`: token ranges, per-modality shapes, kwargs.
 
     documents_per_sample > 1 packs several documents into each row (text-only models): position ids restart
@@ -176,6 +175,8 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
     cls = getattr(transformers, class_name)
     forward_args = set(inspect.signature(cls.forward).parameters)
     modalities = _modalities(config, forward_args, seq_len)
+    for name, item in modalities.items():
+        item["every"] = (every or {}).get(name, 1)  # sample i carries this modality iff i % every == 0
     if documents_per_sample > 1 and modalities:
         raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
                         f"{class_name} takes {', '.join(modalities)} inputs (use pack_documents: 1)")

@@ -29,7 +29,8 @@ def plan(spec: Spec) -> Compiled:
     graph = analyze(spec)
     config = load_config(spec)
     hw = load_profile(spec)
-    inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents)
+    every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
+    inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 

@@ -48,6 +48,8 @@ class Plan:
     root: dict[str, Any]             # the whole-model FSDP unit holding embeddings, heads, norms
     inputs: dict[str, Any]           # the synthetic-data recipe (omnigen.inputs)
     sequence_parallel: dict[str, Any] | None  # Ulysses / packed-document attention, None when neither
+    decoder_stack: str               # the module running the LLM layers on the merged sequence
+    towers: tuple[dict[str, str], ...]  # encoder towers in the order the model's forward runs them
     weights: str | None              # safetensors folder, relative to the output folder
     predicted: dict[str, Any]
     max_seq_len_by_sp: dict[str, int] = field(default_factory=dict)  # longest seq_len that fits, per SP degree
@@ -205,7 +207,7 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     if (mesh.sp == 1 and not packed) or found is None:
         return None
     attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
-    return {"degree": mesh.sp, "stack": found.name.rsplit(".", 1)[0], "layers": found.name,
+    return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
             "seq_len_padded": -(-spec.train.seq_len // mesh.sp) * mesh.sp,
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
@@ -252,12 +254,22 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
         inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
+        decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         predicted=best.estimate.summary(),
         max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs),
         alternatives=tuple({"candidate": c.label() if c else None, "reason": reason,
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
     )
+
+
+# transformers' omni thinkers encode audio before images; an order every rank must repeat (see IdleTowers).
+TOWER_ORDER = (("audio", "encoder:audio"), ("image", "encoder:vision"))
+
+
+def tower_order(graph: ModelGraph, inputs: dict[str, Any]) -> tuple[dict[str, str], ...]:
+    return tuple({"modality": m, "module": graph.towers[role]} for m, role in TOWER_ORDER
+                 if m in inputs and role in graph.towers)
 
 
 def group_plan(g, choice: GroupChoice, mesh: Mesh, shape: TrainShape) -> GroupPlan:

@@ -119,6 +119,8 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
     for label, s in (("reference", reference_spec(spec)), ("parallel", spec)):
         out = compile_to(s, root / label)
         args = ["--steps", str(steps), "--metrics", str(out / "metrics.jsonl"), "--dump-params", str(out / "params.pt")]
+        if "--count-comm-bytes" in (out / "train.py").read_text():
+            args.append("--count-comm-bytes")  # verify also records what the explicit collectives sent
         print(f"== {label}: {out}/train.py", flush=True)
         if label == "reference":
             code = subprocess.run([sys.executable, str(out / "train.py"), *args], cwd=out).returncode

@@ -43,6 +43,12 @@ class ClusterSpec(_Strict):
         return self.nodes * self.procs_per_node
 
 
+class SyntheticSpec(_Strict):
+    """Synthetic data: sample i carries an image iff i % image_every == 0 (likewise audio)."""
+    image_every: PositiveInt = 1
+    audio_every: PositiveInt = 1
+
+
 class TrainSpec(_Strict):
     seq_len: PositiveInt = 128
     micro_batch_size: PositiveInt = 1
@@ -55,6 +61,7 @@ class TrainSpec(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     data: str = "synthetic"  # or a path to a .jsonl file of {"input_ids": [...]} rows
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
+    synthetic: SyntheticSpec = SyntheticSpec()
 
 
 class ParallelSpec(_Strict):
@@ -140,6 +147,7 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "": Spec, "model": ModelSpec, "cluster": ClusterSpec, "train": TrainSpec, "parallel": ParallelSpec,
+    "train.synthetic": SyntheticSpec,
 }
 
 

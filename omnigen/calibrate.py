@@ -1,0 +1,619 @@
+"""`omnigen calibrate`: measure this machine and write a hardware profile the cost model can load.
+
+One torchrun launch on N local ranks (gloo on cpu, nccl on cuda) runs `worker()` (`python -m omnigen.calibrate`). Every
+rank measures at once, as ranks of a training job share the machine:
+  compute        median FLOP/s of transformer-shaped GEMMs (tokens x h x 4h) per dtype; the best shape is `peak_flops`
+  efficiency     fwd+bwd of a real LlamaForCausalLM stack: its FLOP rate (FlopCounterMode FLOPs / time) over the best
+                 GEMM's rate timed just before it, so that cost.py's FLOPs / (peak x efficiency) reproduces the step
+  attention      fwd+bwd SDPA FLOP/s at a long-ish sequence (kept in the `measured` block only)
+  collectives    all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single from 4 KiB to 64 MiB
+Each rank reports its times; a figure is the slowest rank's (a step waits for it). The driver fits cost.py's alpha-beta
+model to the collective times by least squares (relative error) and writes the profile: measured fields replace the base
+profile's, the rest (inter_node, overhead_gib, memory_gib on cpu) are kept and `source` says which is which.
+
+The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
+HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
+file unloadable. `read_measured(path)` parses the block back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import OmnigenError
+
+GIB = 1024**3
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+DTYPES = ("fp32", "bf16")
+MEASURED_MARK = "# measured:"
+
+
+# --- what is measured, at which sizes --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    gemms: tuple[tuple[int, int, int], ...]   # (tokens, hidden, 4*hidden): C[m, n] = A[m, k] @ B[k, n]
+    layer: dict[str, int]                     # LlamaConfig fields + seq_len and batch of the fwd+bwd measurement
+    sdpa: tuple[int, int, int, int]           # batch, heads, seq, head_dim
+    comm_bytes: tuple[int, ...]
+    repeats: int
+    block_s: float                            # a timed block repeats an op until about this long
+
+
+def settings(device: str, quick: bool) -> Settings:
+    kib, mib = 1024, 1024**2
+    if device == "cuda":
+        gemms = ((4096, 2048, 8192), (8192, 4096, 16384)) if quick else \
+            ((4096, 2048, 8192), (8192, 4096, 16384), (16384, 8192, 32768))
+        layer = dict(hidden_size=1024 if quick else 2048, layers=2 if quick else 4, heads=16, kv_heads=8,
+                     seq_len=2048, batch=2)
+        sdpa = (2, 16, 4096, 128)
+    else:
+        gemms = ((512, 256, 1024), (1024, 512, 2048)) if quick else \
+            ((512, 256, 1024), (1024, 512, 2048), (2048, 1024, 4096))
+        layer = dict(hidden_size=256 if quick else 512, layers=2 if quick else 4, heads=8, kv_heads=4,
+                     seq_len=512, batch=1)
+        sdpa = (1, 8, 1024 if quick else 2048, 64)
+    comm = (4 * kib, 64 * kib, 1 * mib, 8 * mib) if quick else tuple(4 * kib * 4**i for i in range(8))  # .. 64 MiB
+    return Settings(gemms=gemms, layer=layer, sdpa=sdpa, comm_bytes=comm, repeats=3 if quick else 7,
+                    block_s=0.02 if quick else 0.05)
+
+
+# --- the alpha-beta model and its least-squares fit (pure; what cost.py uses) ------------------------------------
+
+def collective_terms(op: str, nbytes: float, n: int) -> tuple[float, float]:
+    """(latency multiplier, bytes over the link) so that time = a * latency + b / bandwidth, as in cost.py.
+
+    nbytes is the full tensor: all-gather's output, reduce-scatter's input, all-reduce's tensor, and for all-to-all
+    each rank's input buffer, of which (n-1)/n leaves the rank."""
+    ring = nbytes * (n - 1) / n
+    return {"all_gather": (n - 1, ring), "reduce_scatter": (n - 1, ring), "all_reduce": (2 * (n - 1), 2 * ring),
+            "all_to_all": (n - 1, ring)}[op]
+
+
+@dataclass(frozen=True)
+class Fit:
+    latency_s: float
+    bandwidth_bytes_s: float
+    rms_rel_err: float
+    max_rel_err: float
+
+    @property
+    def latency_us(self) -> float:
+        return self.latency_s * 1e6
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        return self.bandwidth_bytes_s / 1e9
+
+    def predict(self, op: str, nbytes: float, n: int) -> float:
+        a, b = collective_terms(op, nbytes, n)
+        return a * self.latency_s + b / self.bandwidth_bytes_s
+
+
+def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
+    """Least squares of time = a*latency + b/bandwidth over (op, nbytes, seconds) samples, in relative error.
+
+    Dividing each row by its measured time weighs a 4 KiB message as much as a 64 MiB one; plain least squares would
+    fit the large messages alone and leave the latency meaningless. Both coefficients are kept non-negative."""
+    if n < 2 or not samples:
+        raise ValueError("the alpha-beta fit needs at least 2 ranks and one sample")
+    rows = [(*collective_terms(op, nbytes, n), t) for op, nbytes, t in samples]
+    xs = [(a / t, b / t) for a, b, t in rows]        # scaled rows; the target is 1 for every row
+    s11 = sum(x * x for x, _ in xs)
+    s22 = sum(y * y for _, y in xs)
+    s12 = sum(x * y for x, y in xs)
+    r1, r2 = sum(x for x, _ in xs), sum(y for _, y in xs)
+    det = s11 * s22 - s12 * s12
+    lat, inv_bw = ((s22 * r1 - s12 * r2) / det, (s11 * r2 - s12 * r1) / det) if det > 1e-12 * s11 * s22 else (-1, -1)
+    if lat < 0 or inv_bw <= 0:                       # one term alone explains the data better: fit the other at 0
+        inv_bw_only = r2 / s22
+        lat_only = r1 / s11
+        err_bw = sum((y * inv_bw_only - 1) ** 2 for _, y in xs)
+        err_lat = sum((x * lat_only - 1) ** 2 for x, _ in xs)
+        lat, inv_bw = (0.0, inv_bw_only) if err_bw <= err_lat else (lat_only, 0.0)
+    if inv_bw <= 0:                                  # latency-bound throughout: the best rate seen bounds bandwidth
+        inv_bw = min(t / b for _, b, t in rows)
+    rel = [(a * lat + b * inv_bw) / t - 1 for a, b, t in rows]
+    return Fit(latency_s=lat, bandwidth_bytes_s=1 / inv_bw, rms_rel_err=math.sqrt(sum(r * r for r in rel) / len(rel)),
+               max_rel_err=max(abs(r) for r in rel))
+
+
+# --- the worker: runs on every rank under torchrun ------------------------------------------------------------
+
+def _timer(device: str) -> Callable[[], float]:
+    import torch
+    if device == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def _median_seconds(fn: Callable[[], Any], now: Callable[[], float], repeats: int, block_s: float) -> float:
+    """Warm up, size a block to about block_s, and return the median per-call time over `repeats` blocks."""
+    t0 = now()
+    fn()
+    t1 = now()
+    fn()
+    first = max(now() - t1, 1e-7)
+    calls = max(1, min(1000, round(block_s / first))) if t1 - t0 < 10 * block_s else 1
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        for _ in range(calls):
+            fn()
+        times.append((now() - t0) / calls)
+    return statistics.median(times)
+
+
+def measure_gemms(dev, s: Settings, now) -> list[dict]:
+    import torch
+    out = []
+    for name in DTYPES:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        for m, k, n in s.gemms:
+            a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, n, device=dev, dtype=dtype)
+            t = _median_seconds(lambda: a @ b, now, s.repeats, s.block_s)
+            out.append({"dtype": name, "shape": [m, k, n], "seconds": t, "flops": 2.0 * m * k * n})
+    return out
+
+
+def measure_sdpa(dev, s: Settings, now) -> list[dict]:
+    """fwd+bwd of non-causal SDPA; FLOPs as FlopCounterMode counts them: 4·b·h·s²·d forward, twice that backward."""
+    import torch
+    import torch.nn.functional as F
+    b, h, seq, d = s.sdpa
+    out = []
+    for name in DTYPES:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        q, k, v = (torch.randn(b, h, seq, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad = torch.randn(b, h, seq, d, device=dev, dtype=dtype)
+
+        def step():
+            F.scaled_dot_product_attention(q, k, v).backward(grad)
+            q.grad = k.grad = v.grad = None
+        t = _median_seconds(step, now, s.repeats, s.block_s)
+        out.append({"dtype": name, "shape": [b, h, seq, d], "seconds": t, "flops": 3 * 4.0 * b * h * seq * seq * d})
+    return out
+
+
+def measure_layers(dev, s: Settings, now, gemms: list[dict]) -> list[dict]:
+    """fwd+bwd (loss included, optimizer not) of a LlamaForCausalLM stack; FLOPs counted by FlopCounterMode.
+
+    Each timed step is paired with a block of this rank's fastest GEMM right before it, so `paired_efficiency`
+    (median of layer rate / GEMM rate) holds even when other work on the machine slows both by a varying amount."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .flops import register_missing_flop_formulas
+    register_missing_flop_formulas()
+    L = s.layer
+    h = L["hidden_size"]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=int(8 * h / 3 + 63) // 64 * 64, num_hidden_layers=L["layers"],
+                      num_attention_heads=L["heads"], num_key_value_heads=L["kv_heads"], vocab_size=1024,
+                      max_position_embeddings=L["seq_len"], tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    out = []
+    for name in DTYPES:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype)
+        ids = torch.randint(0, cfg.vocab_size, (L["batch"], L["seq_len"]), device=dev)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = float(counter.get_total_flops())
+        best = max((g for g in gemms if g["dtype"] == name), key=lambda g: g["flops"] / g["seconds"])
+        m, k, n = best["shape"]
+        a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, n, device=dev, dtype=dtype)
+        step()
+        gemm_calls = max(1, round(s.block_s / best["seconds"]))
+        times, ratios = [], []
+        for _ in range(s.repeats):
+            t0 = now()
+            for _ in range(gemm_calls):
+                a @ b
+            t1 = now()
+            step()
+            t2 = now()
+            times.append(t2 - t1)
+            ratios.append((flops / (t2 - t1)) / (best["flops"] * gemm_calls / (t1 - t0)))
+        out.append({"dtype": name, "seconds": statistics.median(times), "flops": flops,
+                    "paired_efficiency": statistics.median(ratios), "paired_gemm": best["shape"],
+                    "config": {**L, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}})
+        del model
+    return out
+
+
+def measure_collectives(dev, s: Settings, now, n: int) -> list[dict]:
+    """Per (op, size) and repeat, every rank times a block of back-to-back calls started after a barrier."""
+    import torch
+    import torch.distributed as dist
+    out = []
+    for nbytes in s.comm_bytes:
+        numel = max(n, nbytes // 4 // n * n)
+        full = torch.ones(numel, device=dev)
+        part = torch.ones(numel // n, device=dev)
+        sink = torch.empty(numel, device=dev)
+        ops = {"all_gather": lambda: dist.all_gather_into_tensor(full, part),
+               "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+               "all_reduce": lambda: dist.all_reduce(full),
+               "all_to_all": lambda: dist.all_to_all_single(sink, full)}
+        for op in COLLECTIVES:
+            fn = ops[op]
+            fn()
+            dist.barrier()
+            t0 = now()
+            fn()
+            first = now() - t0
+            calls = max(1, min(200, round(s.block_s / max(first, 1e-7))))
+            calls = torch.tensor([calls], device=dev)
+            dist.all_reduce(calls, op=dist.ReduceOp.MIN)   # every rank must make the same number of calls
+            times = []
+            for _ in range(s.repeats):
+                dist.barrier()
+                t0 = now()
+                for _ in range(int(calls)):
+                    fn()
+                times.append((now() - t0) / int(calls))
+            out.append({"op": op, "bytes": numel * 4, "seconds": times})
+    return out
+
+
+def _slowest(per_rank: list[list[dict]]) -> list[dict]:
+    """Merge the ranks' records: each figure becomes the slowest rank's; `seconds_by_rank` keeps them all."""
+    merged = []
+    for records in zip(*per_rank):
+        rec = dict(records[0])
+        if isinstance(rec["seconds"], list):   # collectives: repeat-wise max over ranks, then the median
+            rec["seconds"] = statistics.median(max(r["seconds"][i] for r in records) for i in range(len(rec["seconds"])))
+        else:
+            rec["seconds_by_rank"] = [r["seconds"] for r in records]
+            rec["seconds"] = max(r["seconds"] for r in records)
+        if "paired_efficiency" in rec:
+            rec["paired_efficiency"] = min(r["paired_efficiency"] for r in records)
+        merged.append(rec)
+    return merged
+
+
+def worker(device: str, quick: bool, result_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+    s, now = settings(device, quick), _timer(device)
+
+    def say(msg):
+        if rank == 0:
+            print(f"[calibrate] {msg}", flush=True)
+    say(f"{n} ranks, {torch.get_num_threads()} thread(s) each; GEMMs ...")
+    dist.barrier()
+    started = time.perf_counter()
+    mine: dict[str, Any] = {"gemm": measure_gemms(dev, s, now)}
+    say(f"SDPA ... ({time.perf_counter() - started:.1f} s)")
+    mine["sdpa"] = measure_sdpa(dev, s, now)
+    say(f"Llama fwd+bwd ... ({time.perf_counter() - started:.1f} s)")
+    mine["layer"] = measure_layers(dev, s, now, mine["gemm"])
+    dist.barrier()
+    say(f"collectives ... ({time.perf_counter() - started:.1f} s)")
+    mine["comm"] = measure_collectives(dev, s, now, n) if n > 1 else []
+    gathered: list[Any] = [None] * n
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        result = {k: _slowest([g[k] for g in gathered]) for k in mine}
+        result["world_size"] = n
+        result["threads"] = torch.get_num_threads()
+        result["torch"] = torch.__version__
+        result["backend"] = dist.get_backend()
+        result["device_name"] = torch.cuda.get_device_name(dev) if device == "cuda" else cpu_name()
+        result["memory_gib"] = torch.cuda.get_device_properties(dev).total_memory / GIB if device == "cuda" else None
+        result["measure_s"] = time.perf_counter() - started
+        Path(result_path).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --- the driver -----------------------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def read_base(base: str) -> dict[str, Any]:
+    """A built-in profile name or a profile .yaml file; it must be complete (the fields calibrate does not measure)."""
+    from .hardware import HardwareProfile, Link, builtin_profiles
+    if base.endswith((".yaml", ".yml")):
+        path = Path(base)
+        if not path.is_file():
+            raise OmnigenError(f"--base: profile file {base} not found")
+        data = yaml.safe_load(path.read_text())
+    elif base in builtin_profiles():
+        data = yaml.safe_load(resources.files("omnigen.profiles").joinpath(f"{base}.yaml").read_text())
+    else:
+        raise OmnigenError(f"--base: unknown profile {base!r}; built-in profiles: {', '.join(builtin_profiles())}, "
+                           "or a path to a profile .yaml file")
+    try:
+        HardwareProfile(**{**data, "intra_node": Link(**data["intra_node"]), "inter_node": Link(**data["inter_node"])})
+    except (TypeError, KeyError) as e:
+        raise OmnigenError(f"--base: incomplete or malformed profile {base!r}: {e}") from None
+    return data
+
+
+def check_args(device: str, ranks: int | None, base: str | None, out: str | None) -> tuple[int, str, Path]:
+    """Validate before measuring anything: (ranks, base, output path)."""
+    if device not in ("cpu", "cuda"):
+        raise OmnigenError(f"--device: {device!r} is not one of cpu, cuda")
+    if device == "cuda":
+        import torch
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise OmnigenError("--device cuda: no CUDA device is visible on this machine (use --device cpu)")
+        ranks = count if ranks is None else ranks
+        if ranks > count:
+            raise OmnigenError(f"--ranks: {ranks} ranks need {ranks} GPUs; this machine has {count}")
+    ranks = 2 if ranks is None else ranks
+    if ranks < 1:
+        raise OmnigenError(f"--ranks: must be at least 1 (2 or more to measure communication), got {ranks}")
+    path = Path(out or f"{device}_measured.yaml")
+    if path.suffix not in (".yaml", ".yml"):
+        raise OmnigenError(f"-o: {path} must end in .yaml or .yml (specs load `hardware: <file>.yaml`)")
+    if path.is_dir():
+        raise OmnigenError(f"-o: {path} is a folder")
+    return ranks, base or ("h100" if device == "cuda" else "cpu"), path
+
+
+def run_workers(device: str, ranks: int, quick: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="omnigen-calibrate-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc-per-node", str(ranks), "-m", "omnigen.calibrate", "--device", device, "--result", str(result)]
+        cmd += ["--quick"] if quick else []
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        echo(f"$ {' '.join(cmd[1:])}")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("[calibrate]"):
+                echo(line)
+            tail = (tail + [line])[-40:]
+        if proc.wait() != 0 or not result.is_file():
+            raise CalibrationFailed(f"the measurement run failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        return json.loads(result.read_text())
+
+
+class CalibrationFailed(Exception):
+    """The torchrun measurement did not complete (not a user error: exit 1)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    profile: dict[str, Any]     # the HardwareProfile fields, as written
+    measured: dict[str, Any]    # everything measured, as written under `# measured:`
+    fit: Fit | None
+    fits_by_op: dict[str, Fit]
+    kept: tuple[str, ...]       # profile fields copied from the base profile
+    raw: dict[str, Any]
+
+
+def best_rate(records: list[dict], dtype: str) -> float:
+    return max(r["flops"] / r["seconds"] for r in records if r["dtype"] == dtype)
+
+
+def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, Any], name: str,
+            quick: bool, today: str | None = None) -> Calibration:
+    """Turn the worker's measurements into a profile (pure: no torch, no I/O)."""
+    n = raw["world_size"]
+    peak = {d: best_rate(raw["gemm"], d) for d in DTYPES}
+    layer_rate = {r["dtype"]: r["flops"] / r["seconds"] for r in raw["layer"]}
+    direct = {d: layer_rate[d] / peak[d] for d in DTYPES}
+    # The paired ratio is immune to load that drifts between the GEMM and the layer measurements; without a
+    # pairing (older result files) the direct ratio is the same figure.
+    efficiency = {r["dtype"]: r.get("paired_efficiency", direct[r["dtype"]]) for r in raw["layer"]}
+    primary = "bf16" if device == "cuda" else "fp32"
+    samples = [(r["op"], r["bytes"], r["seconds"]) for r in raw["comm"]]
+    fit = fit_alpha_beta(samples, n) if samples else None
+    fits_by_op = {op: fit_alpha_beta([x for x in samples if x[0] == op], n) for op in COLLECTIVES
+                  if any(x[0] == op for x in samples)}
+    memory = round(raw["memory_gib"], 1) if raw.get("memory_gib") else base["memory_gib"]
+    intra = ({"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us)} if fit
+             else dict(base["intra_node"]))
+    kept = [k for k, measured in (("memory_gib", bool(raw.get("memory_gib"))), ("intra_node", bool(fit)),
+                                  ("inter_node", False), ("overhead_gib", False)) if not measured]
+    L = raw["layer"][0]["config"]
+    sizes = sorted({r["bytes"] for r in raw["comm"]})
+    how = (f"peak_flops = best median GEMM rate over {len(raw['gemm']) // 2} tokens x h x 4h shapes; "
+           f"matmul_efficiency = {primary} fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, {L['layers']} layers, "
+           f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs) / the best GEMM, timed in pairs")
+    how += (f"; intra_node = alpha-beta least-squares fit (relative error) of {raw['backend']} all_gather, reduce_scatter, "
+             f"all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}" if fit else
+             "; one rank: no communication measured")
+    source = (f"omnigen calibrate{' --quick' if quick else ''} on {today or datetime.date.today().isoformat()}: "
+              f"torch {raw['torch']}, {raw['device_name']}, {cpu_cores()} cores, {n} {device} ranks x "
+              f"{raw['threads']} thread(s), measured concurrently, slowest rank; {how}; kept from {base_name}: "
+              f"{', '.join(kept)}")
+    profile = {"name": name, "peak_flops": {d: _sig(peak[d]) for d in DTYPES},
+               "matmul_efficiency": _sig(efficiency[primary], 3), "memory_gib": memory, "intra_node": intra,
+               "inter_node": dict(base["inter_node"]), "overhead_gib": base["overhead_gib"], "source": source}
+    measured = {
+        "attention_flops": {r["dtype"]: _sig(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
+        "attention_shape": raw["sdpa"][0]["shape"],
+        "matmul_efficiency": {d: _sig(efficiency[d], 3) for d in DTYPES},
+        "matmul_efficiency_unpaired": {d: _sig(direct[d], 3) for d in DTYPES},
+        "layer_flops_per_s": {d: _sig(layer_rate[d]) for d in DTYPES},
+        "layer": {**L, "flops": _sig(raw["layer"][0]["flops"]),
+                  "seconds": {r["dtype"]: _sig(r["seconds"]) for r in raw["layer"]}},
+        "gemm_flops_per_s": {d: {"x".join(map(str, r["shape"])): _sig(r["flops"] / r["seconds"])
+                                 for r in raw["gemm"] if r["dtype"] == d} for d in DTYPES},
+        "ranks": n, "threads_per_rank": raw["threads"], "backend": raw["backend"], "measure_s": round(raw["measure_s"], 1),
+    }
+    if fit:
+        measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"] if r["op"] == op}
+                                      for op in COLLECTIVES}
+        measured["fit"] = {"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us),
+                           "rms_rel_err": _sig(fit.rms_rel_err, 3), "max_rel_err": _sig(fit.max_rel_err, 3)}
+        measured["fit_by_op"] = {op: {"bandwidth_gbps": _sig(f.bandwidth_gbps), "latency_us": _sig(f.latency_us),
+                                      "rms_rel_err": _sig(f.rms_rel_err, 3)} for op, f in fits_by_op.items()}
+    return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, kept=tuple(kept), raw=raw)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n:g} B"
+
+
+def _num(x: float) -> str:
+    """A float YAML 1.1 (PyYAML) reads back as a float: 8.1e+10 needs its dot (8.1e+10, not 8e+10)."""
+    if float(x).is_integer() and abs(x) < 1e6:
+        return f"{int(x)}"
+    s = f"{x:.4g}"
+    if "e" in s:
+        mant, exp = s.split("e")
+        s = f"{mant if '.' in mant else mant + '.0'}e{exp}"
+    return s
+
+
+def profile_yaml(c: Calibration, command: str) -> str:
+    p, base_note = c.profile, "kept from the base profile"
+    fit_note = (f"alpha-beta fit, {c.measured['ranks']} ranks, {c.measured['backend']} "
+                f"(rms error {c.fit.rms_rel_err:.0%})" if c.fit else base_note)
+    mem_note = base_note if "memory_gib" in c.kept else "total device memory"
+    lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
+             f"name: {p['name']}",
+             f"peak_flops: {{fp32: {_num(p['peak_flops']['fp32'])}, bf16: {_num(p['peak_flops']['bf16'])}}}"
+             "   # per rank, FLOP/s: best median GEMM",
+             f"matmul_efficiency: {_num(p['matmul_efficiency'])}   # Llama fwd+bwd FLOP/s / GEMM peak",
+             f"memory_gib: {_num(p['memory_gib'])}   # {mem_note}",
+             f"intra_node: {{bandwidth_gbps: {_num(p['intra_node']['bandwidth_gbps'])}, "
+             f"latency_us: {_num(p['intra_node']['latency_us'])}}}   # {fit_note}",
+             f"inter_node: {{bandwidth_gbps: {_num(p['inter_node']['bandwidth_gbps'])}, "
+             f"latency_us: {_num(p['inter_node']['latency_us'])}}}   # {base_note}: one node measured",
+             f"overhead_gib: {_num(p['overhead_gib'])}   # {base_note}",
+             f"source: {json.dumps(p['source'])}",
+             "",
+             f"{MEASURED_MARK}   # raw figures; load_profile does not read comments, omnigen.calibrate.read_measured does"]
+    block = yaml.safe_dump(c.measured, sort_keys=False, default_flow_style=None, width=120)
+    lines += [f"#   {line}" for line in block.splitlines()]
+    text = "\n".join(lines) + "\n"
+    assert yaml.safe_load(text) == p, "profile_yaml must round-trip"
+    return text
+
+
+def read_measured(path: str | Path) -> dict[str, Any]:
+    """The `# measured:` block of a calibrated profile, parsed."""
+    text = Path(path).read_text()
+    if MEASURED_MARK not in text:
+        return {}
+    block = text.split(MEASURED_MARK, 1)[1].splitlines()[1:]
+    return yaml.safe_load("\n".join(line[4:] for line in block if line.startswith("#   "))) or {}
+
+
+def format_summary(c: Calibration) -> str:
+    raw, out = c.raw, []
+    out.append(f"\ncompute (per rank, slowest of {raw['world_size']}; {raw['threads']} thread(s) each)")
+    out.append(f"  {'what':<34} {'dtype':>5} {'time':>10} {'FLOP/s':>10}")
+    for r in raw["gemm"]:
+        out.append(f"  {'GEMM ' + 'x'.join(map(str, r['shape'])):<34} {r['dtype']:>5} {_si(r['seconds'], 's'):>10} "
+                   f"{_si(r['flops'] / r['seconds']):>10}")
+    for r in raw["sdpa"]:
+        out.append(f"  {'SDPA fwd+bwd ' + 'x'.join(map(str, r['shape'])):<34} {r['dtype']:>5} "
+                   f"{_si(r['seconds'], 's'):>10} {_si(r['flops'] / r['seconds']):>10}")
+    for r in raw["layer"]:
+        L = r["config"]
+        what = f"Llama fwd+bwd h{L['hidden_size']} x{L['layers']} s{L['seq_len']}"
+        out.append(f"  {what:<34} {r['dtype']:>5} {_si(r['seconds'], 's'):>10} {_si(r['flops'] / r['seconds']):>10}"
+                   f"   efficiency {c.measured['matmul_efficiency'][r['dtype']]:.3f} paired, "
+                   f"{c.measured['matmul_efficiency_unpaired'][r['dtype']]:.3f} vs peak ({_si(r['flops'])}FLOP)")
+    if c.fit:
+        n = raw["world_size"]
+        out.append(f"\ncollectives ({raw['backend']}, {n} ranks): measured vs fitted "
+                   f"time = a*{c.fit.latency_us:.1f} us + bytes_on_link / {c.fit.bandwidth_gbps:.3g} GB/s")
+        out.append(f"  {'op':<15} {'bytes':>9} {'measured':>10} {'fitted':>10} {'error':>7} {'algbw GB/s':>10}")
+        for r in raw["comm"]:
+            pred = c.fit.predict(r["op"], r["bytes"], n)
+            out.append(f"  {r['op']:<15} {_bytes(r['bytes']):>9} {_si(r['seconds'], 's'):>10} {_si(pred, 's'):>10} "
+                       f"{pred / r['seconds'] - 1:>+7.0%} {collective_terms(r['op'], r['bytes'], n)[1] / r['seconds'] / 1e9:>10.3f}")
+        out.append("  per-op fits: " + "; ".join(f"{op} {f.latency_us:.1f} us, {f.bandwidth_gbps:.3g} GB/s "
+                                                 f"(rms {f.rms_rel_err:.0%})" for op, f in c.fits_by_op.items()))
+        out.append(f"  pooled fit: latency {c.fit.latency_us:.1f} us, bandwidth {c.fit.bandwidth_gbps:.3g} GB/s, "
+                   f"rms error {c.fit.rms_rel_err:.0%}, worst {c.fit.max_rel_err:.0%}")
+    p = c.profile
+    out.append(f"\nprofile: peak fp32 {_si(p['peak_flops']['fp32'])}FLOP/s, bf16 {_si(p['peak_flops']['bf16'])}FLOP/s, "
+               f"efficiency {p['matmul_efficiency']}, intra_node {p['intra_node']['bandwidth_gbps']} GB/s "
+               f"{p['intra_node']['latency_us']} us, memory {p['memory_gib']} GiB")
+    return "\n".join(out)
+
+
+def _si(x: float, unit: str = "") -> str:
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1), ("m", 1e-3), ("u", 1e-6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}".rstrip()
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def calibrate(device: str = "cpu", ranks: int | None = None, base: str | None = None, out: str | None = None,
+              quick: bool = False, echo: Callable[[str], None] = print) -> Calibration:
+    ranks, base_name, path = check_args(device, ranks, base, out)
+    base_data = read_base(base_name)
+    started = time.perf_counter()
+    raw = run_workers(device, ranks, quick, echo)
+    c = analyse(raw, device, base_name, base_data, name=path.stem, quick=quick)
+    echo(format_summary(c))
+    command = f"omnigen calibrate --device {device} --ranks {ranks} --base {base_name}" + (" --quick" if quick else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile_yaml(c, command))
+    echo(f"\nwrote {path} ({time.perf_counter() - started:.0f} s); use it with `cluster: {{hardware: {path}}}`")
+    return c
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="omnigen calibrate worker (run by torchrun; see `omnigen calibrate`)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    worker(args.device, args.quick, args.result)

@@ -54,3 +54,20 @@ def test_verify_fails_on_a_real_mismatch():
     assert code(metrics=[ref[0], {**ref[1], "grad_norm": 1.8}]) == 1  # a gradient scale bug Adam would hide
     assert code(p={"w": torch.tensor([1.0, 1.0, 1.001])}) == 1
     assert code(metrics=ref[:1]) == 1
+
+
+@pytest.mark.parametrize("name", ["llama_tiny_sp2", "qwen2_vl_tiny_dp2_sp2", "qwen25_omni_tiny_sp2",
+                                  "llama_tiny_sp2_packed", "qwen2_vl_tiny_dp2_sp2_noimage"])
+def test_ulysses_matches_single_process_and_sends_the_planned_bytes(name, tmp_path):
+    code, metrics = verify(name, tmp_path)
+    assert code == 0
+    plan = json.loads((tmp_path / "parallel" / "plan.json").read_text())
+    assert plan["mesh"]["sp"] == 2
+    planned = plan["sequence_parallel"]["all_to_all_bytes_per_step"]
+    assert planned > 0 and all(m["comm_bytes"]["sp_all_to_all"] == planned for m in metrics)
+
+
+def test_one_rank_without_audio_still_joins_every_collective(tmp_path):
+    """The omni thinker runs audio before images: a rank lacking audio but holding an image must keep that order."""
+    code, _ = verify("qwen25_omni_tiny", tmp_path, sets=("train.synthetic.audio_every=2",))
+    assert code == 0

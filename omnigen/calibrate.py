@@ -287,7 +287,8 @@ def _slowest(per_rank: list[list[dict]]) -> list[dict]:
     for records in zip(*per_rank):
         rec = dict(records[0])
         if isinstance(rec["seconds"], list):   # collectives: repeat-wise max over ranks, then the median
-            rec["seconds"] = statistics.median(max(r["seconds"][i] for r in records) for i in range(len(rec["seconds"])))
+            repeats = range(len(rec["seconds"]))
+            rec["seconds"] = statistics.median(max(r["seconds"][i] for r in records) for i in repeats)
         else:
             rec["seconds_by_rank"] = [r["seconds"] for r in records]
             rec["seconds"] = max(r["seconds"] for r in records)
@@ -460,9 +461,11 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
     L = raw["layer"][0]["config"]
     sizes = sorted({r["bytes"] for r in raw["comm"]})
     how = (f"peak_flops = best median GEMM rate over {len(raw['gemm']) // 2} tokens x h x 4h shapes; "
-           f"matmul_efficiency = {primary} fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, {L['layers']} layers, "
+           f"matmul_efficiency = {primary} fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, "
+           f"{L['layers']} layers, "
            f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs) / the best GEMM, timed in pairs")
-    how += (f"; intra_node = alpha-beta least-squares fit (relative error) of {raw['backend']} all_gather, reduce_scatter, "
+    how += (f"; intra_node = alpha-beta least-squares fit (relative error) of {raw['backend']} all_gather, "
+            "reduce_scatter, "
              f"all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}" if fit else
              "; one rank: no communication measured")
     source = (f"omnigen calibrate{' --quick' if quick else ''} on {today or datetime.date.today().isoformat()}: "
@@ -482,11 +485,12 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                   "seconds": {r["dtype"]: _sig(r["seconds"]) for r in raw["layer"]}},
         "gemm_flops_per_s": {d: {"x".join(map(str, r["shape"])): _sig(r["flops"] / r["seconds"])
                                  for r in raw["gemm"] if r["dtype"] == d} for d in DTYPES},
-        "ranks": n, "threads_per_rank": raw["threads"], "backend": raw["backend"], "measure_s": round(raw["measure_s"], 1),
+        "ranks": n, "threads_per_rank": raw["threads"], "backend": raw["backend"],
+        "measure_s": round(raw["measure_s"], 1),
     }
     if fit:
-        measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"] if r["op"] == op}
-                                      for op in COLLECTIVES}
+        measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"]
+                                           if r["op"] == op} for op in COLLECTIVES}
         measured["fit"] = {"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us),
                            "rms_rel_err": _sig(fit.rms_rel_err, 3), "max_rel_err": _sig(fit.max_rel_err, 3)}
         measured["fit_by_op"] = {op: {"bandwidth_gbps": _sig(f.bandwidth_gbps), "latency_us": _sig(f.latency_us),
@@ -534,7 +538,7 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"overhead_gib: {_num(p['overhead_gib'])}   # {base_note}",
              f"source: {json.dumps(p['source'])}",
              "",
-             f"{MEASURED_MARK}   # raw figures; load_profile does not read comments, omnigen.calibrate.read_measured does"]
+             f"{MEASURED_MARK}   # raw figures: load_profile skips comments; omnigen.calibrate.read_measured reads them"]
     block = yaml.safe_dump(c.measured, sort_keys=False, default_flow_style=None, width=120)
     lines += [f"#   {line}" for line in block.splitlines()]
     text = "\n".join(lines) + "\n"
@@ -571,11 +575,12 @@ def format_summary(c: Calibration) -> str:
         n = raw["world_size"]
         out.append(f"\ncollectives ({raw['backend']}, {n} ranks): measured vs fitted "
                    f"time = a*{c.fit.latency_us:.1f} us + bytes_on_link / {c.fit.bandwidth_gbps:.3g} GB/s")
-        out.append(f"  {'op':<15} {'bytes':>9} {'measured':>10} {'fitted':>10} {'error':>7} {'algbw GB/s':>10}")
+        out.append(f"  {'op':<15} {'bytes':>9} {'measured':>10} {'fitted':>10} {'error':>7} {'link GB/s':>10}")
         for r in raw["comm"]:
             pred = c.fit.predict(r["op"], r["bytes"], n)
+            link = collective_terms(r["op"], r["bytes"], n)[1] / r["seconds"] / 1e9
             out.append(f"  {r['op']:<15} {_bytes(r['bytes']):>9} {_si(r['seconds'], 's'):>10} {_si(pred, 's'):>10} "
-                       f"{pred / r['seconds'] - 1:>+7.0%} {collective_terms(r['op'], r['bytes'], n)[1] / r['seconds'] / 1e9:>10.3f}")
+                       f"{pred / r['seconds'] - 1:>+7.0%} {link:>10.3f}")
         out.append("  per-op fits: " + "; ".join(f"{op} {f.latency_us:.1f} us, {f.bandwidth_gbps:.3g} GB/s "
                                                  f"(rms {f.rms_rel_err:.0%})" for op, f in c.fits_by_op.items()))
         out.append(f"  pooled fit: latency {c.fit.latency_us:.1f} us, bandwidth {c.fit.bandwidth_gbps:.3g} GB/s, "

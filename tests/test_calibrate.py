@@ -83,7 +83,8 @@ def fake_raw(memory_gib=None) -> dict:
                      for d, s in (("fp32", 4e-3), ("bf16", 8e-4))],
             "sdpa": [{"dtype": d, "shape": [1, 8, 1024, 64], "seconds": 0.1, "flops": 3 * 4.0 * 8 * 1024**2 * 64}
                      for d in ("fp32", "bf16")],
-            "layer": [{"dtype": d, "seconds": s, "flops": 7e9, "config": layer} for d, s in (("fp32", 0.25), ("bf16", 0.1))],
+            "layer": [{"dtype": d, "seconds": s, "flops": 7e9, "config": layer}
+                      for d, s in (("fp32", 0.25), ("bf16", 0.1))],
             "comm": [{"op": op, "bytes": b, "seconds": t} for op, b, t in synthetic(300e-6, 0.8e9, 2)]}
 
 

@@ -8,7 +8,7 @@ rank measures at once, as ranks of a training job share the machine:
   attention      fwd+bwd SDPA FLOP/s at a long-ish sequence (kept in the `measured` block only)
   collectives    all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single from 4 KiB to 64 MiB
 Each rank reports its times; a figure is the slowest rank's (a step waits for it). The driver fits cost.py's alpha-beta
-model to the collective times by least squares (relative error) and writes the profile: measured fields replace the base
+model to the collective times by least squares (in log ratio) and writes the profile: measured fields replace the base
 profile's, the rest (inter_node, overhead_gib, memory_gib on cpu) are kept and `source` says which is which.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
@@ -90,8 +90,8 @@ def collective_terms(op: str, nbytes: float, n: int) -> tuple[float, float]:
 class Fit:
     latency_s: float
     bandwidth_bytes_s: float
-    rms_rel_err: float
-    max_rel_err: float
+    typical_error: float   # exp(rms |log(fitted / measured)|): 1.25 means samples sit about 25% off the line
+    worst_error: float     # exp(max |log(fitted / measured)|)
 
     @property
     def latency_us(self) -> float:
@@ -106,32 +106,59 @@ class Fit:
         return a * self.latency_s + b / self.bandwidth_bytes_s
 
 
-def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
-    """Least squares of time = a*latency + b/bandwidth over (op, nbytes, seconds) samples, in relative error.
+def _least_squares_2(rows: list[tuple[float, float]], targets: list[float]) -> tuple[float, float]:
+    """argmin over x >= 0 of sum((r . x - target)^2) for two unknowns: the normal equations, else one term alone."""
+    s11 = sum(a * a for a, _ in rows)
+    s22 = sum(b * b for _, b in rows)
+    s12 = sum(a * b for a, b in rows)
+    r1 = sum(a * y for (a, _), y in zip(rows, targets))
+    r2 = sum(b * y for (_, b), y in zip(rows, targets))
+    det = s11 * s22 - s12 * s12
+    if det > 1e-12 * s11 * s22:
+        x1, x2 = (s22 * r1 - s12 * r2) / det, (s11 * r2 - s12 * r1) / det
+        if x1 >= 0 and x2 >= 0:
+            return x1, x2
+    only = [(max(r1 / s11, 0.0), 0.0), (0.0, max(r2 / s22, 0.0))]
+    return min(only, key=lambda x: sum((a * x[0] + b * x[1] - y) ** 2 for (a, b), y in zip(rows, targets)))
 
-    Dividing each row by its measured time weighs a 4 KiB message as much as a 64 MiB one; plain least squares would
-    fit the large messages alone and leave the latency meaningless. Both coefficients are kept non-negative."""
+
+def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
+    """Least squares of time = a*latency + b/bandwidth over (op, nbytes, seconds) samples, in log(fitted / measured).
+
+    Plain least squares would fit the 64 MiB messages alone and leave the latency meaningless; errors in ratio weigh
+    a 4 KiB message as much as a 64 MiB one. Dividing each row by its time (relative error) gives the starting
+    point; Gauss-Newton on the log ratio then treats a 2x-too-slow and a 2x-too-fast sample alike, where relative
+    error would bound the first at -100% and let a few fast outliers pull the line down. Both coefficients >= 0."""
     if n < 2 or not samples:
         raise ValueError("the alpha-beta fit needs at least 2 ranks and one sample")
     rows = [(*collective_terms(op, nbytes, n), t) for op, nbytes, t in samples]
-    xs = [(a / t, b / t) for a, b, t in rows]        # scaled rows; the target is 1 for every row
-    s11 = sum(x * x for x, _ in xs)
-    s22 = sum(y * y for _, y in xs)
-    s12 = sum(x * y for x, y in xs)
-    r1, r2 = sum(x for x, _ in xs), sum(y for _, y in xs)
-    det = s11 * s22 - s12 * s12
-    lat, inv_bw = ((s22 * r1 - s12 * r2) / det, (s11 * r2 - s12 * r1) / det) if det > 1e-12 * s11 * s22 else (-1, -1)
-    if lat < 0 or inv_bw <= 0:                       # one term alone explains the data better: fit the other at 0
-        inv_bw_only = r2 / s22
-        lat_only = r1 / s11
-        err_bw = sum((y * inv_bw_only - 1) ** 2 for _, y in xs)
-        err_lat = sum((x * lat_only - 1) ** 2 for x, _ in xs)
-        lat, inv_bw = (0.0, inv_bw_only) if err_bw <= err_lat else (lat_only, 0.0)
+    lat, inv_bw = _least_squares_2([(a / t, b / t) for a, b, t in rows], [1.0] * len(rows))
+
+    def log_sse(x: tuple[float, float]) -> float:
+        return sum(math.log(max(a * x[0] + b * x[1], 1e-300) / t) ** 2 for a, b, t in rows)
+    for _ in range(100):
+        # Linearised at p = a*lat + b*inv_bw: log(p'/t) ~ log(p/t) + (a*dlat + b*dinv)/p, i.e. a linear fit of
+        # (a/p, b/p) . x' to 1 - log(p/t).
+        preds = [a * lat + b * inv_bw for a, b, _ in rows]
+        step = _least_squares_2([(a / p, b / p) for (a, b, _), p in zip(rows, preds)],
+                                [1 - math.log(p / t) for (_, _, t), p in zip(rows, preds)])
+        before, x = log_sse((lat, inv_bw)), step
+        for _ in range(30):                          # halve the step until it does not make things worse
+            if log_sse(x) <= before:
+                break
+            x = ((x[0] + lat) / 2, (x[1] + inv_bw) / 2)
+        else:
+            break
+        done = abs(x[0] - lat) <= 1e-12 * max(lat, 1e-30) and abs(x[1] - inv_bw) <= 1e-12 * max(inv_bw, 1e-30)
+        lat, inv_bw = x
+        if done:
+            break
     if inv_bw <= 0:                                  # latency-bound throughout: the best rate seen bounds bandwidth
         inv_bw = min(t / b for _, b, t in rows)
-    rel = [(a * lat + b * inv_bw) / t - 1 for a, b, t in rows]
-    return Fit(latency_s=lat, bandwidth_bytes_s=1 / inv_bw, rms_rel_err=math.sqrt(sum(r * r for r in rel) / len(rel)),
-               max_rel_err=max(abs(r) for r in rel))
+    logs = [math.log((a * lat + b * inv_bw) / t) for a, b, t in rows]
+    return Fit(latency_s=lat, bandwidth_bytes_s=1 / inv_bw,
+               typical_error=math.exp(math.sqrt(sum(r * r for r in logs) / len(logs))),
+               worst_error=math.exp(max(abs(r) for r in logs)))
 
 
 # --- the worker: runs on every rank under torchrun ------------------------------------------------------------
@@ -464,7 +491,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
            f"matmul_efficiency = {primary} fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, "
            f"{L['layers']} layers, "
            f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs) / the best GEMM, timed in pairs")
-    how += (f"; intra_node = alpha-beta least-squares fit (relative error) of {raw['backend']} all_gather, "
+    how += (f"; intra_node = alpha-beta least-squares fit (log ratio) of {raw['backend']} all_gather, "
             "reduce_scatter, "
              f"all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}" if fit else
              "; one rank: no communication measured")
@@ -492,9 +519,11 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
         measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"]
                                            if r["op"] == op} for op in COLLECTIVES}
         measured["fit"] = {"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us),
-                           "rms_rel_err": _sig(fit.rms_rel_err, 3), "max_rel_err": _sig(fit.max_rel_err, 3)}
+                           "typical_error_factor": _sig(fit.typical_error, 3),
+                           "worst_error_factor": _sig(fit.worst_error, 3)}
         measured["fit_by_op"] = {op: {"bandwidth_gbps": _sig(f.bandwidth_gbps), "latency_us": _sig(f.latency_us),
-                                      "rms_rel_err": _sig(f.rms_rel_err, 3)} for op, f in fits_by_op.items()}
+                                      "typical_error_factor": _sig(f.typical_error, 3)}
+                               for op, f in fits_by_op.items()}
     return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, kept=tuple(kept), raw=raw)
 
 
@@ -523,7 +552,7 @@ def _num(x: float) -> str:
 def profile_yaml(c: Calibration, command: str) -> str:
     p, base_note = c.profile, "kept from the base profile"
     fit_note = (f"alpha-beta fit, {c.measured['ranks']} ranks, {c.measured['backend']} "
-                f"(rms error {c.fit.rms_rel_err:.0%})" if c.fit else base_note)
+                f"(samples typically x{c.fit.typical_error:.2f} off)" if c.fit else base_note)
     mem_note = base_note if "memory_gib" in c.kept else "total device memory"
     lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
              f"name: {p['name']}",
@@ -582,9 +611,9 @@ def format_summary(c: Calibration) -> str:
             out.append(f"  {r['op']:<15} {_bytes(r['bytes']):>9} {_si(r['seconds'], 's'):>10} {_si(pred, 's'):>10} "
                        f"{pred / r['seconds'] - 1:>+7.0%} {link:>10.3f}")
         out.append("  per-op fits: " + "; ".join(f"{op} {f.latency_us:.1f} us, {f.bandwidth_gbps:.3g} GB/s "
-                                                 f"(rms {f.rms_rel_err:.0%})" for op, f in c.fits_by_op.items()))
+                                                 f"(x{f.typical_error:.2f})" for op, f in c.fits_by_op.items()))
         out.append(f"  pooled fit: latency {c.fit.latency_us:.1f} us, bandwidth {c.fit.bandwidth_gbps:.3g} GB/s, "
-                   f"rms error {c.fit.rms_rel_err:.0%}, worst {c.fit.max_rel_err:.0%}")
+                   f"samples typically x{c.fit.typical_error:.2f} off it, worst x{c.fit.worst_error:.2f}")
     p = c.profile
     out.append(f"\nprofile: peak fp32 {_si(p['peak_flops']['fp32'])}FLOP/s, bf16 {_si(p['peak_flops']['bf16'])}FLOP/s, "
                f"efficiency {p['matmul_efficiency']}, intra_node {p['intra_node']['bandwidth_gbps']} GB/s "

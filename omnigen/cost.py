@@ -147,6 +147,38 @@ def sp_all_to_all_bytes(g: Group, shape: TrainShape, sp: int, recompute: bool) -
     return per_pass * (3 if recompute else 2)
 
 
+def moe_layers(graph: ModelGraph, g: Group) -> int:
+    """Members of the group that route to experts (DeepSeek-V3's first layers are dense)."""
+    return sum(1 for b in graph.blocks if b.kind == "moe" and b.group == g.name)
+
+
+def expert_bytes(g: Group) -> float:
+    """Routed-expert parameter bytes of one member (fp32 masters): the part EP splits."""
+    return g.expert_params * (g.param_bytes / g.params if g.params else 4)
+
+
+def unsharded_member_bytes(g: Group, mesh: Mesh) -> float:
+    """What FSDP all-gathers for one member: with EP, only this rank's 1/ep of the experts."""
+    return g.param_bytes - expert_bytes(g) * (1 - 1 / mesh.ep)
+
+
+def ep_all_to_all_bytes(g: Group, shape: TrainShape, mesh: Mesh, recompute: bool, balanced: bool = True) -> int:
+    """Bytes one rank sends in one MoE layer's EP exchanges for one micro-batch.
+
+    Balanced router: each rank sends T*K/ep rows to every rank (itself included): forward dispatch + combine and
+    the backward pair move 4*T*K*(ep-1)/ep rows of H*b bytes, plus the int64 per-expert counts (forward only); a
+    checkpointed layer repeats its forward. Worst case (balanced=False): all of a rank's rows leave it and it
+    receives every other rank's rows, 2*ep*T*K rows per pass pair."""
+    if mesh.ep == 1 or not g.experts:
+        return 0
+    ep, k, b = mesh.ep, g.top_k, BYTES[shape.precision]
+    tokens = int(shape.tokens(g.role) * sp_share(g.role, mesh))
+    rows_per_pass = tokens * k * (ep - 1) // ep if balanced else ep * tokens * k
+    passes = 3 if recompute else 2  # forward, backward, and the recomputed forward
+    counts = 8 * g.experts * (ep - 1) // ep
+    return passes * (2 * rows_per_pass * g.hidden * b) + (passes - 1) * counts
+
+
 def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
              hw: HardwareProfile, procs_per_node: int) -> Estimate:
     achieved = hw.achieved_flops(shape.precision)
@@ -156,23 +188,31 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     compute_scale = BYTES[shape.precision] / 4  # params are fp32 masters; collectives move compute dtype
 
     fwd = root_forward_flops(graph, shape, mesh)
-    recompute = comm = exposed_sp = 0.0
+    recompute = comm = exposed_a2a = 0.0
     for g in graph.groups:
         c = choices[g.name]
         f = group_forward_flops(g, shape, mesh) * g.count
         fwd += f
         recompute += {"none": 0.0, "full": f, "selective": 0.15 * f}[c.activation_checkpointing]
         gathers = 2 if c.reshard_after_forward else 1
-        member = g.param_bytes * compute_scale
-        comm += g.count * gathers * all_gather_s(member, fsdp_n, shard_l)
-        if not c.frozen:
-            comm += g.count * reduce_scatter_s(member, fsdp_n, shard_l)
-            comm += g.count * all_reduce_s(member / fsdp_n, mesh.dp_replicate, repl_l)
+        experts = expert_bytes(g) / mesh.ep * compute_scale  # sharded over the ep_fsdp ranks only
+        dense = (g.param_bytes - expert_bytes(g)) * compute_scale
+        for member, n in ((dense, fsdp_n), (experts, fsdp_n // mesh.ep)):
+            if not member:
+                continue
+            comm += g.count * gathers * all_gather_s(member, n, shard_l)
+            if not c.frozen:
+                comm += g.count * reduce_scatter_s(member, n, shard_l)
+                comm += g.count * all_reduce_s(member / n, mesh.dp_replicate, repl_l)
+        ep_bytes = ep_all_to_all_bytes(g, shape, mesh, c.activation_checkpointing != "none")
+        if ep_bytes:  # token dispatch waits on the router and the experts wait on it: on the critical path
+            calls = 2 * (3 if c.activation_checkpointing != "none" else 2)
+            exposed_a2a += moe_layers(graph, g) * (calls * (mesh.ep - 1) * sp_l.latency_s + ep_bytes / sp_l.bytes_per_s)
         # Ulysses all-to-alls sit on the critical path: attention cannot start before they finish.
         sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, c.activation_checkpointing != "none")
         if sp_bytes:
             calls = 4 * (3 if c.activation_checkpointing != "none" else 2)
-            exposed_sp += g.count * (calls * (mesh.sp - 1) * sp_l.latency_s + sp_bytes / sp_l.bytes_per_s)
+            exposed_a2a += g.count * (calls * (mesh.sp - 1) * sp_l.latency_s + sp_bytes / sp_l.bytes_per_s)
     root = root_param_bytes(graph) * compute_scale
     comm += all_gather_s(root, fsdp_n, shard_l) + reduce_scatter_s(root, fsdp_n, shard_l)
     comm += all_reduce_s(root / fsdp_n, mesh.dp_replicate, repl_l)
@@ -182,8 +222,8 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     recompute_s = recompute / achieved * micro
     comm_s = comm * micro
     exposed = max(comm_s - OVERLAP * (compute_s + recompute_s), comm_s / max(1, sum(g.count for g in graph.groups) + 1))
-    exposed += exposed_sp * micro
-    comm_s += exposed_sp * micro
+    exposed += exposed_a2a * micro
+    comm_s += exposed_a2a * micro
     step = compute_s + recompute_s + exposed
     memory = memory_breakdown(graph, mesh, choices, shape, hw)
     tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
@@ -202,13 +242,13 @@ def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoi
     grads = trainable / fsdp_n
     optimizer = ADAM_STATES * trainable / fsdp_n
     # Unsharded copies alive at once: the prefetch window, every group kept gathered after forward, the root.
-    largest = max((g.param_bytes for g in graph.groups), default=0)
+    largest = max((unsharded_member_bytes(g, mesh) for g in graph.groups), default=0)
     transient = FSDP_PREFETCH_UNITS * largest * compute_bytes / 4 + root_param_bytes(graph) * compute_bytes / 4
     activations = 0.0
     for g in graph.groups:
         c = choices[g.name]
         if not c.reshard_after_forward:
-            transient += (g.count - 1) * g.param_bytes * compute_bytes / 4
+            transient += (g.count - 1) * unsharded_member_bytes(g, mesh) * compute_bytes / 4
         tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
         per_layer = g.act_bytes_per_token * tokens * compute_bytes / 4
         if c.activation_checkpointing == "full":  # keep each layer's input, rebuild one layer at a time

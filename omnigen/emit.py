@@ -71,7 +71,9 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "parallel": plan.world_size > 1, "total_params": plan.total_params,
         "explicit_comm": plan.mesh.get("sp", 1) > 1 or plan.mesh.get("ep", 1) > 1,
         "multimodal": any(m in plan.inputs for m in ("image", "audio")),
-        "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if v > 1 or k.startswith("dp")) + "}",
+        "ep": plan.expert_parallel,
+        # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
+        "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
     }
     try:

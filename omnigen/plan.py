@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import __version__
-from .cost import Estimate, GroupChoice, Mesh, TrainShape, estimate, memory_breakdown, sp_all_to_all_bytes
+from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, memory_breakdown,
+                   moe_layers, sp_all_to_all_bytes)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -33,6 +34,9 @@ class GroupPlan:
     frozen: bool = False
     sequence_parallel: str = "none"  # ulysses (split over the sp dim) | replicated (whole sequence on every SP rank)
     sp_all_to_all_bytes_per_step: int = 0  # bytes one rank sends in this group's Ulysses all-to-alls per step
+    ep: int = 1                      # expert-parallel degree of this group's routed experts
+    ep_all_to_all_bytes_per_step: int = 0  # bytes one rank sends in token dispatch per step, balanced router
+    ep_all_to_all_bytes_max_per_step: int = 0  # the same for the most skewed router possible
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Plan:
     root: dict[str, Any]             # the whole-model FSDP unit holding embeddings, heads, norms
     inputs: dict[str, Any]           # the synthetic-data recipe (omnigen.inputs)
     sequence_parallel: dict[str, Any] | None  # Ulysses / packed-document attention, None when neither
+    expert_parallel: dict[str, Any] | None  # EP layout of the routed experts, None when ep = 1
     decoder_stack: str               # the module running the LLM layers on the merged sequence
     towers: tuple[dict[str, str], ...]  # encoder towers in the order the model's forward runs them
     weights: str | None              # safetensors folder, relative to the output folder
@@ -101,9 +106,6 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
     """Every factorisation of the world size that honours the spec's fixed dims."""
     world, p = spec.cluster.world_size, spec.parallel
     fixed = {d: getattr(p, d) for d in MESH_DIMS if getattr(p, d) != "auto"}
-    if fixed.get("ep", 1) != 1:
-        raise PlanError(f"{spec.source}: parallel.ep={fixed['ep']}: ep > 1 is not supported by this "
-                        f"omnigen version yet; use ep: 1 or auto")
     heads, kv_heads = foundation_attention(graph) if graph else (0, 0)
     sps = [d for d in divisors(world) if valid_sp(d, heads, kv_heads)]
     if fixed.get("sp", 1) not in sps:
@@ -113,13 +115,39 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
                         f"size {world}; sp values that work: {works}")
     meshes = [Mesh(dp_replicate=r, dp_shard=world // (r * sp), sp=sp)
               for sp in sps for r in divisors(world // sp)]
-    meshes = [m for m in meshes if all(getattr(m, d) == v for d, v in fixed.items())]
+    meshes = [m for m in meshes if all(getattr(m, d) == v for d, v in fixed.items() if d != "ep")]
+    if meshes:
+        meshes = with_expert_parallel(spec, graph, meshes, fixed.get("ep"))
     if not meshes:
         product = " x ".join(f"{d}={v}" for d, v in fixed.items())
         raise PlanError(f"{spec.source}: parallel: {product} does not multiply to the world size "
                         f"{world} (cluster.nodes={spec.cluster.nodes} x cluster.procs_per_node="
                         f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard x sp must equal {world}")
     return meshes
+
+
+def num_experts(graph: ModelGraph | None) -> int:
+    return max((g.experts for g in graph.groups), default=0) if graph else 0
+
+
+def valid_ep(ep: int, experts: int, mesh: Mesh) -> bool:
+    """EP splits the experts over ep ranks carved out of FSDP's dp_shard x sp ranks (the rest is ep_fsdp)."""
+    return ep == 1 or (experts > 0 and experts % ep == 0 and (mesh.dp_shard * mesh.sp) % ep == 0)
+
+
+def with_expert_parallel(spec: Spec, graph: ModelGraph | None, meshes: list[Mesh], fixed_ep: int | None) -> list[Mesh]:
+    """Each mesh once per ep degree that fits it (only the spec's, when it fixes one)."""
+    experts = num_experts(graph)
+    out = [replace(m, ep=ep) for m in meshes for ep in divisors(m.dp_shard * m.sp)
+           if valid_ep(ep, experts, m) and fixed_ep in (None, ep)]
+    if not out:
+        works = sorted({ep for m in meshes for ep in divisors(m.dp_shard * m.sp) if valid_ep(ep, experts, m)})
+        why = (f"the model has no routed experts" if not experts else
+               f"ep must divide the {experts} experts and the data-parallel ranks FSDP shards over "
+               f"(dp_shard x sp = {', '.join(sorted({str(m.dp_shard * m.sp) for m in meshes}))})")
+        raise PlanError(f"{spec.source}: parallel.ep={fixed_ep}: {why}; ep values that work: "
+                        f"{', '.join(map(str, works))}")
+    return out
 
 
 def choice_candidates(spec: Spec, graph: ModelGraph) -> list[dict[str, GroupChoice]]:
@@ -243,7 +271,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
     assert best is not None
     mesh = best.mesh
     shape = train_shape(spec, mesh, inputs)
-    groups = tuple(group_plan(g, best.choices[g.name], mesh, shape) for g in graph.groups)
+    groups = tuple(group_plan(graph, g, best.choices[g.name], mesh, shape) for g in graph.groups)
     return Plan(
         name=spec.name, omnigen_version=__version__, model_class=graph.model_class,
         total_params=graph.total_params,
@@ -254,6 +282,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
         inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
+        expert_parallel=expert_parallel_section(graph, mesh, groups),
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         predicted=best.estimate.summary(),
         max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs),
@@ -272,15 +301,30 @@ def tower_order(graph: ModelGraph, inputs: dict[str, Any]) -> tuple[dict[str, st
                  if m in inputs and role in graph.towers)
 
 
-def group_plan(g, choice: GroupChoice, mesh: Mesh, shape: TrainShape) -> GroupPlan:
+def group_plan(graph: ModelGraph, g, choice: GroupChoice, mesh: Mesh, shape: TrainShape) -> GroupPlan:
     ulysses = mesh.sp > 1 and g.role == "foundation"
     recompute = choice.activation_checkpointing != "none"
+    ep = mesh.ep if g.experts else 1
+    per_step = shape.grad_accum * moe_layers(graph, g)
     return GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count, shard_dims=fsdp_dims(mesh),
                      reshard_after_forward=choice.reshard_after_forward,
                      activation_checkpointing=choice.activation_checkpointing, frozen=choice.frozen,
                      sequence_parallel="ulysses" if ulysses else ("replicated" if mesh.sp > 1 else "none"),
                      sp_all_to_all_bytes_per_step=g.count * shape.grad_accum
-                     * sp_all_to_all_bytes(g, shape, mesh.sp, recompute))
+                     * sp_all_to_all_bytes(g, shape, mesh.sp, recompute),
+                     ep=ep, ep_all_to_all_bytes_per_step=per_step * ep_all_to_all_bytes(g, shape, mesh, recompute),
+                     ep_all_to_all_bytes_max_per_step=per_step * ep_all_to_all_bytes(g, shape, mesh, recompute, False))
+
+
+def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...]) -> dict | None:
+    """The experts modules EP slices, and the expert mesh: (dp_replicate, ep_fsdp, ep) over the FSDP ranks."""
+    if mesh.ep == 1:
+        return None
+    moe = [b for b in graph.blocks if b.kind == "moe"]
+    return {"degree": mesh.ep, "ep_fsdp": mesh.dp_shard * mesh.sp // mesh.ep,
+            "modules": [f"{b.name}.experts" for b in moe], "num_experts": moe[0].experts, "top_k": moe[0].top_k,
+            "all_to_all_bytes_per_step": sum(g.ep_all_to_all_bytes_per_step for g in groups),
+            "all_to_all_bytes_max_per_step": sum(g.ep_all_to_all_bytes_max_per_step for g in groups)}
 
 
 def format_explain(plan: Plan) -> str:
@@ -291,6 +335,8 @@ def format_explain(plan: Plan) -> str:
     for g in plan.groups:
         sp = {"ulysses": f", Ulysses SP ({g.sp_all_to_all_bytes_per_step:,} all-to-all bytes/step/rank)",
               "replicated": ", replicated across SP ranks", "none": ""}[g.sequence_parallel]
+        if g.ep > 1:
+            sp += f", experts over ep={g.ep} ({g.ep_all_to_all_bytes_per_step:,} dispatch bytes/step/rank if balanced)"
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): FSDP over {'+'.join(g.shard_dims)}, "
                      f"reshard_after_forward={g.reshard_after_forward}, ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))

@@ -126,8 +126,8 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
             code = subprocess.run([sys.executable, str(out / "train.py"), *args], cwd=out).returncode
         else:
             code = launch(s, out / "train.py", args)
-        if code != 0:
-            print(f"omnigen verify: the {label} run failed (exit {code})", file=sys.stderr)
+        if code != 0 or not (out / "params.pt").is_file():
+            print(f"omnigen verify: the {label} run failed (exit {code}) or wrote no {out / 'params.pt'}", file=sys.stderr)
             return 1
         results[label] = (read_metrics(out / "metrics.jsonl"), torch.load(out / "params.pt", weights_only=True))
     return report(results, steps, rtol, atol)

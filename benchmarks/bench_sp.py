@@ -201,7 +201,7 @@ def main():
             f"({base_line}); it takes the RSS baseline out to show the part that grows with seq_len.",
             "- The CPU hardware profile is uncalibrated: compare trends and read the meas/pred ratios, not absolute agreement.",
             f"- Total benchmark wall time: {total:.0f} s; {load}. Throughput on a shared 2-core machine is noisy "
-            "(4 single-threaded ranks oversubscribe 2 cores): read it to within about +-30%.",
+            "(4 single-threaded ranks oversubscribe 2 cores): a run beside other jobs gave up to 2x lower values in single cells.",
             "",
         ]
         (DOCS / "sp_scaling.md").write_text("\n".join(md))

@@ -399,12 +399,24 @@ def split_sequence_hook(module, args, kwargs, sp_rank):
     tokens = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
     if kwargs.get("position_ids") is None:  # the model left positions to the stack: 0..S-1 of the whole sequence
         kwargs["position_ids"] = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+    if kwargs.get("visual_pos_masks") is not None:  # "deepstack" models add vision features inside early layers
+        kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = local_deepstack(
+            kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"], sp_rank)
     for name in ("inputs_embeds", "input_ids"):
         if kwargs.get(name) is not None:
             kwargs[name] = local_chunk(kwargs[name], 1, sp_rank)
     kwargs["position_ids"] = local_chunk(kwargs["position_ids"], -1, sp_rank)
     kwargs["attention_mask"] = None  # see ulysses_attention
     return args, kwargs
+
+
+def local_deepstack(visual_pos_masks, deepstack_embeds, sp_rank):
+    """visual_pos_masks [B, S] marks the visual tokens; each deepstack tensor has one row per marked token, in
+    row-major order. Keep the mask of this rank's chunk and the rows of the visual tokens inside it."""
+    in_chunk = torch.zeros_like(visual_pos_masks)
+    local_chunk(in_chunk, 1, sp_rank).fill_(True)
+    keep = in_chunk[visual_pos_masks]
+    return local_chunk(visual_pos_masks, 1, sp_rank), [embeds[keep] for embeds in deepstack_embeds]
 
 
 def apply_sequence_parallel(model, sp_group):

@@ -71,3 +71,15 @@ def test_one_rank_without_audio_still_joins_every_collective(tmp_path):
     """The omni thinker runs audio before images: a rank lacking audio but holding an image must keep that order."""
     code, _ = verify("qwen25_omni_tiny", tmp_path, sets=("train.synthetic.audio_every=2",))
     assert code == 0
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_tiny_ep2", "qwen3_moe_tiny_dp4_ep2", "qwen2_moe_tiny_ep2",
+                                  "deepseek_v3_tiny_ep2", "qwen3_omni_moe_tiny_sp2_ep2"])
+def test_expert_parallel_matches_single_process(name, tmp_path):
+    code, metrics = verify(name, tmp_path)
+    assert code == 0
+    ep = json.loads((tmp_path / "parallel" / "plan.json").read_text())["expert_parallel"]
+    assert ep["degree"] == 2
+    for m in metrics:  # a real router is not balanced: what it sends stays within the plan's bounds
+        assert 0 < m["comm_bytes"]["ep_all_to_all"] <= ep["all_to_all_bytes_max_per_step"]
+        assert len(m["tokens_per_expert"]) == ep["num_experts"] and m["imbalance"] >= 1.0

@@ -120,3 +120,13 @@ def test_plan_round_trips_through_json_and_explains():
     assert set(plan.predicted) >= {"step_time_s", "tokens_per_s_per_device", "peak_memory_bytes", "mfu"}
     text = format_explain(plan)
     assert "chosen: mesh" in text and "alternatives:" in text
+
+
+def test_expert_parallel_degrees_must_divide_experts_and_fsdp_ranks():
+    from omnigen.analyze import analyze
+    moe = spec_from_dict({"name": "t", "model": {"config": str(LLAMA.parent / "qwen3_moe_tiny")},
+                          "cluster": {"procs_per_node": 4}, "parallel": {"ep": 3}}, "spec.yaml", ".")
+    with pytest.raises(PlanError, match="ep values that work: 1, 2, 4"):
+        mesh_candidates(moe, analyze(moe))
+    with pytest.raises(PlanError, match="no routed experts"):
+        mesh_candidates(spec(parallel={"ep": 2}), graph())

@@ -67,8 +67,7 @@ def plan(spec_path, sets, as_json, explain):
     if as_json:
         click.echo(canonical_json(compiled.plan.to_dict()), nl=False)
     else:
-        text = format_explain(compiled.plan)
-        click.echo(text if explain else text.split("\nalternatives:")[0])
+        click.echo(format_explain(compiled.plan, alternatives=explain))
 
 
 @main.command(name="compile")

@@ -179,6 +179,11 @@ def ep_all_to_all_bytes(g: Group, shape: TrainShape, mesh: Mesh, recompute: bool
     return passes * (2 * rows_per_pass * g.hidden * b) + (passes - 1) * counts
 
 
+def all_to_all_s(bytes_sent: float, calls: int, n: int, link: Link) -> float:
+    """`calls` all-to-alls over n ranks that together send bytes_sent from this rank."""
+    return calls * (n - 1) * link.latency_s + bytes_sent / link.bytes_per_s
+
+
 def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
              hw: HardwareProfile, procs_per_node: int) -> Estimate:
     achieved = hw.achieved_flops(shape.precision)
@@ -204,15 +209,15 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
             if not c.frozen:
                 comm += g.count * reduce_scatter_s(member, n, shard_l)
                 comm += g.count * all_reduce_s(member / n, mesh.dp_replicate, repl_l)
-        ep_bytes = ep_all_to_all_bytes(g, shape, mesh, c.activation_checkpointing != "none")
-        if ep_bytes:  # token dispatch waits on the router and the experts wait on it: on the critical path
-            calls = 2 * (3 if c.activation_checkpointing != "none" else 2)
-            exposed_a2a += moe_layers(graph, g) * (calls * (mesh.ep - 1) * sp_l.latency_s + ep_bytes / sp_l.bytes_per_s)
-        # Ulysses all-to-alls sit on the critical path: attention cannot start before they finish.
-        sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, c.activation_checkpointing != "none")
+        # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
+        recomputes = c.activation_checkpointing != "none"
+        passes = 3 if recomputes else 2
+        ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
+        if ep_bytes:
+            exposed_a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, 2 * passes, mesh.ep, sp_l)
+        sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
         if sp_bytes:
-            calls = 4 * (3 if c.activation_checkpointing != "none" else 2)
-            exposed_a2a += g.count * (calls * (mesh.sp - 1) * sp_l.latency_s + sp_bytes / sp_l.bytes_per_s)
+            exposed_a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, sp_l)
     root = root_param_bytes(graph) * compute_scale
     comm += all_gather_s(root, fsdp_n, shard_l) + reduce_scatter_s(root, fsdp_n, shard_l)
     comm += all_reduce_s(root / fsdp_n, mesh.dp_replicate, repl_l)

@@ -69,7 +69,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
     context = {
         "plan": plan, "inputs": plan.inputs, "digest": digest(spec_dict, plan), "mesh_summary": mesh_summary(plan),
         "parallel": plan.world_size > 1, "total_params": plan.total_params,
-        "explicit_comm": plan.mesh.get("sp", 1) > 1 or plan.mesh.get("ep", 1) > 1,
+        "explicit_comm": plan.has_explicit_collectives,
         "multimodal": any(m in plan.inputs for m in ("image", "audio")),
         "ep": plan.expert_parallel,
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, memory_breakdown,
-                   moe_layers, sp_all_to_all_bytes)
+                   moe_layers, padded_seq_len, sp_all_to_all_bytes)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -63,6 +63,11 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.cluster["world_size"]
+
+    @property
+    def has_explicit_collectives(self) -> bool:
+        """Ulysses or EP all-to-alls written out in the script (and counted by --count-comm-bytes)."""
+        return self.mesh.get("sp", 1) > 1 or self.mesh.get("ep", 1) > 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,7 +242,7 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
     return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
-            "seq_len_padded": -(-spec.train.seq_len // mesh.sp) * mesh.sp,
+            "seq_len_padded": padded_seq_len(spec.train.seq_len, mesh.sp),
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
 
 
@@ -327,7 +332,7 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
             "all_to_all_bytes_max_per_step": sum(g.ep_all_to_all_bytes_max_per_step for g in groups)}
 
 
-def format_explain(plan: Plan) -> str:
+def format_explain(plan: Plan, alternatives: bool = True) -> str:
     p = plan.predicted
     lines = [f"chosen: mesh {plan.mesh}  step {p['step_time_s']:.4g} s  "
              f"{p['tokens_per_s_per_device']:.4g} tokens/s/device  peak {p['peak_memory_bytes'] / GIB:.2f} GiB  "
@@ -343,6 +348,7 @@ def format_explain(plan: Plan) -> str:
     if plan.max_seq_len_by_sp:
         lines.append("longest seq_len that fits memory: "
                      + ", ".join(f"sp={k}: {v:,}" for k, v in plan.max_seq_len_by_sp.items()))
-    lines.append("alternatives:")
-    lines += [f"  {a['candidate'] or '-'}: {a['reason']}" for a in plan.alternatives] or ["  (none)"]
+    if alternatives:
+        lines.append("alternatives:")
+        lines += [f"  {a['candidate'] or '-'}: {a['reason']}" for a in plan.alternatives] or ["  (none)"]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import torch
 from . import emit
 from .errors import OmnigenError
 from .pipeline import default_out_dir, plan as make_compiled, render
+from .plan import Plan
 from .spec import Spec, spec_from_dict
 
 LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}   # per-step loss and gradient norm, relative
@@ -26,9 +27,11 @@ LOSS_RTOL = {"fp32": 1e-5, "bf16": 2e-2}   # per-step loss and gradient norm, re
 PARAM_ATOL_PER_LR = {"fp32": 0.05, "bf16": 0.5}
 
 
-def compile_to(spec: Spec, out_dir: Path) -> Path:
-    emit.write(render(make_compiled(spec), out_dir), out_dir)
-    return out_dir
+def compile_to(spec: Spec, out_dir: Path) -> Plan:
+    """Write the generated files; returns the Plan they render."""
+    compiled = make_compiled(spec)
+    emit.write(render(compiled, out_dir), out_dir)
+    return compiled.plan
 
 
 def _free_port() -> int:
@@ -66,11 +69,9 @@ def launch(spec: Spec, script: Path, args: list[str], log: Path | None = None) -
 
 
 def compile_and_run(spec: Spec, out_dir: str | None, steps: int | None) -> int:
-    out = Path(out_dir) if out_dir else default_out_dir(spec)
-    compiled = make_compiled(spec)
-    emit.write(render(compiled, out), out)
     from .plan import format_explain
-    print(format_explain(compiled.plan).split("\nalternatives:")[0], flush=True)
+    out = Path(out_dir) if out_dir else default_out_dir(spec)
+    print(format_explain(compile_to(spec, out), alternatives=False), flush=True)
     return launch(spec, out / "train.py", ["--steps", str(steps)] if steps else [])
 
 
@@ -117,9 +118,10 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"omnigen-verify-{spec.name}-"))
     results = {}
     for label, s in (("reference", reference_spec(spec)), ("parallel", spec)):
-        out = compile_to(s, root / label)
+        out = root / label
+        plan = compile_to(s, out)
         args = ["--steps", str(steps), "--metrics", str(out / "metrics.jsonl"), "--dump-params", str(out / "params.pt")]
-        if "--count-comm-bytes" in (out / "train.py").read_text():
+        if plan.has_explicit_collectives:
             args.append("--count-comm-bytes")  # verify also records what the explicit collectives sent
         print(f"== {label}: {out}/train.py", flush=True)
         if label == "reference":

@@ -472,6 +472,7 @@ def train(args):
             loss = loss_sum(model, batch) / label_tokens
             loss.backward()
             step_loss += loss.detach()
+        forward_backward_done = time.perf_counter()
         max_norm = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")
         grad_norm = clip_grad_norm(model, max_norm)
         optimizer.step()
@@ -480,10 +481,12 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_time = time.perf_counter() - start
+        optimizer_time = time.perf_counter() - forward_backward_done  # clipping, AdamW, and the loss all-reduce
         peak = all_reduce(torch.tensor(peak_memory_bytes(device), dtype=torch.float64, device=device), op="max")
         tokens = GLOBAL_BATCH_SIZE * SEQ_LEN
         record = {"step": step, "loss": step_loss.item(), "grad_norm": float(grad_norm), "label_tokens": int(label_tokens),
-                  "step_time_s": round(step_time, 6), "tokens_per_s": round(tokens / step_time, 2),
+                  "step_time_s": round(step_time, 6), "optimizer_s": round(optimizer_time, 6),
+                  "tokens_per_s": round(tokens / step_time, 2),
                   "tokens_per_s_per_device": round(tokens / step_time / world_size, 2),
                   "peak_memory_bytes": int(peak.item())}
         record.update(expert_load_stats(model))

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .hardware import HardwareProfile, Link
+from .hardware import GIB, HardwareProfile, Link
 from .model_graph import Group, ModelGraph
 
 BYTES = {"fp32": 4, "bf16": 2}
 ADAM_STATES = 2                 # exp_avg and exp_avg_sq, fp32, sharded like the parameters
 FSDP_PREFETCH_UNITS = 2         # the running unit and the one prefetched ahead of it stay unsharded
-OVERLAP = 0.8                   # share of compute that FSDP prefetching can hide communication behind
+SELECTIVE_RECOMPUTE = 0.15      # selective AC keeps matmul/attention outputs and recomputes the pointwise ops...
+SELECTIVE_KEPT = 0.6            # ...which are about this share of a layer's activations
+OPTIMIZER_BYTES_PER_PARAM = 40  # AdamW reads p, g, m, v and writes p, m, v (28 B fp32); clipping reads and scales g
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class GroupChoice:
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"   # none | selective | full
     frozen: bool = False
+    replicate: bool = False                  # whole parameters on every rank: no gathers, gradients all-reduced
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Estimate:
     recompute_s: float
     comm_s: float
     exposed_comm_s: float
+    host_s: float
+    optimizer_s: float
     peak_memory_bytes: int
     memory: dict[str, int]
     tokens_per_s_per_device: float
@@ -76,7 +81,8 @@ class Estimate:
                 "tokens_per_s_per_device": round(self.tokens_per_s_per_device, 2),
                 "peak_memory_bytes": int(self.peak_memory_bytes), "mfu": round(self.mfu, 4),
                 "breakdown": {"compute_s": round(self.compute_s, 6), "recompute_s": round(self.recompute_s, 6),
-                              "comm_s": round(self.comm_s, 6), "exposed_comm_s": round(self.exposed_comm_s, 6)},
+                              "comm_s": round(self.comm_s, 6), "exposed_comm_s": round(self.exposed_comm_s, 6),
+                              "host_s": round(self.host_s, 6), "optimizer_s": round(self.optimizer_s, 6)},
                 "memory": self.memory}
 
 
@@ -184,88 +190,170 @@ def all_to_all_s(bytes_sent: float, calls: int, n: int, link: Link) -> float:
     return calls * (n - 1) * link.latency_s + bytes_sent / link.bytes_per_s
 
 
-def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
-             hw: HardwareProfile, procs_per_node: int) -> Estimate:
-    achieved = hw.achieved_flops(shape.precision)
-    shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
-    sp_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
+@dataclass(frozen=True)
+class GroupCost:
+    """One block group's share of a micro-batch (time) and of the device (memory), on one rank."""
+    forward_flops: float
+    recompute_flops: float
+    backward_factor: float      # backward FLOPs per forward FLOP: 2, 1 for frozen layers, 0 for a frozen encoder
+    layer_calls: float          # layer forwards per micro-batch, recomputed ones included
+    fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
+    all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    gathered_member: float      # bytes one unsharded member holds while it runs (0 when replicated)
+    kept_gathered: float        # unsharded bytes held from forward to backward (reshard_after_forward=False)
+
+    @property
+    def compute_flops(self) -> float:
+        return self.forward_flops * (1 + self.backward_factor) + self.recompute_flops
+
+
+def backward_factor(g: Group, choice: GroupChoice) -> float:
+    """Frozen layers still pass gradients to their inputs, unless nothing before them trains (a frozen encoder)."""
+    if not choice.frozen:
+        return 2.0
+    return 0.0 if g.role.startswith("encoder") else 1.0
+
+
+def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, shape: TrainShape,
+               hw: HardwareProfile, procs_per_node: int) -> GroupCost:
     fsdp_n = mesh.dp_shard * mesh.sp
-    compute_scale = BYTES[shape.precision] / 4  # params are fp32 masters; collectives move compute dtype
+    compute_bytes = BYTES[shape.precision]
+    to_compute = compute_bytes / 4  # parameters are fp32 masters; collectives and activations use the compute dtype
+    forward = group_forward_flops(g, shape, mesh) * g.count
+    recompute = {"none": 0.0, "full": forward, "selective": SELECTIVE_RECOMPUTE * forward}[choice.activation_checkpointing]
+    recomputes = choice.activation_checkpointing != "none"
+    trains = not choice.frozen
 
-    fwd = root_forward_flops(graph, shape, mesh)
-    recompute = comm = exposed_a2a = 0.0
-    for g in graph.groups:
-        c = choices[g.name]
-        f = group_forward_flops(g, shape, mesh) * g.count
-        fwd += f
-        recompute += {"none": 0.0, "full": f, "selective": 0.15 * f}[c.activation_checkpointing]
-        gathers = 2 if c.reshard_after_forward else 1
-        experts = expert_bytes(g) / mesh.ep * compute_scale  # sharded over the ep_fsdp ranks only
-        dense = (g.param_bytes - expert_bytes(g)) * compute_scale
-        for member, n in ((dense, fsdp_n), (experts, fsdp_n // mesh.ep)):
-            if not member:
-                continue
-            comm += g.count * gathers * all_gather_s(member, n, shard_l)
-            if not c.frozen:
-                comm += g.count * reduce_scatter_s(member, n, shard_l)
-                comm += g.count * all_reduce_s(member / n, mesh.dp_replicate, repl_l)
-        # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
-        recomputes = c.activation_checkpointing != "none"
-        passes = 3 if recomputes else 2
-        ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
-        if ep_bytes:
-            exposed_a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, 2 * passes, mesh.ep, sp_l)
-        sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
-        if sp_bytes:
-            exposed_a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, sp_l)
-    root = root_param_bytes(graph) * compute_scale
-    comm += all_gather_s(root, fsdp_n, shard_l) + reduce_scatter_s(root, fsdp_n, shard_l)
-    comm += all_reduce_s(root / fsdp_n, mesh.dp_replicate, repl_l)
+    # Parameters: a replicated group holds them whole; EP splits the routed experts before FSDP shards the rest.
+    experts, dense = expert_bytes(g) / mesh.ep, g.param_bytes - expert_bytes(g)
+    if choice.replicate:
+        held = g.count * (dense + experts)
+        comm = g.count * all_reduce_s((dense + experts), mesh.dp * mesh.sp, replicate_link(mesh, procs_per_node, hw)) \
+            if trains else 0.0
+        gathered = 0.0
+    else:
+        held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
+        shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
+        gathers = 2 if choice.reshard_after_forward else 1
+        comm = 0.0
+        for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
+            if member:
+                comm += g.count * gathers * all_gather_s(member, n, shard_l)
+                if trains:
+                    comm += g.count * (reduce_scatter_s(member, n, shard_l)
+                                       + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
+        gathered = unsharded_member_bytes(g, mesh) * to_compute
 
+    # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
+    a2a_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
+    passes = 3 if recomputes else 2
+    a2a = 0.0
+    ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
+    if ep_bytes:
+        a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, 2 * passes, mesh.ep, a2a_l)
+    sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
+    if sp_bytes:
+        a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
+
+    tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
+    per_layer = g.act_bytes_per_token * tokens * to_compute
+    activations = {"none": g.count * per_layer,
+                   "selective": SELECTIVE_KEPT * g.count * per_layer,
+                   # full: each layer's input is kept; one layer at a time is rebuilt in backward
+                   "full": g.count * g.hidden * compute_bytes * tokens + per_layer}[choice.activation_checkpointing]
+    if backward_factor(g, choice) == 0:
+        activations = per_layer  # no backward through it: nothing is kept beyond the running layer
+    return GroupCost(
+        forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
+        layer_calls=g.count * (2 if recomputes else 1), fsdp_comm_s=comm, all_to_all_s=a2a,
+        parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
+        activations=activations, gathered_member=gathered,
+        kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
+
+
+def under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProfile, procs_per_node: int,
+              frozen: tuple[str, ...] = ()) -> GroupCost:
+    """Embeddings, projector, norms and heads: one FSDP unit, kept unsharded from forward to backward."""
+    fsdp_n = mesh.dp_shard * mesh.sp
+    to_compute = BYTES[shape.precision] / 4
+    full = root_param_bytes(graph)
+    trainable = full - sum(b.param_bytes for b in graph.blocks
+                           if b.parent is None and b.group is None and under(b.name, frozen))
+    shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
+    comm = (all_gather_s(full * to_compute, fsdp_n, shard_l) + reduce_scatter_s(full * to_compute, fsdp_n, shard_l)
+            + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
+    return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
+                     layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0, parameters=full / fsdp_n,
+                     gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
+                     activations=_logits_bytes(graph, shape) / mesh.sp, gathered_member=0.0,
+                     kept_gathered=full * to_compute)
+
+
+def all_costs(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
+              hw: HardwareProfile, procs_per_node: int, frozen: tuple[str, ...] = ()) -> list[GroupCost]:
+    return [root_cost(graph, mesh, shape, hw, procs_per_node, frozen)] + [
+        group_cost(graph, g, choices[g.name], mesh, shape, hw, procs_per_node) for g in graph.groups]
+
+
+def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) -> dict[str, int]:
+    """What is alive at the step's high-water mark, whichever comes higher:
+    - end of forward: parameters, optimizer state, every kept activation, the prefetch window of unsharded layers
+      (gradients only when an earlier micro-batch left them: zero_grad frees them after each step);
+    - optimizer step: parameters, gradients, optimizer state and AdamW's foreach temporaries (about one gradient)."""
+    params, grads, optim = (sum(getattr(c, k) for c in costs) for k in ("parameters", "gradients", "optimizer"))
+    transient = (FSDP_PREFETCH_UNITS * max(c.gathered_member for c in costs)
+                 + sum(c.kept_gathered for c in costs))
+    forward = {"parameters": params, "gradients": grads if shape.grad_accum > 1 else 0.0, "optimizer": optim,
+               "activations": sum(c.activations for c in costs), "transient": transient}
+    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": grads}
+    at_peak = max((forward, step), key=lambda m: sum(m.values()))
+    return {**{k: int(v) for k, v in at_peak.items()}, "overhead": int(hw.overhead_gib * GIB)}
+
+
+def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
+             hw: HardwareProfile, procs_per_node: int, frozen: tuple[str, ...] = ()) -> Estimate:
+    """Step time and peak memory of one rank; `frozen` lists the spec's frozen module prefixes."""
+    costs = all_costs(graph, mesh, choices, shape, hw, procs_per_node, frozen)
+    achieved = hw.achieved_flops(shape.precision)
     micro = shape.grad_accum
-    compute_s = 3 * fwd / achieved * micro
-    recompute_s = recompute / achieved * micro
-    comm_s = comm * micro
-    exposed = max(comm_s - OVERLAP * (compute_s + recompute_s), comm_s / max(1, sum(g.count for g in graph.groups) + 1))
-    exposed += exposed_a2a * micro
-    comm_s += exposed_a2a * micro
-    step = compute_s + recompute_s + exposed
-    memory = memory_breakdown(graph, mesh, choices, shape, hw)
+    compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
+    recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
+    host_s = (sum(3 * c.layer_calls for c in costs) * hw.layer_overhead_us * 1e-6 + hw.step_overhead_ms * 1e-3) * micro
+    fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
+    a2a_s = sum(c.all_to_all_s for c in costs) * micro
+    units = 1 + sum(g.count for g in graph.groups)
+    # Prefetching hides FSDP collectives behind compute, except the first unit's gather, which nothing precedes.
+    exposed = max(fsdp_s - hw.overlap * (compute_s + recompute_s), fsdp_s / units) + a2a_s
+    optimizer_s = optimizer_step_s(costs, hw)
+    step = compute_s + recompute_s + host_s + exposed + optimizer_s
+    memory = peak_memory(costs, shape, hw)
     tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
-    return Estimate(step_time_s=step, compute_s=compute_s, recompute_s=recompute_s, comm_s=comm_s,
-                    exposed_comm_s=exposed, peak_memory_bytes=sum(memory.values()), memory=memory,
-                    tokens_per_s_per_device=tokens / step,
-                    mfu=3 * fwd * micro / step / hw.peak_flops[shape.precision])
+    return Estimate(step_time_s=step, compute_s=compute_s, recompute_s=recompute_s, comm_s=fsdp_s + a2a_s,
+                    exposed_comm_s=exposed, host_s=host_s, optimizer_s=optimizer_s,
+                    peak_memory_bytes=sum(memory.values()), memory=memory,
+                    tokens_per_s_per_device=tokens / step, mfu=compute_s * achieved / step / hw.peak_flops[shape.precision])
+
+
+def optimizer_step_s(costs: list[GroupCost], hw: HardwareProfile) -> float:
+    """Gradient clipping and AdamW stream every trainable local element through memory a few times."""
+    if not hw.memory_bandwidth_gbps:
+        return 0.0
+    trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
+    return OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
 
 
 def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
-                     hw: HardwareProfile) -> dict[str, int]:
-    fsdp_n = mesh.dp_shard * mesh.sp
-    compute_bytes = BYTES[shape.precision]
-    trainable = graph.total_param_bytes - sum(g.param_bytes * g.count for g in graph.groups if choices[g.name].frozen)
-    params = graph.total_param_bytes / fsdp_n
-    grads = trainable / fsdp_n
-    optimizer = ADAM_STATES * trainable / fsdp_n
-    # Unsharded copies alive at once: the prefetch window, every group kept gathered after forward, the root.
-    largest = max((unsharded_member_bytes(g, mesh) for g in graph.groups), default=0)
-    transient = FSDP_PREFETCH_UNITS * largest * compute_bytes / 4 + root_param_bytes(graph) * compute_bytes / 4
-    activations = 0.0
-    for g in graph.groups:
-        c = choices[g.name]
-        if not c.reshard_after_forward:
-            transient += (g.count - 1) * unsharded_member_bytes(g, mesh) * compute_bytes / 4
-        tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
-        per_layer = g.act_bytes_per_token * tokens * compute_bytes / 4
-        if c.activation_checkpointing == "full":  # keep each layer's input, rebuild one layer at a time
-            activations += g.count * g.hidden * compute_bytes * tokens + per_layer
-        elif c.activation_checkpointing == "selective":
-            activations += 0.6 * g.count * per_layer
-        else:
-            activations += g.count * per_layer
-    vocab_bytes = _logits_bytes(graph, shape) / mesh.sp
-    return {"parameters": int(params), "gradients": int(grads), "optimizer": int(optimizer),
-            "activations": int(activations + vocab_bytes), "transient": int(transient),
-            "overhead": int(hw.overhead_gib * 1024**3)}
+                     hw: HardwareProfile, frozen: tuple[str, ...] = ()) -> dict[str, int]:
+    """Peak memory per device by kind (links do not matter for memory: a single node is assumed)."""
+    return peak_memory(all_costs(graph, mesh, choices, shape, hw, 1 << 30, frozen), shape, hw)
 
 
 def _logits_bytes(graph: ModelGraph, shape: TrainShape) -> float:

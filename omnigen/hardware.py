@@ -33,19 +33,28 @@ class Link:
 class HardwareProfile:
     name: str
     peak_flops: dict[str, float]   # per device, by precision ("fp32", "bf16")
-    matmul_efficiency: float       # achieved / peak on transformer blocks
+    matmul_efficiency: float | dict[str, float]  # achieved / peak on transformer blocks; one figure or per precision
     memory_gib: float
     intra_node: Link
     inter_node: Link
-    overhead_gib: float
+    overhead_gib: float            # memory a process holds before the model: runtime, allocator, comm buffers
     source: str
+    # Terms that matter for small blocks and optimizer steps; zero leaves them out of the prediction.
+    overlap: float = 0.8           # share of compute time FSDP prefetching can hide its collectives behind
+    memory_bandwidth_gbps: float = 0.0  # device memory GB/s: the optimizer step is bandwidth-bound
+    layer_overhead_us: float = 0.0  # host time per layer forward (backward counts twice) beyond its FLOPs
+    step_overhead_ms: float = 0.0   # host time per micro-batch beyond the layers: data, embeddings, loss
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GIB)
 
+    def efficiency(self, precision: str) -> float:
+        e = self.matmul_efficiency
+        return e[precision] if isinstance(e, dict) else e
+
     def achieved_flops(self, precision: str) -> float:
-        return self.peak_flops[precision] * self.matmul_efficiency
+        return self.peak_flops[precision] * self.efficiency(precision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

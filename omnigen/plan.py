@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import __version__
-from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, memory_breakdown,
-                   moe_layers, padded_seq_len, sp_all_to_all_bytes)
+from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
+                   memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -32,6 +32,7 @@ class GroupPlan:
     reshard_after_forward: bool
     activation_checkpointing: str   # none | selective | full
     frozen: bool = False
+    replicate: bool = False         # whole parameters on every rank (a small encoder): no gathers, grads all-reduced
     sequence_parallel: str = "none"  # ulysses (split over the sp dim) | replicated (whole sequence on every SP rank)
     sp_all_to_all_bytes_per_step: int = 0  # bytes one rank sends in this group's Ulysses all-to-alls per step
     ep: int = 1                      # expert-parallel degree of this group's routed experts
@@ -55,6 +56,7 @@ class Plan:
     expert_parallel: dict[str, Any] | None  # EP layout of the routed experts, None when ep = 1
     decoder_stack: str               # the module running the LLM layers on the merged sequence
     towers: tuple[dict[str, str], ...]  # encoder towers in the order the model's forward runs them
+    frozen: tuple[str, ...]          # module paths the spec freezes: no gradients, no optimizer state
     weights: str | None              # safetensors folder, relative to the output folder
     predicted: dict[str, Any]
     max_seq_len_by_sp: dict[str, int] = field(default_factory=dict)  # longest seq_len that fits, per SP degree
@@ -76,7 +78,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         return cls(**{**d, "groups": tuple(GroupPlan(**{**g, "shard_dims": tuple(g["shard_dims"])})
                                            for g in d["groups"]),
-                      "alternatives": tuple(d.get("alternatives", ()))})
+                      "alternatives": tuple(d.get("alternatives", ())), "frozen": tuple(d.get("frozen", ()))})
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,15 @@ class Candidate:
 
     def label(self) -> str:
         dims = " x ".join(f"{k}={v}" for k, v in self.mesh.to_dict().items() if v > 1) or "single process"
-        raf = {c.reshard_after_forward for c in self.choices.values()}
-        ac = {c.activation_checkpointing for c in self.choices.values()}
-        return f"{dims}; reshard_after_forward={'/'.join(map(str, sorted(raf))) or '-'}; ac={'/'.join(sorted(ac)) or '-'}"
+        described = {name: describe_choice(c) for name, c in self.choices.items()}
+        if len(set(described.values())) <= 1:
+            return f"{dims}; {next(iter(described.values()), '-')}"
+        return f"{dims}; " + "; ".join(f"{name}: {d}" for name, d in described.items())
+
+
+def describe_choice(c: GroupChoice) -> str:
+    placement = "replicated" if c.replicate else f"fsdp reshard_after_forward={c.reshard_after_forward}"
+    return f"{placement}, ac={c.activation_checkpointing}"
 
 
 def divisors(n: int) -> list[int]:
@@ -155,13 +163,42 @@ def with_expert_parallel(spec: Spec, graph: ModelGraph | None, meshes: list[Mesh
     return out
 
 
-def choice_candidates(spec: Spec, graph: ModelGraph) -> list[dict[str, GroupChoice]]:
-    """Uniform per-group choices; frozen groups (spec.model.freeze) keep their flag."""
+def group_options(spec: Spec, graph: ModelGraph, g, mesh: Mesh) -> list[GroupChoice]:
+    """Every choice for one group: FSDP (resharding after forward or not) or replicated, times each activation
+    checkpointing mode. Frozen comes from the spec; experts are never replicated (EP and FSDP place them)."""
     ac = spec.parallel.activation_checkpointing
     acs = ["none", "selective", "full"] if ac == "auto" else [ac]
-    frozen = {g.name: any(g.name.startswith(f) for f in spec.model.freeze) for g in graph.groups}
-    return [{g.name: GroupChoice(raf, a, frozen[g.name]) for g in graph.groups}
-            for raf, a in itertools.product((True, False), acs)]
+    frozen = under(g.name, spec.model.freeze)
+    fsdp = [GroupChoice(raf, a, frozen) for raf in (True, False) for a in acs] if mesh.dp * mesh.sp > 1 else \
+        [GroupChoice(True, a, frozen) for a in acs]
+    replicated = [GroupChoice(True, a, frozen, replicate=True) for a in acs] \
+        if mesh.dp * mesh.sp > 1 and not g.experts else []
+    return fsdp + replicated
+
+
+def pareto(options: list[tuple[GroupChoice, float, float]]) -> list[GroupChoice]:
+    """Options no other option beats on both time and memory (ties keep the first)."""
+    kept: list[tuple[GroupChoice, float, float]] = []
+    for choice, t, m in sorted(options, key=lambda o: (o[1], o[2])):
+        if not kept or m < min(k[2] for k in kept):
+            kept.append((choice, t, m))
+    return [k[0] for k in kept]
+
+
+def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProfile) -> list[dict[str, GroupChoice]]:
+    """Per-group choices: each group's options are pruned to its own time/memory Pareto front (a group's cost
+    barely depends on the others'), then combined."""
+    fronts = []
+    for g in graph.groups:
+        scored = []
+        for c in group_options(spec, graph, g, mesh):
+            gc = group_cost(graph, g, c, mesh, shape, hw, spec.cluster.procs_per_node)
+            t = gc.compute_flops / hw.achieved_flops(shape.precision) + gc.fsdp_comm_s + gc.all_to_all_s \
+                + 3 * gc.layer_calls * hw.layer_overhead_us * 1e-6
+            m = gc.parameters + gc.gradients + gc.optimizer + gc.activations + 2 * gc.gathered_member + gc.kept_gathered
+            scored.append((c, t, m))
+        fronts.append(pareto(scored))
+    return [dict(zip((g.name for g in graph.groups), combo)) for combo in itertools.product(*fronts)]
 
 
 def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
@@ -201,8 +238,9 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         except PlanError as e:
             rejected.append((None, f"{mesh.to_dict()}: {e}"))
             continue
-        for choices in choice_candidates(spec, graph):
-            c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node))
+        for choices in choice_candidates(spec, graph, mesh, shape, hw):
+            c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node,
+                                                  spec.model.freeze))
             if c.estimate.peak_memory_bytes > hw.memory_bytes:
                 rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
                                     f"{hw.name} has {hw.memory_gib:g} GiB"))
@@ -253,11 +291,16 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     out = {}
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
-        options = choice_candidates(spec, graph)
+        base = replace(train_shape(spec, Mesh(dp_shard=world), inputs), grad_accum=1)
+        # The leanest choice per group: full checkpointing, resharded (replicated if that is leaner).
+        options = [{g.name: min(group_options(spec, graph, g, mesh), key=lambda c: sum(
+                    peak_memory([group_cost(graph, g, c, mesh, base, hw, world)], base, hw).values()))
+                    for g in graph.groups}]
 
         def fits(seq_len: int) -> bool:
-            shape = replace(train_shape(spec, Mesh(dp_shard=world), inputs), seq_len=seq_len, grad_accum=1)
-            return any(sum(memory_breakdown(graph, mesh, c, shape, hw).values()) <= hw.memory_bytes for c in options)
+            shape = replace(base, seq_len=seq_len)
+            return any(sum(memory_breakdown(graph, mesh, c, shape, hw, spec.model.freeze).values()) <= hw.memory_bytes
+                       for c in options)
 
         lo, hi = 0, 1 << 24
         while lo < hi:  # largest multiple of sp that fits
@@ -289,12 +332,24 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
         expert_parallel=expert_parallel_section(graph, mesh, groups),
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
+        frozen=frozen_modules(spec, graph),
         predicted=best.estimate.summary(),
         max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs),
         alternatives=tuple({"candidate": c.label() if c else None, "reason": reason,
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
     )
+
+
+def frozen_modules(spec: Spec, graph: ModelGraph) -> tuple[str, ...]:
+    """The spec's model.freeze prefixes, each checked against the model's modules."""
+    names = {b.name for b in graph.blocks} | {g.name for g in graph.groups} | set(graph.towers.values())
+    for prefix in spec.model.freeze:
+        if not any(under(n, (prefix,)) or prefix.startswith(n + ".") for n in names):
+            tops = sorted({n.split(".")[0] + "." + n.split(".")[1] for n in names if n.count(".") >= 1})
+            raise PlanError(f"{spec.source}: key 'model.freeze': {prefix!r} names no module of {graph.model_class}; "
+                            f"modules near the top: {', '.join(tops[:12])}")
+    return tuple(spec.model.freeze)
 
 
 # transformers' omni thinkers encode audio before images; an order every rank must repeat (see IdleTowers).
@@ -311,9 +366,11 @@ def group_plan(graph: ModelGraph, g, choice: GroupChoice, mesh: Mesh, shape: Tra
     recompute = choice.activation_checkpointing != "none"
     ep = mesh.ep if g.experts else 1
     per_step = shape.grad_accum * moe_layers(graph, g)
-    return GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count, shard_dims=fsdp_dims(mesh),
+    return GroupPlan(name=g.name, role=g.role, layer_class=g.layer_class, count=g.count,
+                     shard_dims=() if choice.replicate else fsdp_dims(mesh),
                      reshard_after_forward=choice.reshard_after_forward,
                      activation_checkpointing=choice.activation_checkpointing, frozen=choice.frozen,
+                     replicate=choice.replicate,
                      sequence_parallel="ulysses" if ulysses else ("replicated" if mesh.sp > 1 else "none"),
                      sp_all_to_all_bytes_per_step=g.count * shape.grad_accum
                      * sp_all_to_all_bytes(g, shape, mesh.sp, recompute),
@@ -342,8 +399,10 @@ def format_explain(plan: Plan, alternatives: bool = True) -> str:
               "replicated": ", replicated across SP ranks", "none": ""}[g.sequence_parallel]
         if g.ep > 1:
             sp += f", experts over ep={g.ep} ({g.ep_all_to_all_bytes_per_step:,} dispatch bytes/step/rank if balanced)"
-        lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): FSDP over {'+'.join(g.shard_dims)}, "
-                     f"reshard_after_forward={g.reshard_after_forward}, ac={g.activation_checkpointing}{sp}"
+        placement = (("replicated on every rank" + ("" if g.frozen else " (gradients all-reduced)")) if g.replicate else
+                     f"FSDP over {'+'.join(g.shard_dims)}, reshard_after_forward={g.reshard_after_forward}")
+        lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): {placement}, "
+                     f"ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
     if plan.max_seq_len_by_sp:
         lines.append("longest seq_len that fits memory: "

@@ -20,6 +20,7 @@ from .model_graph import ModelGraph
 from .spec import Spec
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
+RUNNER_UPS = 10  # alternatives kept in the plan (and printed by --explain), of each kind: slower and not fitting
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Plan:
     weights: str | None              # safetensors folder, relative to the output folder
     predicted: dict[str, Any]
     max_seq_len_by_sp: dict[str, int] = field(default_factory=dict)  # longest seq_len that fits, per SP degree
+    candidates_searched: int = 0     # (mesh, per-group choices) pairs the cost model priced
     alternatives: tuple[dict[str, Any], ...] = field(default=())
 
     @property
@@ -229,8 +231,9 @@ def grad_accum(spec: Spec, dp: int) -> int:
     return t.global_batch_size // per_step
 
 
-def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> list[tuple[Candidate | None, str]]:
-    """All candidates, best first; each with the reason it lost (empty for the winner)."""
+def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> tuple[list[tuple[Candidate | None, str]], int]:
+    """The winner and the runner-ups worth showing, each with the reason it lost (empty for the winner); and how
+    many candidates were priced."""
     feasible, rejected = [], []
     for mesh in mesh_candidates(spec, graph):
         try:
@@ -252,13 +255,31 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         need = f" The smallest candidate ({best.label()}) needs {best.estimate.peak_memory_bytes / GIB:.2f} GiB " \
                f"per device; more devices, a shorter seq_len or a smaller micro_batch_size would fit." if best else ""
         raise PlanError(f"{spec.source}: no parallel plan fits.{need}\n" + "\n".join(r for _, r in rejected[:8]))
+    return explained(feasible, rejected), len(feasible) + len(rejected)
+
+
+def explained(feasible: list[Candidate], rejected: list[tuple[Candidate | None, str]]) -> list[tuple[Candidate | None, str]]:
+    """The winner, then the runner-ups worth reading: the best candidate of every other mesh and the winner mesh's
+    next best, each with why it lost; the rejected ones, one per mesh (the leanest), with why."""
     winner = feasible[0]
-    ranked: list[tuple[Candidate | None, str]] = [(winner, "")]
+    shown, meshes = [winner], {winner.mesh}
     for c in feasible[1:]:
+        if len(shown) > RUNNER_UPS:
+            break
+        if c.mesh not in meshes or len(shown) == 1:
+            shown.append(c)
+            meshes.add(c.mesh)
+    ranked: list[tuple[Candidate | None, str]] = [(winner, "")]
+    for c in sorted(shown[1:], key=lambda c: c.estimate.step_time_s):
         slower = c.estimate.step_time_s / winner.estimate.step_time_s - 1
         ranked.append((c, f"slower: {c.estimate.step_time_s:.4g} s/step vs {winner.estimate.step_time_s:.4g} "
                           f"(+{slower:.1%})" if slower > 0 else "ties the winner on step time; uses more memory"))
-    return ranked + rejected
+    leanest: dict[Mesh | None, tuple[Candidate | None, str]] = {}
+    for c, reason in rejected:
+        key = c.mesh if c else None
+        if c is None or key not in leanest or c.estimate.peak_memory_bytes < leanest[key][0].estimate.peak_memory_bytes:
+            leanest[key if c else len(leanest)] = (c, reason)
+    return ranked + sorted(leanest.values(), key=lambda r: r[0].estimate.peak_memory_bytes if r[0] else 0)[:RUNNER_UPS]
 
 
 def fsdp_dims(mesh: Mesh) -> tuple[str, ...]:
@@ -314,7 +335,7 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
 
 def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any],
               weights: str | None = None) -> Plan:
-    ranked = search(spec, graph, hw, inputs)
+    ranked, searched = search(spec, graph, hw, inputs)
     best = ranked[0][0]
     assert best is not None
     mesh = best.mesh
@@ -334,7 +355,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         frozen=frozen_modules(spec, graph),
         predicted=best.estimate.summary(),
-        max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs),
+        max_seq_len_by_sp=max_seq_len_by_sp(spec, graph, hw, inputs), candidates_searched=searched,
         alternatives=tuple({"candidate": c.label() if c else None, "reason": reason,
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
@@ -408,6 +429,7 @@ def format_explain(plan: Plan, alternatives: bool = True) -> str:
         lines.append("longest seq_len that fits memory: "
                      + ", ".join(f"sp={k}: {v:,}" for k, v in plan.max_seq_len_by_sp.items()))
     if alternatives:
-        lines.append("alternatives:")
+        lines.append(f"alternatives ({plan.candidates_searched:,} candidates priced; the best of each other mesh, "
+                     f"and why the leanest ones that do not fit were refused):")
         lines += [f"  {a['candidate'] or '-'}: {a['reason']}" for a in plan.alternatives] or ["  (none)"]
     return "\n".join(lines)

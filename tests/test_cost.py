@@ -1,0 +1,194 @@
+"""Each cost-model term against a value computed by hand, and searches whose best plan is known."""
+
+from pathlib import Path
+
+import pytest
+
+from omnigen import cost
+from omnigen.cost import GroupChoice, Mesh, TrainShape
+from omnigen.hardware import GIB, HardwareProfile, Link
+from omnigen.model_graph import Block, Group, ModelGraph
+from omnigen.plan import make_plan, pareto
+from omnigen.spec import spec_from_dict
+
+LLAMA = Path(__file__).resolve().parent.parent / "specs" / "models" / "llama_tiny"
+MB = 1_000_000
+
+
+def group(name, role, count, params, hidden=256, heads=4, kv_heads=4, experts=0, top_k=0, expert_params=0):
+    return Group(name=name, pattern=f"{name}.*", role=role, layer_class="Layer",
+                 members=tuple(f"{name}.{i}" for i in range(count)), params=params, param_bytes=4 * params,
+                 flops_per_token=2 * params, attn_flops_per_token_per_seq=4 * hidden, act_bytes_per_token=20 * hidden,
+                 heads=heads, kv_heads=kv_heads, head_dim=hidden // heads, hidden=hidden, experts=experts,
+                 top_k=top_k, expert_params=expert_params)
+
+
+def model(*groups, root_params=MB, vocab=1000):
+    blocks = [Block("model.embed_tokens", "foundation", "embedding", None, None, root_params, 4 * root_params, 0.0)]
+    for g in groups:
+        blocks += [Block(m, g.role, "layer", None, g.name, g.params, g.param_bytes, g.flops_per_token)
+                   for m in g.members]
+    total = root_params + sum(g.params * g.count for g in groups)
+    return ModelGraph("M", "m", tuple(blocks), tuple(groups), total, 4 * total, vocab_size=vocab)
+
+
+def hw(memory_gib=80.0, overlap=0.0, layer_us=0.0, step_ms=0.0, mem_bw=0.0):
+    return HardwareProfile("test", {"fp32": 1e12, "bf16": 2e12}, {"fp32": 0.5, "bf16": 0.25}, memory_gib,
+                           Link(100.0, 5), Link(10.0, 10), 1.0, "", overlap=overlap, memory_bandwidth_gbps=mem_bw,
+                           layer_overhead_us=layer_us, step_overhead_ms=step_ms)
+
+
+FOUNDATION = group("model.layers", "foundation", 4, 10 * MB)
+SHAPE = TrainShape(seq_len=128, micro_batch_size=2, grad_accum=1, precision="fp32")
+LINK = Link(100.0, 5)
+
+
+def test_efficiency_may_be_given_per_precision():
+    assert hw().achieved_flops("fp32") == 0.5e12 and hw().achieved_flops("bf16") == 0.5e12
+
+
+def test_compute_host_and_optimizer_terms_by_hand():
+    g = model(FOUNDATION)
+    e = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, SHAPE,
+                      hw(layer_us=100.0, step_ms=2.0, mem_bw=10.0), procs_per_node=1)
+    tokens = 2 * 128
+    forward = 4 * tokens * (2 * 10 * MB + 4 * 256 * 128)  # 4 layers: 2 FLOPs/param + attention over 128 tokens
+    assert e.compute_s == pytest.approx(3 * forward / 0.5e12)  # the embedding lookup counts no FLOPs
+    assert e.host_s == pytest.approx(4 * 3 * 100e-6 + 2e-3)  # each layer: a forward and a backward worth two
+    trainable = 4 * 10 * MB + MB
+    assert e.optimizer_s == pytest.approx(cost.OPTIMIZER_BYTES_PER_PARAM * trainable / 10e9)
+    assert e.exposed_comm_s == 0.0  # one rank: no collectives
+    assert e.step_time_s == pytest.approx(e.compute_s + e.host_s + e.optimizer_s)
+
+
+def test_fsdp_collectives_by_hand():
+    g = model(FOUNDATION)
+    mesh = Mesh(dp_shard=4)
+    member = 4 * 10 * MB  # fp32 bytes of one layer
+    ring = 3 * 5e-6 + member * 3 / 4 / 100e9
+    resharding = cost.group_cost(g, FOUNDATION, GroupChoice(True), mesh, SHAPE, hw(), 8)
+    kept = cost.group_cost(g, FOUNDATION, GroupChoice(False), mesh, SHAPE, hw(), 8)
+    assert resharding.fsdp_comm_s == pytest.approx(4 * 3 * ring)  # gather in forward and backward, reduce-scatter
+    assert kept.fsdp_comm_s == pytest.approx(4 * 2 * ring)
+    assert kept.kept_gathered == 3 * member and resharding.kept_gathered == 0
+    frozen = cost.group_cost(g, FOUNDATION, GroupChoice(True, frozen=True), mesh, SHAPE, hw(), 8)
+    assert frozen.fsdp_comm_s == pytest.approx(4 * 2 * ring)  # no gradients to reduce
+    assert (frozen.gradients, frozen.optimizer, frozen.backward_factor) == (0, 0, 1.0)
+
+
+def test_exposed_communication_uses_the_profile_overlap():
+    g = model(FOUNDATION)
+    mesh = Mesh(dp_shard=4)
+    comm = sum(c.fsdp_comm_s for c in cost.all_costs(g, mesh, {"model.layers": GroupChoice()}, SHAPE, hw(), 8))
+    none = cost.estimate(g, mesh, {"model.layers": GroupChoice()}, SHAPE, hw(overlap=0.0), 8)
+    full = cost.estimate(g, mesh, {"model.layers": GroupChoice()}, SHAPE, hw(overlap=1.0), 8)
+    assert none.exposed_comm_s == pytest.approx(comm)
+    assert full.exposed_comm_s == pytest.approx(max(comm - full.compute_s, comm / 5))  # 4 layers + the root
+
+
+def test_replicated_group_all_reduces_whole_gradients():
+    g = model(FOUNDATION)
+    mesh = Mesh(dp_shard=4)
+    c = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), mesh, SHAPE, hw(), 8)
+    member = 4 * 10 * MB
+    assert c.fsdp_comm_s == pytest.approx(4 * 2 * (3 * 5e-6 + member * 3 / 4 / 100e9))  # ring all-reduce
+    assert c.parameters == 4 * member and c.optimizer == 2 * 4 * member and c.gathered_member == 0
+    frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True, replicate=True), mesh, SHAPE, hw(), 8)
+    assert frozen.fsdp_comm_s == 0.0
+
+
+def test_a_frozen_encoder_runs_no_backward_and_keeps_no_activations():
+    enc = group("model.visual.blocks", "encoder:vision", 2, MB)
+    g = model(enc, FOUNDATION)
+    shape = TrainShape(128, 1, 1, "fp32", {"encoder:vision": 64.0, "encoder:vision:context": 64.0})
+    c = cost.group_cost(g, enc, GroupChoice(frozen=True), Mesh(), shape, hw(), 1)
+    assert c.backward_factor == 0.0 and c.compute_flops == c.forward_flops
+    assert c.activations == pytest.approx(20 * 256 * 64)  # only the running layer's
+
+
+def test_activation_checkpointing_terms():
+    g = model(FOUNDATION)
+    per_layer = 20 * 256 * 256  # bytes/token x tokens
+    costs = {ac: cost.group_cost(g, FOUNDATION, GroupChoice(True, ac), Mesh(), SHAPE, hw(), 1)
+             for ac in ("none", "selective", "full")}
+    assert costs["none"].activations == pytest.approx(4 * per_layer)
+    assert costs["selective"].activations == pytest.approx(cost.SELECTIVE_KEPT * 4 * per_layer)
+    assert costs["full"].activations == pytest.approx(4 * 256 * 4 * 256 + per_layer)  # inputs kept, one rebuilt
+    assert costs["full"].recompute_flops == costs["full"].forward_flops
+    assert costs["selective"].recompute_flops == pytest.approx(cost.SELECTIVE_RECOMPUTE * costs["none"].forward_flops)
+    assert costs["full"].layer_calls == 8 and costs["none"].layer_calls == 4
+
+
+def test_peak_memory_picks_the_higher_phase():
+    g = model(FOUNDATION)
+    choices = {"model.layers": GroupChoice()}
+    mesh = Mesh(dp_shard=4)
+    params = (4 * 10 * MB + MB) * 4 / 4  # fp32 bytes held by one of 4 ranks
+
+    def by_hand(shape):
+        costs = cost.all_costs(g, mesh, choices, shape, hw(), 1)
+        transient = 2 * 4 * 10 * MB + 4 * MB  # two unsharded layers (running + prefetched) and the root, kept
+        forward = params * (3 if shape.grad_accum == 1 else 4) + sum(c.activations for c in costs) + transient
+        step = params * 5  # parameters, gradients, two Adam states, foreach temporaries
+        return max(forward, step) + GIB
+
+    for shape in (SHAPE, TrainShape(seq_len=65536, micro_batch_size=1, grad_accum=2, precision="fp32")):
+        memory = cost.memory_breakdown(g, mesh, choices, shape, hw())
+        assert sum(memory.values()) == pytest.approx(by_hand(shape), abs=8)
+    long = cost.memory_breakdown(g, mesh, choices, TrainShape(65536, 1, 2, "fp32"), hw())
+    assert long["gradients"] == params  # an earlier micro-batch left its gradients
+    # Replicated layers gather nothing: the optimizer step (with its temporaries) is the high-water mark.
+    whole = {"model.layers": GroupChoice(replicate=True)}
+    short = cost.memory_breakdown(g, mesh, whole, TrainShape(16, 1, 1, "fp32"), hw())
+    assert short["activations"] == 0 and short["transient"] == short["gradients"] == 4 * 40 * MB + MB
+
+
+def test_expert_parallel_bytes_by_hand():
+    moe = group("model.layers", "foundation", 2, 10 * MB, hidden=64, experts=8, top_k=2, expert_params=8 * MB)
+    blocks = tuple(Block(f"model.layers.{i}.mlp", "foundation", "moe", f"model.layers.{i}", "model.layers", 8 * MB,
+                         32 * MB, 0.0, experts=8, top_k=2) for i in range(2))
+    g = model(moe)
+    g = ModelGraph(g.model_class, g.model_type, g.blocks + blocks, g.groups, g.total_params, g.total_param_bytes, 1000)
+    mesh = Mesh(dp_shard=4, ep=2)
+    rows = 256 * 2 // 2  # T*K*(ep-1)/ep rows leave the rank in each direction
+    assert cost.ep_all_to_all_bytes(moe, SHAPE, mesh, recompute=False) == 2 * 2 * rows * 64 * 4 + 8 * 8 // 2
+    assert cost.moe_layers(g, moe) == 2
+    # EP keeps 1/ep of the experts per rank: FSDP gathers the dense part and this rank's experts only.
+    assert cost.unsharded_member_bytes(moe, mesh) == 40 * MB - 32 * MB / 2
+
+
+def spec(**sections):
+    return spec_from_dict({"name": "t", "model": {"config": str(LLAMA)}, **sections}, "spec.yaml", ".")
+
+
+def test_pareto_keeps_only_undominated_options():
+    a, b, c, d = (GroupChoice(activation_checkpointing=x) for x in ("a", "b", "c", "d"))
+    assert pareto([(a, 1.0, 5.0), (b, 2.0, 3.0), (c, 3.0, 4.0), (d, 4.0, 1.0)]) == [a, b, d]
+
+
+def test_search_replicates_a_small_frozen_encoder_and_shards_the_foundation():
+    enc = group("model.visual.blocks", "encoder:vision", 2, MB)
+    big = group("model.layers", "foundation", 8, 50 * MB)
+    s = spec(cluster={"procs_per_node": 4}, train={"global_batch_size": 4}, model={"config": str(LLAMA),
+             "freeze": ["model.visual"]}, parallel={"dp_replicate": 1, "sp": 1})
+    plan = make_plan(s, model(enc, big), hw(memory_gib=8.0), {"image": {"encoder_tokens_per_item": 64}})
+    by_name = {g.name: g for g in plan.groups}
+    assert by_name["model.visual.blocks"].replicate and by_name["model.visual.blocks"].frozen
+    assert not by_name["model.layers"].replicate and by_name["model.layers"].shard_dims == ("dp_shard",)
+
+
+def test_search_gives_groups_different_checkpointing_when_only_one_needs_it():
+    enc = group("model.visual.blocks", "encoder:vision", 2, MB, hidden=64)
+    big = group("model.layers", "foundation", 8, 20 * MB, hidden=1024)
+    s = spec(cluster={"procs_per_node": 2}, train={"global_batch_size": 2, "seq_len": 8192},
+             parallel={"dp_replicate": 1, "sp": 1})
+    inputs = {"image": {"encoder_tokens_per_item": 64}}
+    g = model(enc, big)
+    roomy = make_plan(s, g, hw(memory_gib=80.0), inputs)
+    assert {p.activation_checkpointing for p in roomy.groups} == {"none"}
+    # Take away half the activations: the foundation's dominate, so it recomputes; the encoder keeps its own.
+    budget = roomy.predicted["peak_memory_bytes"] - roomy.predicted["memory"]["activations"] / 2
+    tight = make_plan(s, g, hw(memory_gib=budget / GIB), inputs)
+    by_name = {p.name: p for p in tight.groups}
+    assert by_name["model.visual.blocks"].activation_checkpointing == "none"
+    assert by_name["model.layers"].activation_checkpointing != "none"

@@ -313,15 +313,13 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
         base = replace(train_shape(spec, Mesh(dp_shard=world), inputs), grad_accum=1)
-        # The leanest choice per group: full checkpointing, resharded (replicated if that is leaner).
-        options = [{g.name: min(group_options(spec, graph, g, mesh), key=lambda c: sum(
-                    peak_memory([group_cost(graph, g, c, mesh, base, hw, world)], base, hw).values()))
-                    for g in graph.groups}]
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)
-            return any(sum(memory_breakdown(graph, mesh, c, shape, hw, spec.model.freeze).values()) <= hw.memory_bytes
-                       for c in options)
+            leanest = {g.name: min(group_options(spec, graph, g, mesh), key=lambda c: sum(
+                       peak_memory([group_cost(graph, g, c, mesh, shape, hw, world)], shape, hw).values()))
+                       for g in graph.groups}
+            return sum(memory_breakdown(graph, mesh, leanest, shape, hw, spec.model.freeze).values()) <= hw.memory_bytes
 
         lo, hi = 0, 1 << 24
         while lo < hi:  # largest multiple of sp that fits

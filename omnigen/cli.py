@@ -1,4 +1,4 @@
-"""`omnigen` command line: analyze, plan, compile, run, verify, calibrate."""
+"""`omnigen` command line: analyze, plan, compile, run, verify, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -57,13 +57,19 @@ def analyze(spec_path, sets, as_json):
 @SETS
 @click.option("--json", "as_json", is_flag=True, help="Print the Plan as JSON (the plan.json contract).")
 @click.option("--explain", is_flag=True, help="Show the alternatives considered and why each lost.")
+@click.option("--svg", "svg_path", type=click.Path(dir_okay=False),
+              help="Also draw the plan (mesh by node, groups x dims, predicted breakdowns) into this SVG file.")
 @user_errors
-def plan(spec_path, sets, as_json, explain):
+def plan(spec_path, sets, as_json, explain, svg_path):
     """Choose the device mesh and per-group placement, with predicted cost."""
     from .emit import canonical_json
     from .pipeline import plan as run_plan
     from .plan import format_explain
     compiled = run_plan(_load(spec_path, sets))
+    if svg_path:
+        from .svg import render_svg, write_svg
+        write_svg(svg_path, render_svg(compiled.plan, compiled.hardware.memory_bytes))
+        click.echo(f"wrote {svg_path}", err=True)  # stderr: --json output stays parseable
     if as_json:
         click.echo(canonical_json(compiled.plan.to_dict()), nl=False)
     else:
@@ -118,6 +124,26 @@ def verify(spec_path, sets, steps, rtol, workdir):
     """Prove the parallel script equal to a single-process reference: per-step losses and final parameters."""
     from .runner import verify as run_verify
     sys.exit(run_verify(_load(spec_path, sets), steps=steps, rtol=rtol, workdir=workdir))
+
+
+@main.command(name="bench")
+@SPEC
+@SETS
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the compiled script, metrics, log and report (default runs/bench/<name>/).")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Steps to run, warm-up included.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="First steps left out of the medians.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="JSON report to write (default <out>/bench.json).")
+@user_errors
+def bench_cmd(spec_path, sets, out_dir, steps, warmup, report_path):
+    """Run the compiled script on the spec's ranks and print predicted vs measured step time (forward+backward and
+    optimizer), tokens/s/device and peak memory, with measured/predicted ratios."""
+    from .bench import bench as run_bench, check_steps
+    check_steps(steps, warmup)  # before compiling anything
+    sys.exit(run_bench(_load(spec_path, sets), out_dir, steps, warmup, report_path, echo=click.echo))
 
 
 @main.command(name="calibrate")

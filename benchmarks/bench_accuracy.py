@@ -1,0 +1,168 @@
+"""Cost-model accuracy: predicted vs measured step time and peak memory for every CPU spec at 2 and 4 ranks.
+
+python benchmarks/bench_accuracy.py [--specs llama_tiny 'qwen2_vl*'] [--ranks 2 4] [--hardware PROFILE.yaml]
+                                    [--steps 8] [--warmup 2] [--json runs/bench_accuracy/results.json]
+    → one table (spec, ranks, mesh, predicted vs measured step time and peak memory with ratios, tokens/s/device),
+      a summary line (how many within 15% on step time and 10% on memory), and a JSON file of every row.
+
+Each case is `omnigen bench` in-process (omnigen.bench.run) on one node: `--set cluster.nodes=1 --set
+cluster.procs_per_node=N`. A spec's fixed parallel dims may not fit N ranks; they are relaxed in steps, each printed:
+first the data-parallel dims (dp_replicate, dp_shard) become auto, then the global batch also grows to a multiple of
+N x micro_batch_size, then every mesh dim becomes auto (with and without the larger batch). A case with no plan after
+that is skipped with the planner's reason. Specs whose cluster.device is not cpu (the full-size GPU specs) are skipped:
+they cannot run on this machine. With --hardware the plans are made against that profile (e.g. `omnigen calibrate`
+output) instead of the spec's.
+
+Measured figures are bench's: medians over the steps after the warm-up (step time, tokens/s/device) and the run's
+memory high-water mark (max over ranks of ru_maxrss on CPU, which includes the Python + torch + gloo baseline).
+Runs and logs stay in runs/bench_accuracy/<spec>_r<N>/ (git-ignored). On 2 cores the full sweep takes ~15 minutes.
+"""
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from omnigen import bench  # noqa: E402
+from omnigen.errors import OmnigenError  # noqa: E402
+from omnigen.pipeline import plan as make_plan  # noqa: E402
+from omnigen.spec import load_spec  # noqa: E402
+
+WORK = ROOT / "runs" / "bench_accuracy"
+STEP_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.10
+MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
+
+
+def selected(path: Path, patterns: list[str]) -> bool:
+    return not patterns or any(fnmatch.fnmatch(path.stem, p) for p in patterns)
+
+
+def relaxations(spec, ranks: int) -> list[list[str]]:
+    """--set lists to try in order, each relaxing more of what the spec fixed."""
+    fixed = {d: getattr(spec.parallel, d) for d in MESH_DIMS if getattr(spec.parallel, d) != "auto"}
+    data_parallel = [f"parallel.{d}=auto" for d in ("dp_replicate", "dp_shard") if d in fixed]
+    every_dim = [f"parallel.{d}=auto" for d in fixed]
+    step = ranks * spec.train.micro_batch_size
+    batch = -(-spec.train.global_batch_size // step) * step  # round up to a multiple of step
+    bigger = [f"train.global_batch_size={batch}"] if batch != spec.train.global_batch_size else []
+    # sp and ep are what a spec is about: keep them while a larger batch can still make room
+    tries = [[], data_parallel, data_parallel + bigger, every_dim, every_dim + bigger]
+    unique = []
+    for t in tries:
+        if t not in unique:
+            unique.append(t)
+    return unique
+
+
+def fit(path: Path, base: list[str], ranks: int):
+    """(spec, changes) for the first relaxation that has a plan, or (None, the planner's last reason)."""
+    reason = ""
+    for changes in relaxations(load_spec(path, base), ranks):
+        spec = load_spec(path, base + changes)
+        try:
+            make_plan(spec)
+            return spec, changes
+        except OmnigenError as e:
+            reason = str(e).splitlines()[0]
+    return None, reason
+
+
+def run_case(path: Path, ranks: int, args) -> dict:
+    base = ["cluster.nodes=1", f"cluster.procs_per_node={ranks}"]
+    if args.hardware:
+        base.append(f"cluster.hardware={Path(args.hardware).resolve()}")
+    row = {"spec": path.stem, "ranks": ranks}
+    spec, changes = fit(path, base, ranks)
+    if spec is None:
+        return {**row, "skipped": f"no plan: {changes}"}
+    if changes:
+        print(f"  {path.stem} @ {ranks} ranks: changed {', '.join(changes)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        report = bench.run(spec, WORK / f"{path.stem}_r{ranks}", args.steps, args.warmup, quiet=True)
+    except bench.BenchFailed as e:
+        return {**row, "changes": changes, "failed": str(e).splitlines()[0]}
+    return {**row, "changes": changes, "wall_s": round(time.perf_counter() - t0, 1), "mesh": report["mesh"],
+            "hardware": report["hardware"], "run_exit_code": report["run_exit_code"],
+            "predicted": {k: report["predicted"][k] for k in ("step_time_s", "peak_memory_bytes",
+                                                               "tokens_per_s_per_device")},
+            "measured": {k: report["measured"][k] for k in ("step_time_s", "peak_memory_bytes",
+                                                             "tokens_per_s_per_device")},
+            "ratios": report["ratios"]}
+
+
+def mesh_label(mesh: dict) -> str:
+    return " x ".join(f"{d}={n}" for d, n in mesh.items() if n > 1) or "1"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["spec", "ranks", "mesh", "step pred", "step meas", "ratio", "peak MiB pred", "peak MiB meas", "ratio",
+            "tok/s/dev pred", "tok/s/dev meas"]
+    lines = []
+    for r in rows:
+        if "measured" not in r:
+            lines.append([r["spec"], str(r["ranks"]), r.get("skipped") or f"FAILED: {r['failed']}"])
+            continue
+        p, m, q = r["predicted"], r["measured"], r["ratios"]
+        lines.append([r["spec"], str(r["ranks"]), mesh_label(r["mesh"]),
+                      f"{p['step_time_s'] * 1e3:.1f} ms", f"{m['step_time_s'] * 1e3:.1f} ms", f"{q['step_time_s']:.2f}",
+                      f"{p['peak_memory_bytes'] / 2**20:.0f}", f"{m['peak_memory_bytes'] / 2**20:.0f}",
+                      f"{q['peak_memory_bytes']:.2f}", f"{p['tokens_per_s_per_device']:.0f}",
+                      f"{m['tokens_per_s_per_device']:.0f}"])
+    widths = [max([len(h)] + [len(c[i]) for c in lines if len(c) == len(head)]) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])]
+                     + [fmt(c) if len(c) == len(head) else "  ".join(c) for c in lines])
+
+
+def summary(rows: list[dict]) -> str:
+    done = [r for r in rows if "measured" in r]
+    step = sum(abs(r["ratios"]["step_time_s"] - 1) <= STEP_TOLERANCE for r in done)
+    memory = sum(abs(r["ratios"]["peak_memory_bytes"] - 1) <= MEMORY_TOLERANCE for r in done)
+    skipped = len(rows) - len(done)
+    return (f"{len(done)} cases measured ({skipped} skipped or failed): step time within {STEP_TOLERANCE:.0%} in "
+            f"{step}/{len(done)}, peak memory within {MEMORY_TOLERANCE:.0%} in {memory}/{len(done)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", nargs="*", default=[], help="spec names or glob patterns (default: every spec)")
+    ap.add_argument("--ranks", nargs="*", type=int, default=[2, 4])
+    ap.add_argument("--hardware", help="plan against this hardware profile .yaml (e.g. omnigen calibrate output)")
+    ap.add_argument("--steps", type=int, default=bench.DEFAULT_STEPS)
+    ap.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP)
+    ap.add_argument("--json", default=str(WORK / "results.json"), help="where to write every row")
+    args = ap.parse_args()
+    if args.hardware and not Path(args.hardware).is_file():
+        sys.exit(f"bench_accuracy: --hardware {args.hardware}: no such file")
+    rows = []
+    for path in sorted((ROOT / "specs").glob("*.yaml")):
+        if not selected(path, args.specs):
+            continue
+        spec = load_spec(path)
+        if spec.cluster.device != "cpu":
+            print(f"skip {path.stem}: cluster.device={spec.cluster.device}, hardware {spec.cluster.hardware} "
+                  f"(a full-size GPU spec; this machine runs CPU ranks only)", flush=True)
+            continue
+        for ranks in args.ranks:
+            rows.append(run_case(path, ranks, args))
+            r = rows[-1]
+            state = r.get("skipped") or r.get("failed") or f"step ratio {r['ratios']['step_time_s']:.2f}, " \
+                                                           f"memory ratio {r['ratios']['peak_memory_bytes']:.2f}"
+            print(f"  {path.stem} @ {ranks} ranks: {state}", flush=True)
+    print("\n" + table(rows) + "\n\n" + summary(rows))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "hardware": args.hardware,
+                               "rows": rows, "summary": summary(rows)}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

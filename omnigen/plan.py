@@ -312,7 +312,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     out = {}
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
-        base = replace(train_shape(spec, Mesh(dp_shard=world), inputs), grad_accum=1)
+        t = spec.train
+        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs))  # one micro-batch
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)

@@ -2,14 +2,21 @@
 
 One torchrun launch on N local ranks (gloo on cpu, nccl on cuda) runs `worker()` (`python -m omnigen.calibrate`). Every
 rank measures at once, as ranks of a training job share the machine:
+  process memory peak RSS after the generated script's imports, process-group init, one collective (cpu: overhead_gib)
   compute        median FLOP/s of transformer-shaped GEMMs (tokens x h x 4h) per dtype; the best shape is `peak_flops`
   efficiency     fwd+bwd of a real LlamaForCausalLM stack: its FLOP rate (FlopCounterMode FLOPs / time) over the best
-                 GEMM's rate timed just before it, so that cost.py's FLOPs / (peak x efficiency) reproduces the step
+                 GEMM's rate timed just before it, per dtype
+  host overhead  fwd+bwd of tiny Llamas at a few layer counts: the time their FLOPs do not explain, as a line in the
+                 layer count (layer_overhead_us per layer forward, step_overhead_ms per micro-batch)
+  optimizer      clip_grad_norm_ + AdamW(foreach) over model-shaped fp32 parameters: an effective memory bandwidth
   attention      fwd+bwd SDPA FLOP/s at a long-ish sequence (kept in the `measured` block only)
   collectives    all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single from 4 KiB to 64 MiB
-Each rank reports its times; a figure is the slowest rank's (a step waits for it). The driver fits cost.py's alpha-beta
-model to the collective times by least squares (in log ratio) and writes the profile: measured fields replace the base
-profile's, the rest (inter_node, overhead_gib, memory_gib on cpu) are kept and `source` says which is which.
+  overlap        a GEMM block, an all-gather of about the same length, and both at once (async all-gather)
+Each rank reports its times; a figure is the slowest rank's (a step waits for it). The driver fits cost.py's models:
+the alpha-beta link by least squares (in log ratio), and efficiency jointly with the host overhead so that
+  time = FLOPs / (peak x efficiency) + 3 x layers x layer_overhead + step_overhead
+reproduces both the tiny and the real Llama. Measured fields replace the base profile's; the rest (inter_node,
+memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
@@ -49,29 +56,43 @@ MEASURED_MARK = "# measured:"
 class Settings:
     gemms: tuple[tuple[int, int, int], ...]   # (tokens, hidden, 4*hidden): C[m, n] = A[m, k] @ B[k, n]
     layer: dict[str, int]                     # LlamaConfig fields + seq_len and batch of the fwd+bwd measurement
+    tiny: dict[str, int]                      # the same for the host-overhead Llamas, less `layers`
+    tiny_layers: tuple[int, ...]              # layer counts the host overhead is fitted over
+    optimizer: tuple[int, int]                # (hidden, layers) of the model-shaped fp32 parameters AdamW steps over
     sdpa: tuple[int, int, int, int]           # batch, heads, seq, head_dim
     comm_bytes: tuple[int, ...]
     repeats: int
     block_s: float                            # a timed block repeats an op until about this long
+    overlap_s: float                          # length of the GEMM block the overlap test hides an all-gather behind
+    overlap_max_bytes: int                    # cap on that all-gather's output
 
 
 def settings(device: str, quick: bool) -> Settings:
     kib, mib = 1024, 1024**2
+    # Tiny enough that host work (Python, dispatch, kernel launches) dominates its FLOPs on any device.
+    tiny = dict(hidden_size=64, heads=4, kv_heads=2, seq_len=32, batch=1, vocab_size=256)
     if device == "cuda":
         gemms = ((4096, 2048, 8192), (8192, 4096, 16384)) if quick else \
             ((4096, 2048, 8192), (8192, 4096, 16384), (16384, 8192, 32768))
         layer = dict(hidden_size=1024 if quick else 2048, layers=2 if quick else 4, heads=16, kv_heads=8,
                      seq_len=2048, batch=2)
         sdpa = (2, 16, 4096, 128)
+        optimizer = (2048, 4 if quick else 8)            # 200-400 M parameters: far past launch overheads
+        overlap_s, overlap_max = (0.01 if quick else 0.02), 2 * 1024 * mib
     else:
         gemms = ((512, 256, 1024), (1024, 512, 2048)) if quick else \
             ((512, 256, 1024), (1024, 512, 2048), (2048, 1024, 4096))
         layer = dict(hidden_size=256 if quick else 512, layers=2 if quick else 4, heads=8, kv_heads=4,
                      seq_len=512, batch=1)
         sdpa = (1, 8, 1024 if quick else 2048, 64)
+        optimizer = (256, 4 if quick else 8)             # 12-25 MiB of parameters, x4 with grads and states: past L3
+        overlap_s, overlap_max = (0.05 if quick else 0.1), 256 * mib
     comm = (4 * kib, 64 * kib, 1 * mib, 8 * mib) if quick else tuple(4 * kib * 4**i for i in range(8))  # .. 64 MiB
-    return Settings(gemms=gemms, layer=layer, sdpa=sdpa, comm_bytes=comm, repeats=3 if quick else 7,
-                    block_s=0.02 if quick else 0.05)
+    # Not 0 layers: under load a 0-layer Llama runs well below the line through 1-16 layers (first layer costs more).
+    tiny_layers = (1, 4, 8) if quick else (1, 2, 4, 8, 16)
+    return Settings(gemms=gemms, layer=layer, tiny=tiny, tiny_layers=tiny_layers,
+                    optimizer=optimizer, sdpa=sdpa, comm_bytes=comm, repeats=3 if quick else 7,
+                    block_s=0.02 if quick else 0.05, overlap_s=overlap_s, overlap_max_bytes=overlap_max)
 
 
 # --- the alpha-beta model and its least-squares fit (pure; what cost.py uses) ------------------------------------
@@ -161,6 +182,86 @@ def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
                worst_error=math.exp(max(abs(r) for r in logs)))
 
 
+# --- compute efficiency, host overhead, optimizer bandwidth, overlap (pure; cost.py's terms) ---------------------
+
+MIN_COMPUTE_SHARE = 0.05   # the host estimate may claim at most 95% of a real Llama step
+
+
+def host_seconds(layers: int, layer_overhead_s: float, step_overhead_s: float) -> float:
+    """cost.py's host time of one micro-batch: each layer runs a forward, and a backward that counts as two."""
+    return 3 * layers * layer_overhead_s + step_overhead_s
+
+
+def fit_host_overhead(tiny: list[dict], flop_rate: float) -> tuple[float, float]:
+    """(layer_overhead_s, step_overhead_s), both >= 0: least squares of what the tiny Llamas' FLOPs at flop_rate leave
+    unexplained, against 3 x layers and 1. Their FLOPs are linear in layers, so this is the slope of time vs layers
+    less one layer's FLOP time, over 3, and the intercept less the embeddings / head / loss FLOP time."""
+    rows = [(3.0 * r["layers"], 1.0) for r in tiny]
+    return _least_squares_2(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
+
+
+def compute_efficiency(layer: dict, host_s: float, peak: float) -> float:
+    """FLOP rate of the real Llama step less host_s, over the GEMM rate: per rank the median over (GEMM block, step)
+    pairs, then the slowest rank; over `peak` when no pairs were recorded."""
+    def rate(t: float) -> float:
+        return layer["flops"] / max(t - host_s, MIN_COMPUTE_SHARE * t)
+    if layer.get("pairs_by_rank"):
+        return min(statistics.median(rate(t) / g for t, g in pairs) for pairs in layer["pairs_by_rank"])
+    return rate(layer["seconds"]) / peak
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    efficiency: dict[str, float]       # per dtype, host time removed: peak x efficiency is the pure FLOP rate
+    with_host: dict[str, float]        # the same ratio with host time left in the step
+    layer_overhead_s: float
+    step_overhead_s: float
+    iterations: int
+
+    def predict(self, flops: float, layers: int, peak: float, dtype: str) -> float:
+        """cost.py's fwd+bwd time of a model with these FLOPs and layers."""
+        return flops / (peak * self.efficiency[dtype]) + host_seconds(layers, self.layer_overhead_s,
+                                                                      self.step_overhead_s)
+
+
+def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], primary: str) -> ComputeFit:
+    """Efficiency and host overhead together, so that FLOPs / (peak x efficiency) + host reproduces both the real
+    Llama and the tiny ones.
+
+    Each needs the other: the tiny Llamas' FLOP time needs the efficiency, the real one's compute time needs the host
+    overhead. Iterate from no host overhead: a higher efficiency shortens the tiny FLOP time, which raises the
+    overhead, which raises the efficiency, so the sequence climbs; it is bounded (MIN_COMPUTE_SHARE) and the feedback
+    is weak (the tiny steps are mostly host time, the real one mostly FLOPs), so it settles in a few rounds."""
+    by_dtype = {r["dtype"]: r for r in layers}
+
+    def efficiencies(o: float, s: float) -> dict[str, float]:
+        return {d: compute_efficiency(r, host_seconds(r["config"]["layers"], o, s), peak[d])
+                for d, r in by_dtype.items()}
+    with_host = eff = efficiencies(0.0, 0.0)
+    o = s = 0.0
+    i = 0
+    for i in range(1, 201) if tiny else ():
+        o, s = fit_host_overhead(tiny, peak[primary] * eff[primary])
+        new = efficiencies(o, s)
+        done = abs(new[primary] - eff[primary]) <= 1e-12 * eff[primary]
+        eff = new
+        if done:
+            break
+    return ComputeFit(efficiency=eff, with_host=with_host, layer_overhead_s=o, step_overhead_s=s, iterations=i)
+
+
+def effective_bandwidth_gbps(params: int, seconds: float) -> float:
+    """The memory bandwidth with which cost.py's optimizer term (bytes per parameter / bandwidth) gives `seconds`:
+    an effective figure (it folds in per-tensor launch costs and the arithmetic), not the memory's datasheet rate."""
+    from .cost import OPTIMIZER_BYTES_PER_PARAM
+    return OPTIMIZER_BYTES_PER_PARAM * params / seconds / 1e9
+
+
+def overlap_share(compute_s: float, comm_s: float, both_s: float) -> float:
+    """Share of the compute block's time a collective launched before it hid behind it, in [0, 1]."""
+    return min(max((compute_s + comm_s - both_s) / compute_s, 0.0), 1.0)
+
+
 # --- the worker: runs on every rank under torchrun ------------------------------------------------------------
 
 def _timer(device: str) -> Callable[[], float]:
@@ -221,56 +322,114 @@ def measure_sdpa(dev, s: Settings, now) -> list[dict]:
     return out
 
 
-def measure_layers(dev, s: Settings, now, gemms: list[dict]) -> list[dict]:
-    """fwd+bwd (loss included, optimizer not) of a LlamaForCausalLM stack; FLOPs counted by FlopCounterMode.
-
-    Each timed step is paired with a block of this rank's fastest GEMM right before it, so `paired_efficiency`
-    (median of layer rate / GEMM rate) holds even when other work on the machine slows both by a varying amount."""
+def _torch_dtype(name: str):
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _llama(dev, dtype, L: dict[str, int]) -> tuple[Any, Callable[[], None]]:
+    """A random-init LlamaForCausalLM (sdpa attention) and its fwd+bwd step: loss included, optimizer not."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    h = L["hidden_size"]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=int(8 * h / 3 + 63) // 64 * 64, num_hidden_layers=L["layers"],
+                      num_attention_heads=L["heads"], num_key_value_heads=L["kv_heads"],
+                      vocab_size=L.get("vocab_size", 1024), max_position_embeddings=L["seq_len"],
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype)
+    ids = torch.randint(0, cfg.vocab_size, (L["batch"], L["seq_len"]), device=dev)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+    return cfg, step
+
+
+def _count_flops(step: Callable[[], None]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
 
     from .flops import register_missing_flop_formulas
     register_missing_flop_formulas()
-    L = s.layer
-    h = L["hidden_size"]
-    cfg = LlamaConfig(hidden_size=h, intermediate_size=int(8 * h / 3 + 63) // 64 * 64, num_hidden_layers=L["layers"],
-                      num_attention_heads=L["heads"], num_key_value_heads=L["kv_heads"], vocab_size=1024,
-                      max_position_embeddings=L["seq_len"], tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def measure_layers(dev, s: Settings, now, gemms: list[dict]) -> list[dict]:
+    """fwd+bwd (loss included, optimizer not) of a LlamaForCausalLM stack; FLOPs counted by FlopCounterMode.
+
+    Each timed step is paired with a block of this rank's fastest GEMM right before it, so the ratio of their rates
+    holds even when other work on the machine slows both by a varying amount. `pairs` keeps (step seconds, GEMM
+    FLOP/s) so that the driver can take the host overhead out of each step before taking the ratio."""
+    import torch
     out = []
     for name in DTYPES:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(device=dev, dtype=dtype)
-        ids = torch.randint(0, cfg.vocab_size, (L["batch"], L["seq_len"]), device=dev)
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            model.zero_grad(set_to_none=True)
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = float(counter.get_total_flops())
+        dtype = _torch_dtype(name)
+        cfg, step = _llama(dev, dtype, s.layer)
+        flops = _count_flops(step)
         best = max((g for g in gemms if g["dtype"] == name), key=lambda g: g["flops"] / g["seconds"])
         m, k, n = best["shape"]
         a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, n, device=dev, dtype=dtype)
         step()
         gemm_calls = max(1, round(s.block_s / best["seconds"]))
-        times, ratios = [], []
-        for _ in range(s.repeats):
+        pairs = []
+        for _ in range(2 * s.repeats + 1):     # a median of few pairs moves with every burst of load
             t0 = now()
             for _ in range(gemm_calls):
                 a @ b
             t1 = now()
             step()
             t2 = now()
-            times.append(t2 - t1)
-            ratios.append((flops / (t2 - t1)) / (best["flops"] * gemm_calls / (t1 - t0)))
-        out.append({"dtype": name, "seconds": statistics.median(times), "flops": flops,
-                    "paired_efficiency": statistics.median(ratios), "paired_gemm": best["shape"],
-                    "config": {**L, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}})
-        del model
+            pairs.append([t2 - t1, best["flops"] * gemm_calls / (t1 - t0)])
+        out.append({"dtype": name, "seconds": statistics.median(t for t, _ in pairs), "flops": flops,
+                    "pairs": pairs, "paired_gemm": best["shape"],
+                    "config": {**s.layer, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}})
+        del step
     return out
+
+
+def measure_host(dev, s: Settings, now, dtype_name: str) -> list[dict]:
+    """fwd+bwd of tiny Llamas at each of s.tiny_layers, timed round-robin so that load drifting on the machine hits
+    every depth alike; per depth the median over repeats."""
+    runs = []
+    for layers in s.tiny_layers:
+        _, step = _llama(dev, _torch_dtype(dtype_name), {**s.tiny, "layers": layers})
+        flops = _count_flops(step)
+        step()
+        t0 = now()
+        step()
+        calls = max(1, round(2.5 * s.block_s / max(now() - t0, 1e-7)))
+        runs.append((layers, flops, step, calls, []))
+    for _ in range(max(11, 2 * s.repeats + 1)):       # cheap, and a line through 3-5 points needs steady ones
+        for _, _, step, calls, times in runs:
+            t0 = now()
+            for _ in range(calls):
+                step()
+            times.append((now() - t0) / calls)
+    return [{"layers": layers, "flops": flops, "dtype": dtype_name, "seconds": statistics.median(times),
+             "config": s.tiny} for layers, flops, _, _, times in runs]
+
+
+def measure_optimizer(dev, s: Settings, now) -> list[dict]:
+    """clip_grad_norm_ + AdamW(foreach) step over fp32 parameters shaped like Llama layers, after a warm-up step
+    (which allocates the optimizer state); grads stay as they are between steps."""
+    import torch
+    h, layers = s.optimizer
+    inter = int(8 * h / 3 + 63) // 64 * 64
+    shapes = [(h, h)] * 4 + [(inter, h)] * 3 + [(h,)] * 2      # q k v o, gate up down, two norms
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(0.02 * torch.randn(shape, device=dev)) for _ in range(layers) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+    seconds = _median_seconds(step, now, 2 * s.repeats + 1, s.block_s)
+    return [{"params": sum(p.numel() for p in params), "tensors": len(params), "seconds": seconds}]
 
 
 def measure_collectives(dev, s: Settings, now, n: int) -> list[dict]:
@@ -308,21 +467,95 @@ def measure_collectives(dev, s: Settings, now, n: int) -> list[dict]:
     return out
 
 
+def measure_overlap(dev, s: Settings, now, gemms: list[dict], comm: list[dict], dtype_name: str) -> list[dict]:
+    """A GEMM block alone, an all-gather alone, and the all-gather launched with async_op=True, the GEMM block run,
+    then waited on. The gather is sized from this run's all-gather rate to last about s.overlap_s, the GEMM block to
+    last as long as the gather then measures (within 1/4-2x s.overlap_s), so that the GEMM block is not too short to
+    hide the gather behind."""
+    import torch
+    import torch.distributed as dist
+    n = dist.get_world_size()
+    dtype = _torch_dtype(dtype_name)
+    # The smallest GEMM: one call of the largest can outlast the whole block on a loaded machine.
+    gemm = min((g for g in gemms if g["dtype"] == dtype_name), key=lambda g: g["flops"])
+    m, k, nn = gemm["shape"]
+    a, b = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(k, nn, device=dev, dtype=dtype)
+    gathers = [r for r in comm if r["op"] == "all_gather"]
+    largest = max(gathers, key=lambda r: r["bytes"])
+    rate = largest["bytes"] / statistics.median(largest["seconds"])
+    numel = torch.tensor([max(n, int(min(rate * s.overlap_s, s.overlap_max_bytes)) // 4 // n * n)], device=dev)
+    dist.all_reduce(numel, op=dist.ReduceOp.MIN)                 # one size on every rank
+    full = torch.empty(int(numel), device=dev)
+    part = torch.ones(int(numel) // n, device=dev)
+
+    def gather():
+        dist.all_gather_into_tensor(full, part)
+
+    def gemm_block(calls: int) -> None:
+        for _ in range(calls):
+            a @ b
+
+    def timed(fn: Callable[[], Any]) -> float:     # every rank at it at once
+        dist.barrier()
+        t0 = now()
+        fn()
+        return now() - t0
+    # Size the GEMM block to the gather from medians of both timed as below: the GEMM phase's rate can be a
+    # whole core's when ranks share cores, or a quiet moment's.
+    trial = max(1, round(s.overlap_s / gemm["seconds"]))
+    gather()
+    gather_s, trial_s = zip(*((timed(gather), timed(lambda: gemm_block(trial))) for _ in range(3)))
+    block_s = min(max(statistics.median(gather_s), s.overlap_s / 4), 2 * s.overlap_s)
+    calls = torch.tensor([max(1, round(trial * block_s / statistics.median(trial_s)))], device=dev)
+    dist.all_reduce(calls, op=dist.ReduceOp.MIN)
+
+    def compute():
+        gemm_block(int(calls))
+
+    def both():
+        work = dist.all_gather_into_tensor(full, part, async_op=True)
+        compute()
+        work.wait()
+    both()
+    runs = {"compute": compute, "comm": gather, "both": both}
+    times: dict[str, list[float]] = {what: [] for what in runs}
+    for _ in range(2 * s.repeats + 1):
+        for what, fn in runs.items():
+            times[what].append(timed(fn))
+    return [{"what": what, "bytes": int(numel) * 4, "gemm": gemm["shape"], "gemm_calls": int(calls),
+             "dtype": dtype_name, "seconds": times[what]} for what in runs]
+
+
 def _slowest(per_rank: list[list[dict]]) -> list[dict]:
     """Merge the ranks' records: each figure becomes the slowest rank's; `seconds_by_rank` keeps them all."""
     merged = []
     for records in zip(*per_rank):
         rec = dict(records[0])
-        if isinstance(rec["seconds"], list):   # collectives: repeat-wise max over ranks, then the median
+        if isinstance(rec["seconds"], list):   # repeat-wise max over ranks, then the median
             repeats = range(len(rec["seconds"]))
             rec["seconds"] = statistics.median(max(r["seconds"][i] for r in records) for i in repeats)
         else:
             rec["seconds_by_rank"] = [r["seconds"] for r in records]
             rec["seconds"] = max(r["seconds"] for r in records)
-        if "paired_efficiency" in rec:
-            rec["paired_efficiency"] = min(r["paired_efficiency"] for r in records)
+        if "pairs" in rec:
+            rec["pairs_by_rank"] = [r["pairs"] for r in records]
+            del rec["pairs"]
         merged.append(rec)
     return merged
+
+
+def _import_like_generated_script() -> None:
+    """What a generated train.py imports before it builds a model, so that the RSS sampled after it is its start."""
+    import torch.nn.functional  # noqa: F401
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    transformers.LlamaForCausalLM   # resolving a model class imports transformers' modelling stack (~90 MB RSS)
+
+
+def peak_rss_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB   # Linux: KiB, read as train.py does
 
 
 def worker(device: str, quick: bool, result_path: str) -> None:
@@ -335,27 +568,40 @@ def worker(device: str, quick: bool, result_path: str) -> None:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+    _import_like_generated_script()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
+    dist.all_reduce(torch.ones(1, device=dev))
+    rss_gib = peak_rss_gib()    # now, before any measurement allocates: the peak so far is the process's fixed cost
     s, now = settings(device, quick), _timer(device)
+    primary = "bf16" if device == "cuda" else "fp32"
 
     def say(msg):
         if rank == 0:
-            print(f"[calibrate] {msg}", flush=True)
-    say(f"{n} ranks, {torch.get_num_threads()} thread(s) each; GEMMs ...")
+            print(f"[calibrate] {msg} ({time.perf_counter() - started:.1f} s)", flush=True)
     dist.barrier()
     started = time.perf_counter()
+    say(f"{n} ranks, {torch.get_num_threads()} thread(s) each, {rss_gib:.2f} GiB RSS at start; GEMMs ...")
     mine: dict[str, Any] = {"gemm": measure_gemms(dev, s, now)}
-    say(f"SDPA ... ({time.perf_counter() - started:.1f} s)")
+    say("SDPA ...")
     mine["sdpa"] = measure_sdpa(dev, s, now)
-    say(f"Llama fwd+bwd ... ({time.perf_counter() - started:.1f} s)")
+    say("Llama fwd+bwd ...")
     mine["layer"] = measure_layers(dev, s, now, mine["gemm"])
+    say(f"host overhead: tiny Llamas at {', '.join(map(str, s.tiny_layers))} layers ...")
+    mine["host"] = measure_host(dev, s, now, primary)
+    say("clip_grad_norm_ + AdamW ...")
+    mine["optimizer"] = measure_optimizer(dev, s, now)
     dist.barrier()
-    say(f"collectives ... ({time.perf_counter() - started:.1f} s)")
+    say("collectives ...")
     mine["comm"] = measure_collectives(dev, s, now, n) if n > 1 else []
+    if n > 1:
+        say("overlap of an async all-gather with GEMMs ...")
+        mine["overlap"] = measure_overlap(dev, s, now, mine["gemm"], mine["comm"], primary)
     gathered: list[Any] = [None] * n
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, {"records": mine, "rss_gib": rss_gib})
     if rank == 0:
-        result = {k: _slowest([g[k] for g in gathered]) for k in mine}
+        result: dict[str, Any] = {k: _slowest([g["records"][k] for g in gathered]) for k in mine}
+        result["rss_gib_by_rank"] = [g["rss_gib"] for g in gathered]
+        result["rss_gib"] = max(result["rss_gib_by_rank"])
         result["world_size"] = n
         result["threads"] = torch.get_num_threads()
         result["torch"] = torch.__version__
@@ -457,6 +703,7 @@ class Calibration:
     measured: dict[str, Any]    # everything measured, as written under `# measured:`
     fit: Fit | None
     fits_by_op: dict[str, Fit]
+    compute: ComputeFit
     kept: tuple[str, ...]       # profile fields copied from the base profile
     raw: dict[str, Any]
 
@@ -465,56 +712,107 @@ def best_rate(records: list[dict], dtype: str) -> float:
     return max(r["flops"] / r["seconds"] for r in records if r["dtype"] == dtype)
 
 
+def _base_field(base: dict[str, Any], key: str) -> Any:
+    """The base profile's value, or HardwareProfile's default where an older profile leaves the field out."""
+    from .hardware import HardwareProfile
+    return base[key] if key in base else HardwareProfile.__dataclass_fields__[key].default
+
+
+def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, dict], rss: float | None) -> str:
+    """How each measured field was measured, for `source`."""
+    L, T, opt = raw["layer"][0]["config"], raw["host"][0]["config"], raw["optimizer"][0]
+    how = [f"peak_flops = best median GEMM rate over {len(raw['gemm']) // 2} tokens x h x 4h shapes",
+           f"matmul_efficiency = fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, {L['layers']} layers, "
+           f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs), host overhead removed, / the best GEMM, "
+           "timed in pairs, per dtype",
+           f"layer_overhead_us, step_overhead_ms = least-squares line of {primary} tiny Llama fwd+bwd time (hidden "
+           f"{T['hidden_size']}, seq {T['seq_len']}, at {', '.join(str(r['layers']) for r in raw['host'])} layers) "
+           "less its FLOP time, solved together with matmul_efficiency",
+           f"memory_bandwidth_gbps = effective: cost.py's bytes per parameter x {opt['params'] / 1e6:.3g} M fp32 "
+           f"parameters in {opt['tensors']} tensors / clip_grad_norm_ + AdamW(foreach) step time"]
+    if overlap:
+        how.append(f"overlap = (GEMM block + all-gather of {_bytes(overlap['comm']['bytes'])} apart - together) / "
+                   "GEMM block, async all-gather")
+    if rss:
+        how.append(f"overhead_gib = peak RSS after importing torch + transformers, {raw['backend']} init and one "
+                   "all_reduce")
+    if fit:
+        sizes = sorted({r["bytes"] for r in raw["comm"]})
+        how.append(f"intra_node = alpha-beta least-squares fit (log ratio) of {raw['backend']} all_gather, "
+                   f"reduce_scatter, all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}")
+    else:
+        how.append("one rank: no communication measured")
+    return "; ".join(how)
+
+
 def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, Any], name: str,
             quick: bool, today: str | None = None) -> Calibration:
     """Turn the worker's measurements into a profile (pure: no torch, no I/O)."""
     n = raw["world_size"]
+    primary = "bf16" if device == "cuda" else "fp32"
     peak = {d: best_rate(raw["gemm"], d) for d in DTYPES}
     layer_rate = {r["dtype"]: r["flops"] / r["seconds"] for r in raw["layer"]}
     direct = {d: layer_rate[d] / peak[d] for d in DTYPES}
-    # The paired ratio is immune to load that drifts between the GEMM and the layer measurements; without a
-    # pairing (older result files) the direct ratio is the same figure.
-    efficiency = {r["dtype"]: r.get("paired_efficiency", direct[r["dtype"]]) for r in raw["layer"]}
-    primary = "bf16" if device == "cuda" else "fp32"
+    # Paired ratios are immune to load that drifts between the GEMM and the layer measurements.
+    compute = fit_compute(raw["layer"], raw["host"], peak, primary)
     samples = [(r["op"], r["bytes"], r["seconds"]) for r in raw["comm"]]
     fit = fit_alpha_beta(samples, n) if samples else None
     fits_by_op = {op: fit_alpha_beta([x for x in samples if x[0] == op], n) for op in COLLECTIVES
                   if any(x[0] == op for x in samples)}
+    overlap = {r["what"]: r for r in raw.get("overlap", [])}
+    # cuda: RSS misses the device memory and max_memory_allocated misses the CUDA context, so keep the base figure.
+    rss = raw.get("rss_gib") if device == "cpu" else None
+    opt = raw["optimizer"][0]
     memory = round(raw["memory_gib"], 1) if raw.get("memory_gib") else base["memory_gib"]
     intra = ({"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us)} if fit
              else dict(base["intra_node"]))
     kept = [k for k, measured in (("memory_gib", bool(raw.get("memory_gib"))), ("intra_node", bool(fit)),
-                                  ("inter_node", False), ("overhead_gib", False)) if not measured]
-    L = raw["layer"][0]["config"]
-    sizes = sorted({r["bytes"] for r in raw["comm"]})
-    how = (f"peak_flops = best median GEMM rate over {len(raw['gemm']) // 2} tokens x h x 4h shapes; "
-           f"matmul_efficiency = {primary} fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, "
-           f"{L['layers']} layers, "
-           f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs) / the best GEMM, timed in pairs")
-    how += (f"; intra_node = alpha-beta least-squares fit (log ratio) of {raw['backend']} all_gather, "
-            "reduce_scatter, "
-             f"all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}" if fit else
-             "; one rank: no communication measured")
+                                  ("inter_node", False), ("overhead_gib", bool(rss)), ("overlap", bool(overlap)))
+            if not measured]
     source = (f"omnigen calibrate{' --quick' if quick else ''} on {today or datetime.date.today().isoformat()}: "
               f"torch {raw['torch']}, {raw['device_name']}, {cpu_cores()} cores, {n} {device} ranks x "
-              f"{raw['threads']} thread(s), measured concurrently, slowest rank; {how}; kept from {base_name}: "
-              f"{', '.join(kept)}")
+              f"{raw['threads']} thread(s), measured concurrently, slowest rank; "
+              f"{_how(raw, primary, fit, overlap, rss)}"
+              f"; kept from {base_name}: {', '.join(kept)}")
     profile = {"name": name, "peak_flops": {d: _sig(peak[d]) for d in DTYPES},
-               "matmul_efficiency": _sig(efficiency[primary], 3), "memory_gib": memory, "intra_node": intra,
-               "inter_node": dict(base["inter_node"]), "overhead_gib": base["overhead_gib"], "source": source}
+               "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
+               "layer_overhead_us": _sig(compute.layer_overhead_s * 1e6, 3),
+               "step_overhead_ms": _sig(compute.step_overhead_s * 1e3, 3),
+               "memory_bandwidth_gbps": _sig(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
+               "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
+               if overlap else _base_field(base, "overlap"),
+               "memory_gib": memory, "intra_node": intra, "inter_node": dict(base["inter_node"]),
+               "overhead_gib": _sig(rss, 3) if rss else base["overhead_gib"], "source": source}
+    L = raw["layer"][0]["config"]
     measured = {
         "attention_flops": {r["dtype"]: _sig(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
         "attention_shape": raw["sdpa"][0]["shape"],
-        "matmul_efficiency": {d: _sig(efficiency[d], 3) for d in DTYPES},
+        "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
+        "matmul_efficiency_with_host": {d: _sig(compute.with_host[d], 3) for d in DTYPES},
         "matmul_efficiency_unpaired": {d: _sig(direct[d], 3) for d in DTYPES},
         "layer_flops_per_s": {d: _sig(layer_rate[d]) for d in DTYPES},
         "layer": {**L, "flops": _sig(raw["layer"][0]["flops"]),
-                  "seconds": {r["dtype"]: _sig(r["seconds"]) for r in raw["layer"]}},
+                  "seconds": {r["dtype"]: _sig(r["seconds"]) for r in raw["layer"]},
+                  "host_share": {r["dtype"]: _sig(host_seconds(L["layers"], compute.layer_overhead_s,
+                                                               compute.step_overhead_s) / r["seconds"], 3)
+                                 for r in raw["layer"]}},
+        "host": {**raw["host"][0]["config"], "dtype": primary, "layers": [r["layers"] for r in raw["host"]],
+                 "flops": [_sig(r["flops"]) for r in raw["host"]],
+                 "seconds": [_sig(r["seconds"]) for r in raw["host"]],
+                 "fitted_seconds": [_sig(compute.predict(r["flops"], r["layers"], peak[primary], primary))
+                                    for r in raw["host"]],
+                 "iterations": compute.iterations},
+        "optimizer": {"params": opt["params"], "tensors": opt["tensors"], "seconds": _sig(opt["seconds"])},
         "gemm_flops_per_s": {d: {"x".join(map(str, r["shape"])): _sig(r["flops"] / r["seconds"])
                                  for r in raw["gemm"] if r["dtype"] == d} for d in DTYPES},
+        "rss_gib_by_rank": [_sig(x, 3) for x in raw["rss_gib_by_rank"]],
         "ranks": n, "threads_per_rank": raw["threads"], "backend": raw["backend"],
         "measure_s": round(raw["measure_s"], 1),
     }
+    if overlap:
+        measured["overlap"] = {"bytes": overlap["comm"]["bytes"], "gemm": overlap["compute"]["gemm"],
+                               "gemm_calls": overlap["compute"]["gemm_calls"],
+                               **{f"{w}_s": _sig(r["seconds"]) for w, r in overlap.items()}}
     if fit:
         measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"]
                                            if r["op"] == op} for op in COLLECTIVES}
@@ -524,7 +822,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
         measured["fit_by_op"] = {op: {"bandwidth_gbps": _sig(f.bandwidth_gbps), "latency_us": _sig(f.latency_us),
                                       "typical_error_factor": _sig(f.typical_error, 3)}
                                for op, f in fits_by_op.items()}
-    return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, kept=tuple(kept), raw=raw)
+    return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, compute=compute,
+                       kept=tuple(kept), raw=raw)
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -534,7 +833,7 @@ def _sig(x: float, digits: int = 4) -> float:
 def _bytes(n: float) -> str:
     for unit, size in (("MiB", 1024**2), ("KiB", 1024)):
         if n >= size:
-            return f"{n / size:g} {unit}"
+            return f"{n / size:.3g} {unit}"
     return f"{n:g} B"
 
 
@@ -550,21 +849,35 @@ def _num(x: float) -> str:
 
 
 def profile_yaml(c: Calibration, command: str) -> str:
-    p, base_note = c.profile, "kept from the base profile"
-    fit_note = (f"alpha-beta fit, {c.measured['ranks']} ranks, {c.measured['backend']} "
+    p, m, base_note = c.profile, c.measured, "kept from the base profile"
+    fit_note = (f"alpha-beta fit, {m['ranks']} ranks, {m['backend']} "
                 f"(samples typically x{c.fit.typical_error:.2f} off)" if c.fit else base_note)
     mem_note = base_note if "memory_gib" in c.kept else "total device memory"
+    host, opt = m["host"], m["optimizer"]
+    overlap_note = (base_note + ": one rank" if "overlap" in c.kept else
+                    f"share of a GEMM block an async all-gather hid behind, {m['ranks']} ranks")
+    overhead_note = (base_note if "overhead_gib" in c.kept else
+                     f"peak RSS after imports, {m['backend']} init, one all_reduce (slowest rank)")
+    eff = p["matmul_efficiency"]
     lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
              f"name: {p['name']}",
              f"peak_flops: {{fp32: {_num(p['peak_flops']['fp32'])}, bf16: {_num(p['peak_flops']['bf16'])}}}"
              "   # per rank, FLOP/s: best median GEMM",
-             f"matmul_efficiency: {_num(p['matmul_efficiency'])}   # Llama fwd+bwd FLOP/s / GEMM peak",
+             f"matmul_efficiency: {{fp32: {_num(eff['fp32'])}, bf16: {_num(eff['bf16'])}}}"
+             "   # Llama fwd+bwd FLOP/s, host time removed, / GEMM peak",
+             f"layer_overhead_us: {_num(p['layer_overhead_us'])}   # host time per layer forward (backward = 2): "
+             f"tiny {host['dtype']} Llamas at {', '.join(map(str, host['layers']))} layers",
+             f"step_overhead_ms: {_num(p['step_overhead_ms'])}   # host time per micro-batch beyond the layers: "
+             "the same fit at 0 layers",
+             f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
+             f"AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params",
+             f"overlap: {_num(p['overlap'])}   # {overlap_note}",
              f"memory_gib: {_num(p['memory_gib'])}   # {mem_note}",
              f"intra_node: {{bandwidth_gbps: {_num(p['intra_node']['bandwidth_gbps'])}, "
              f"latency_us: {_num(p['intra_node']['latency_us'])}}}   # {fit_note}",
              f"inter_node: {{bandwidth_gbps: {_num(p['inter_node']['bandwidth_gbps'])}, "
              f"latency_us: {_num(p['inter_node']['latency_us'])}}}   # {base_note}: one node measured",
-             f"overhead_gib: {_num(p['overhead_gib'])}   # {base_note}",
+             f"overhead_gib: {_num(p['overhead_gib'])}   # {overhead_note}",
              f"source: {json.dumps(p['source'])}",
              "",
              f"{MEASURED_MARK}   # raw figures: load_profile skips comments; omnigen.calibrate.read_measured reads them"]
@@ -598,8 +911,25 @@ def format_summary(c: Calibration) -> str:
         L = r["config"]
         what = f"Llama fwd+bwd h{L['hidden_size']} x{L['layers']} s{L['seq_len']}"
         out.append(f"  {what:<34} {r['dtype']:>5} {_si(r['seconds'], 's'):>10} {_si(r['flops'] / r['seconds']):>10}"
-                   f"   efficiency {c.measured['matmul_efficiency'][r['dtype']]:.3f} paired, "
+                   f"   efficiency {c.measured['matmul_efficiency'][r['dtype']]:.3f} paired less host, "
+                   f"{c.measured['matmul_efficiency_with_host'][r['dtype']]:.3f} with host, "
                    f"{c.measured['matmul_efficiency_unpaired'][r['dtype']]:.3f} vs peak ({_si(r['flops'])}FLOP)")
+    cf, primary = c.compute, c.measured["host"]["dtype"]
+    out.append(f"\nhost overhead: time = FLOPs / (peak x efficiency) + 3 x layers x {cf.layer_overhead_s * 1e6:.1f} us "
+               f"+ {cf.step_overhead_s * 1e3:.2f} ms  ({cf.iterations} rounds)")
+    for r, fitted in zip(raw["host"], c.measured["host"]["fitted_seconds"]):
+        what = f"tiny Llama h{r['config']['hidden_size']} x{r['layers']} s{r['config']['seq_len']}"
+        out.append(f"  {what:<34} {primary:>5} {_si(r['seconds'], 's'):>10}  fitted {_si(fitted, 's'):>9} "
+                   f"{fitted / r['seconds'] - 1:>+5.0%}  FLOPs {_si(r['flops'])}")
+    opt = raw["optimizer"][0]
+    out.append(f"\noptimizer: clip_grad_norm_ + AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params in "
+               f"{opt['tensors']} tensors: {_si(opt['seconds'], 's')} -> effective "
+               f"{c.profile['memory_bandwidth_gbps']} GB/s")
+    out.append(f"process memory: peak RSS at start {', '.join(f'{x:.3f}' for x in raw['rss_gib_by_rank'])} GiB by rank")
+    if "overlap" in c.measured:
+        o = c.measured["overlap"]
+        out.append(f"overlap: GEMM block {_si(o['compute_s'], 's')}, all-gather {_bytes(o['bytes'])} "
+                   f"{_si(o['comm_s'], 's')}, both {_si(o['both_s'], 's')} -> overlap {c.profile['overlap']}")
     if c.fit:
         n = raw["world_size"]
         out.append(f"\ncollectives ({raw['backend']}, {n} ranks): measured vs fitted "
@@ -616,8 +946,10 @@ def format_summary(c: Calibration) -> str:
                    f"samples typically x{c.fit.typical_error:.2f} off it, worst x{c.fit.worst_error:.2f}")
     p = c.profile
     out.append(f"\nprofile: peak fp32 {_si(p['peak_flops']['fp32'])}FLOP/s, bf16 {_si(p['peak_flops']['bf16'])}FLOP/s, "
-               f"efficiency {p['matmul_efficiency']}, intra_node {p['intra_node']['bandwidth_gbps']} GB/s "
-               f"{p['intra_node']['latency_us']} us, memory {p['memory_gib']} GiB")
+               f"efficiency {p['matmul_efficiency']}, layer overhead {p['layer_overhead_us']} us, step overhead "
+               f"{p['step_overhead_ms']} ms, optimizer {p['memory_bandwidth_gbps']} GB/s, overlap {p['overlap']}, "
+               f"intra_node {p['intra_node']['bandwidth_gbps']} GB/s {p['intra_node']['latency_us']} us, "
+               f"memory {p['memory_gib']} GiB, overhead {p['overhead_gib']} GiB")
     return "\n".join(out)
 
 

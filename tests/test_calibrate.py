@@ -9,10 +9,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from omnigen.calibrate import (COLLECTIVES, Fit, analyse, collective_terms, fit_alpha_beta, profile_yaml, read_base,
-                               read_measured)
+from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
+                               overlap_share, profile_yaml, read_base, read_measured)
 from omnigen.cli import main
-from omnigen.cost import all_gather_s, all_reduce_s, reduce_scatter_s
+from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
 from omnigen.hardware import Link, load_profile
 from omnigen.spec import spec_from_dict
 
@@ -74,18 +74,97 @@ def test_fit_keeps_coefficients_non_negative():
 
 # --- the file --------------------------------------------------------------------------------------------------
 
-def fake_raw(memory_gib=None) -> dict:
-    layer = {"hidden_size": 256, "layers": 2, "heads": 8, "kv_heads": 4, "seq_len": 512, "batch": 1,
-             "intermediate_size": 704, "vocab_size": 1024}
-    return {"world_size": 2, "threads": 1, "torch": "2.13.0+cpu", "backend": "gloo", "device_name": "Test CPU",
-            "memory_gib": memory_gib, "measure_s": 12.0,
-            "gemm": [{"dtype": d, "shape": [512, 256, 1024], "seconds": s, "flops": 2.0 * 512 * 256 * 1024}
-                     for d, s in (("fp32", 4e-3), ("bf16", 8e-4))],
+GEMM_FLOPS = 2.0 * 512 * 256 * 1024
+PEAK = {"fp32": GEMM_FLOPS / 4e-3, "bf16": GEMM_FLOPS / 8e-4}
+EFFICIENCY = {"fp32": 0.6, "bf16": 0.3}
+LAYER_OVERHEAD_S, STEP_OVERHEAD_S = 150e-6, 2e-3
+LLAMA_FLOPS, TINY_FLOPS = 7e9, (4e6, 10e6)     # tiny: embeddings/head + per layer
+
+
+def fake_host(noise: float = 0.0, efficiency: float = EFFICIENCY["fp32"], layer_s: float = LAYER_OVERHEAD_S,
+              step_s: float = STEP_OVERHEAD_S) -> list[dict]:
+    """Tiny-Llama times as cost.py would predict them from known efficiency and host overhead, +- noise."""
+    tiny = {"hidden_size": 64, "heads": 4, "kv_heads": 2, "seq_len": 32, "batch": 1, "vocab_size": 256}
+    out = []
+    for i, layers in enumerate((1, 2, 4, 8)):
+        flops = TINY_FLOPS[0] + layers * TINY_FLOPS[1]
+        t = flops / (PEAK["fp32"] * efficiency) + 3 * layers * layer_s + step_s
+        out.append({"layers": layers, "flops": flops, "dtype": "fp32", "seconds": t * (1 + noise * (-1) ** i),
+                    "config": tiny})
+    return out
+
+
+def fake_layer(dtype: str, layer_s: float = LAYER_OVERHEAD_S, step_s: float = STEP_OVERHEAD_S,
+               slow_rank: float = 1.0) -> dict:
+    """The real Llama's (step seconds, GEMM rate) pairs: the machine's speed drifts, the paired ratio does not."""
+    config = {"hidden_size": 256, "layers": 2, "heads": 8, "kv_heads": 4, "seq_len": 512, "batch": 1,
+              "intermediate_size": 704, "vocab_size": 1024}
+    host = 3 * config["layers"] * layer_s + step_s
+    pairs = [[LLAMA_FLOPS / (PEAK[dtype] * f * EFFICIENCY[dtype]) + host, PEAK[dtype] * f] for f in (1.0, 0.8, 1.1)]
+    return {"dtype": dtype, "seconds": sorted(t for t, _ in pairs)[1], "flops": LLAMA_FLOPS, "config": config,
+            "pairs_by_rank": [pairs, [[t * slow_rank, g] for t, g in pairs]]}
+
+
+def fake_raw(memory_gib=None, world_size=2) -> dict:
+    return {"world_size": world_size, "threads": 1, "torch": "2.13.0+cpu", "backend": "gloo",
+            "device_name": "Test CPU", "memory_gib": memory_gib, "measure_s": 12.0,
+            "rss_gib": 0.41, "rss_gib_by_rank": [0.4, 0.41],
+            "gemm": [{"dtype": d, "shape": [512, 256, 1024], "seconds": GEMM_FLOPS / PEAK[d], "flops": GEMM_FLOPS}
+                     for d in ("fp32", "bf16")],
             "sdpa": [{"dtype": d, "shape": [1, 8, 1024, 64], "seconds": 0.1, "flops": 3 * 4.0 * 8 * 1024**2 * 64}
                      for d in ("fp32", "bf16")],
-            "layer": [{"dtype": d, "seconds": s, "flops": 7e9, "config": layer}
-                      for d, s in (("fp32", 0.25), ("bf16", 0.1))],
-            "comm": [{"op": op, "bytes": b, "seconds": t} for op, b, t in synthetic(300e-6, 0.8e9, 2)]}
+            "layer": [fake_layer(d) for d in ("fp32", "bf16")],
+            "host": fake_host(),
+            "optimizer": [{"params": 3_000_000, "tensors": 36, "seconds": 0.03}],
+            "overlap": [{"what": w, "bytes": 64 * 2**20, "gemm": [512, 256, 1024], "gemm_calls": 25, "dtype": "fp32",
+                         "seconds": s} for w, s in (("compute", 0.1), ("comm", 0.1), ("both", 0.15))]
+            if world_size > 1 else [],
+            "comm": [{"op": op, "bytes": b, "seconds": t} for op, b, t in synthetic(300e-6, 0.8e9, 2)]
+            if world_size > 1 else []}
+
+
+def test_compute_fit_recovers_efficiency_and_host_overhead():
+    """Both unknowns at once: the tiny models need the efficiency, the real one the host overhead."""
+    raw = fake_raw()
+    fit = fit_compute(raw["layer"], raw["host"], PEAK, "fp32")
+    assert fit.layer_overhead_s == pytest.approx(LAYER_OVERHEAD_S, rel=1e-3)
+    assert fit.step_overhead_s == pytest.approx(STEP_OVERHEAD_S, rel=1e-3)
+    assert fit.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=1e-3)
+    assert fit.efficiency["bf16"] == pytest.approx(EFFICIENCY["bf16"], rel=1e-3)
+    assert fit.with_host["fp32"] < fit.efficiency["fp32"]
+    for r in raw["host"]:         # the fitted model reproduces the tiny steps it was fitted to
+        assert fit.predict(r["flops"], r["layers"], PEAK["fp32"], "fp32") == pytest.approx(r["seconds"], rel=1e-3)
+    # a rank 10% slower on the real Llama sets the efficiency: a step waits for it
+    slow = fit_compute([fake_layer(d, slow_rank=1.1) for d in ("fp32", "bf16")], raw["host"], PEAK, "fp32")
+    assert slow.efficiency["fp32"] < 0.93 * EFFICIENCY["fp32"]
+
+
+def test_compute_fit_tolerates_noise_and_clamps_at_zero():
+    raw = fake_raw()
+    noisy = fit_compute(raw["layer"], fake_host(noise=0.03), PEAK, "fp32")
+    assert noisy.layer_overhead_s == pytest.approx(LAYER_OVERHEAD_S, rel=0.15)
+    assert noisy.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=0.02)
+    # no host overhead at all: nothing negative, the efficiency is the plain paired ratio
+    layers = [fake_layer(d, layer_s=0.0, step_s=0.0) for d in ("fp32", "bf16")]
+    none = fit_compute(layers, fake_host(layer_s=0.0, step_s=0.0), PEAK, "fp32")
+    assert none.layer_overhead_s == pytest.approx(0.0, abs=1e-9) and none.step_overhead_s >= 0
+    assert none.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=1e-3)
+    # tiny steps faster than their FLOPs allow (too-high efficiency elsewhere): clamped, not negative
+    fast = fit_compute(layers, fake_host(efficiency=5.0, layer_s=0.0, step_s=0.0), PEAK, "fp32")
+    assert fast.layer_overhead_s == 0 and fast.step_overhead_s == 0
+
+
+def test_overlap_share():
+    assert overlap_share(0.1, 0.1, 0.15) == pytest.approx(0.5)
+    assert overlap_share(0.1, 0.1, 0.1) == 1.0                 # the collective hid entirely
+    assert overlap_share(0.1, 0.1, 0.25) == 0.0                # together slower than apart: no overlap, not negative
+
+
+def test_slowest_keeps_every_ranks_pairs():
+    per_rank = [[{"seconds": 1.0, "pairs": [[1.0, 5.0]]}], [{"seconds": 2.0, "pairs": [[2.0, 4.0]]}]]
+    merged = _slowest(per_rank)[0]
+    assert merged["seconds"] == 2.0 and merged["pairs_by_rank"] == [[[1.0, 5.0]], [[2.0, 4.0]]]
+    assert "pairs" not in merged and per_rank[0][0]["pairs"] == [[1.0, 5.0]]
 
 
 def test_profile_file_loads_and_keeps_base_fields(tmp_path):
@@ -95,26 +174,43 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     path.write_text(profile_yaml(c, "omnigen calibrate --quick"))
     hw = load_via_spec(path)
     assert hw.name == "box"
-    assert hw.peak_flops["fp32"] == pytest.approx(2 * 512 * 256 * 1024 / 4e-3, rel=1e-3)
-    assert hw.matmul_efficiency == pytest.approx(7e9 / 0.25 / hw.peak_flops["fp32"], rel=1e-2)
+    assert hw.peak_flops["fp32"] == pytest.approx(PEAK["fp32"], rel=1e-3)
+    assert hw.efficiency("fp32") == pytest.approx(EFFICIENCY["fp32"], rel=1e-2)
+    assert hw.efficiency("bf16") == pytest.approx(EFFICIENCY["bf16"], rel=1e-2)
+    assert hw.layer_overhead_us == pytest.approx(150, rel=1e-2)
+    assert hw.step_overhead_ms == pytest.approx(2.0, rel=1e-2)
+    # cost.py's optimizer term with this bandwidth gives back the measured step
+    assert OPTIMIZER_BYTES_PER_PARAM * 3e6 / (hw.memory_bandwidth_gbps * 1e9) == pytest.approx(0.03, rel=1e-2)
+    assert hw.overlap == pytest.approx(0.5)
+    assert hw.overhead_gib == pytest.approx(0.41)
     assert hw.intra_node.latency_us == pytest.approx(300, rel=1e-3)
     assert hw.intra_node.bandwidth_gbps == pytest.approx(0.8, rel=1e-3)
-    assert (hw.inter_node.bandwidth_gbps, hw.memory_gib, hw.overhead_gib) == \
-        (base["inter_node"]["bandwidth_gbps"], base["memory_gib"], base["overhead_gib"])
+    assert (hw.inter_node.bandwidth_gbps, hw.memory_gib) == (base["inter_node"]["bandwidth_gbps"], base["memory_gib"])
     assert "2030-01-02" in hw.source and "torch 2.13.0+cpu" in hw.source and "Test CPU" in hw.source
-    assert "kept from cpu: memory_gib, inter_node, overhead_gib" in hw.source
+    assert "kept from cpu: memory_gib, inter_node" in hw.source and "overhead_gib = peak RSS" in hw.source
     measured = read_measured(path)
     assert measured["attention_flops"]["fp32"] == pytest.approx(3 * 4.0 * 8 * 1024**2 * 64 / 0.1, rel=1e-3)
     assert set(measured["collectives_us"]) == set(COLLECTIVES)
+    assert measured["host"]["layers"] == [1, 2, 4, 8] and measured["overlap"]["both_s"] == 0.15
+    assert measured["rss_gib_by_rank"] == [0.4, 0.41]
     # a live `measured:` key would not load: load_profile builds the dataclass from every top-level key
     data = yaml.safe_load(path.read_text())
     assert "measured" not in data
 
 
+def test_one_rank_keeps_overlap_and_link():
+    c = analyse(fake_raw(world_size=1), "cpu", "cpu", read_base("cpu"), name="one", quick=True)
+    assert c.profile["overlap"] == 0.8 and {"overlap", "intra_node"} <= set(c.kept)   # HardwareProfile's default
+    assert "one rank: no communication measured" in c.profile["source"]
+    assert c.profile["layer_overhead_us"] == pytest.approx(150, rel=1e-2)
+
+
 def test_cuda_run_records_device_memory():
     c = analyse(fake_raw(memory_gib=79.11), "cuda", "h100", read_base("h100"), name="gpu", quick=False)
     assert c.profile["memory_gib"] == 79.1 and "memory_gib" not in c.kept
-    assert c.profile["matmul_efficiency"] == pytest.approx(7e9 / 0.1 / c.profile["peak_flops"]["bf16"], rel=1e-2)
+    assert c.profile["matmul_efficiency"]["bf16"] == pytest.approx(EFFICIENCY["bf16"], rel=1e-2)
+    # host RSS does not see the device: overhead_gib stays the base profile's
+    assert c.profile["overhead_gib"] == read_base("h100")["overhead_gib"] and "overhead_gib" in c.kept
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -148,7 +244,9 @@ def test_quick_calibration_on_this_machine(tmp_path):
     hw = load_via_spec(out)
     assert 1e8 < hw.peak_flops["fp32"] < 1e13
     assert 1e8 < hw.peak_flops["bf16"] < 1e14
-    assert 0 < hw.matmul_efficiency <= 1.5
+    assert all(0 < hw.efficiency(d) <= 1.5 for d in ("fp32", "bf16"))
+    assert hw.layer_overhead_us > 0 and hw.step_overhead_ms >= 0 and hw.memory_bandwidth_gbps > 0
+    assert 0 <= hw.overlap <= 1 and 0.1 < hw.overhead_gib < 2
     assert hw.intra_node.bandwidth_gbps > 0 and hw.intra_node.latency_us >= 0
     assert hw.inter_node == Link(**read_base("cpu")["inter_node"])
     assert f"torch {torch.__version__}" in hw.source

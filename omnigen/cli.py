@@ -157,8 +157,9 @@ def bench_cmd(spec_path, sets, out_dir, steps, warmup, report_path):
 @click.option("--quick", is_flag=True, help="Fewer shapes, sizes and repeats: under a minute on 2 CPU cores.")
 @user_errors
 def calibrate_cmd(device, ranks, base, out_path, quick):
-    """Measure this machine (GEMM FLOP/s, transformer-layer efficiency, collective latency and bandwidth) and write a
-    hardware profile for `cluster.hardware`."""
+    """Measure this machine (GEMM FLOP/s and layer efficiency per dtype, host overhead per layer and micro-batch,
+    optimizer memory bandwidth, compute/communication overlap, collective latency and bandwidth, memory baseline)
+    and write a hardware profile for `cluster.hardware`."""
     from .calibrate import CalibrationFailed, calibrate as run_calibrate
     try:
         run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, echo=click.echo)

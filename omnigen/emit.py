@@ -63,6 +63,15 @@ def mesh_summary(plan: Plan) -> str:
     return f"{dims or 'single process'} (world size {plan.world_size})"
 
 
+def router_aux_loss(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The router load-balancing loss the model config asks for, as transformers reads it (output_router_logits and
+    a nonzero router_aux_loss_coef, on the text sub-config of a multimodal model), or None. Part of the objective
+    the model defines, like its architecture: not a planner decision."""
+    text = config.get("text_config") or config
+    coef = text.get("router_aux_loss_coef") or 0.0
+    return {"coef": coef} if text.get("output_router_logits") and coef else None
+
+
 def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:
     """All output files as {name: text}."""
     env = environment()
@@ -72,6 +81,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "explicit_comm": plan.has_explicit_collectives,
         "multimodal": any(m in plan.inputs for m in ("image", "audio")),
         "ep": plan.expert_parallel,
+        "router_aux": router_aux_loss(config),
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),

@@ -4,6 +4,7 @@ ep.py.j2 is rendered once per case into a small module (tests/ep_harness/ep_modu
 it relies on), and tests/ep_harness/run_checks.py runs every case in ONE torchrun launch (2 ranks, gloo, ep=2):
 Qwen3-MoE, Qwen2-MoE (shared expert), DeepSeek-V3 (first layer dense) and the Qwen3-Omni thinker (experts read the
 text sub-config) against a single-process reference, then one MoE block with a crafted router for exact byte counts.
+The router aux loss of generated scripts is checked against transformers' own aux_loss on one process.
 """
 
 import json
@@ -150,3 +151,36 @@ def test_skewed_router_bytes_are_exact_and_bounded(results):
     assert [r["bytes"] for r in lopsided] == [2 * rows_bytes + counts_bytes] * 2
     assert lopsided[0]["local_expert_grad_norm"] == 0.0 and lopsided[1]["local_expert_grad_norm"] > 0
     assert lopsided[0]["load"]["imbalance"] == 2.0  # 4 of 8 experts take all the tokens
+
+
+@pytest.mark.parametrize("spec_name", ["qwen3_moe_tiny_ep2", "qwen2_moe_tiny_ep2"])
+def test_router_aux_loss_is_transformers_aux_loss(spec_name, tmp_path):
+    """The generated script's router aux loss (hooks on the routers, our own pooling) equals the aux_loss transformers
+    returns for the same single-process forward, padding included."""
+    import ast
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from omnigen import runner
+    from omnigen.spec import load_spec
+
+    spec = runner.reference_spec(load_spec(ROOT / "specs" / f"{spec_name}.yaml"))
+    runner.compile_to(spec, tmp_path)
+    tree = ast.parse((tmp_path / "train.py").read_text())
+    wanted = [n for n in tree.body if getattr(n, "name", None) in ("RouterLogits", "router_aux_loss")]
+    script = {"torch": torch, "F": F}
+    exec(compile(ast.Module(body=wanted, type_ignores=[]), "train.py", "exec"), script)
+
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.float32)
+    input_ids = torch.randint(3, 1000, (2, 40))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 29:] = 0  # a padded row: transformers leaves padding out of the loss, and so must we
+    router_logits = script["RouterLogits"](model)
+    ours = router_logits.forward(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    hf = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    assert ours.aux_loss is None and len(router_logits.logits) == config.num_hidden_layers
+    assert router_logits.aux_loss(attention_mask).item() == pytest.approx(hf.aux_loss.item(), rel=1e-6)

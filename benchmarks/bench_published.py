@@ -13,7 +13,7 @@ Nothing here runs on a GPU: these are predictions.
 import time
 from pathlib import Path
 
-from omnigen.cost import GroupChoice, Mesh, estimate
+from omnigen.cost import GroupChoice, Mesh, estimate, under
 from omnigen.hardware import GIB
 from omnigen.pipeline import plan as compile_plan
 from omnigen.plan import train_shape
@@ -48,7 +48,7 @@ def veomni_recipe(compiled) -> tuple[Mesh, dict[str, GroupChoice]]:
     world = compiled.spec.cluster.world_size
     mesh = Mesh(dp_shard=world // VEOMNI_RECIPE["sp"], sp=VEOMNI_RECIPE["sp"], ep=VEOMNI_RECIPE["ep"])
     frozen = compiled.plan.frozen
-    return mesh, {g.name: GroupChoice(True, "full", any(g.name.startswith(f) for f in frozen))
+    return mesh, {g.name: GroupChoice(True, "full", under(g.name, frozen))
                   for g in compiled.graph.groups}
 
 

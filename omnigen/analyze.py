@@ -178,13 +178,14 @@ class _Analyzer:
         elif any(True for _ in module.parameters()):
             out.append((path, module, False))
 
-    def _owned(self, params) -> tuple[int, int]:
-        n = b = 0
+    def _owned(self, params) -> tuple[int, int, int]:
+        """(elements, bytes, tensors) of the parameters not already claimed by an earlier block."""
+        n = b = t = 0
         for p in params:
             if id(p) not in self.seen:
                 self.seen.add(id(p))
-                n, b = n + p.numel(), b + p.numel() * p.element_size()
-        return n, b
+                n, b, t = n + p.numel(), b + p.numel() * p.element_size(), t + 1
+        return n, b, t
 
     # --- top-level blocks --------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class _Analyzer:
         return positions
 
     def _top_block(self, path, module, direct, role, conv_positions) -> None:
-        params, nbytes = self._owned(module.parameters(recurse=not direct))
+        params, nbytes, tensors = self._owned(module.parameters(recurse=not direct))
         if direct:
             flops = act = 0.0
         else:
@@ -216,7 +217,7 @@ class _Analyzer:
         self.blocks.append(Block(name=path or "<root>", role=role, kind=self._top_kind(path, module, role),
                                  parent=None, group=None, params=params, param_bytes=nbytes,
                                  flops_per_token=flops, act_bytes_per_token=act * ACT_BYTES,
-                                 hidden=self._width(module)))
+                                 hidden=self._width(module), tensors=tensors))
 
     @staticmethod
     def _top_kind(path: str, module: nn.Module, role: str) -> str:
@@ -256,7 +257,8 @@ class _Analyzer:
                      attn_flops_per_token_per_seq=mean("attn_flops_per_token_per_seq"),
                      act_bytes_per_token=mean("act_bytes_per_token"), heads=first.heads, kv_heads=first.kv_heads,
                      head_dim=first.head_dim, hidden=first.hidden, experts=max(b.experts for b in layers),
-                     top_k=max(b.top_k for b in layers), expert_params=round(experts / n))
+                     top_k=max(b.top_k for b in layers), expert_params=round(experts / n),
+                     tensors=round(mean("tensors")))
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
         attn_mod = next((m for m in layer.modules() if F.is_attention(m)), None)
@@ -268,9 +270,9 @@ class _Analyzer:
         moe_fields = self._moe_fields(moe, path) if moe is not None else {}
         top_k = moe_fields.get("top_k", 0)
         shape = dict(heads=attn.heads, kv_heads=attn.kv_heads, head_dim=attn.qk_dim, hidden=attn.hidden)
-        params, nbytes = self._owned(layer.parameters())
+        params, nbytes, tensors = self._owned(layer.parameters())
         block = Block(name=path, role=role, kind="layer", parent=None, group=group, params=params,
-                      param_bytes=nbytes, flops_per_token=F.matmul_flops(layer, top_k),
+                      param_bytes=nbytes, tensors=tensors, flops_per_token=F.matmul_flops(layer, top_k),
                       attn_flops_per_token_per_seq=attn.score_flops,
                       act_bytes_per_token=F.activation_elements(layer, attn, top_k) * ACT_BYTES,
                       **shape, **moe_fields)

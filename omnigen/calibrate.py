@@ -18,6 +18,10 @@ the alpha-beta link by least squares (in log ratio), and efficiency jointly with
 reproduces both the tiny and the real Llama. Measured fields replace the base profile's; the rest (inter_node,
 memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
+Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
+terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us, optimizer_tensor_us and,
+on cpu, overhead_gib. The micro-benchmark fit stays in the `measured` block.
+
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
 file unloadable. `read_measured(path)` parses the block back.
@@ -35,13 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, fit_stack
 from .errors import OmnigenError
 
 GIB = 1024**3
@@ -706,6 +711,7 @@ class Calibration:
     compute: ComputeFit
     kept: tuple[str, ...]       # profile fields copied from the base profile
     raw: dict[str, Any]
+    stack: StackFit | None = None  # host terms refitted on generated scripts (calibrate_stack)
 
 
 def best_rate(records: list[dict], dtype: str) -> float:
@@ -778,6 +784,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
                "layer_overhead_us": _sig(compute.layer_overhead_s * 1e6, 3),
                "step_overhead_ms": _sig(compute.step_overhead_s * 1e3, 3),
+               "collective_overhead_us": 0.0, "optimizer_tensor_us": 0.0,  # only generated scripts show them
                "memory_bandwidth_gbps": _sig(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
@@ -826,6 +833,20 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                        kept=tuple(kept), raw=raw)
 
 
+def with_stack(c: Calibration, fit: StackFit, device: str) -> Calibration:
+    """The profile with its host terms, and on CPU its memory overhead, refitted on generated scripts."""
+    profile = {**c.profile, **fit.terms}
+    if device == "cpu":  # CUDA peaks are max_memory_allocated: the process baseline is not in them
+        profile["overhead_gib"] = fit.overhead_gib
+    runs = ", ".join(f"{r.layers} layer(s){' + full AC' if r.checkpointing == 'full' else ''}" for r in fit.runs)
+    profile["source"] = (f"{c.profile['source']}; then {', '.join(fit.terms)}"
+                         f"{' and overhead_gib' if device == 'cpu' else ''} = non-negative least squares (relative) on "
+                         f"omnigen's generated train.py of a tiny Llama (hidden 64, seq {SEQ_LEN}, {MICRO_BATCHES} "
+                         f"micro-batches per rank, FSDP over the {c.measured['ranks']} ranks) at {runs}: medians of "
+                         f"forward+backward and optimizer time, peak memory")
+    return replace(c, profile=profile, measured={**c.measured, "stack": fit.to_measured()}, stack=fit)
+
+
 def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
@@ -854,10 +875,12 @@ def profile_yaml(c: Calibration, command: str) -> str:
                 f"(samples typically x{c.fit.typical_error:.2f} off)" if c.fit else base_note)
     mem_note = base_note if "memory_gib" in c.kept else "total device memory"
     host, opt = m["host"], m["optimizer"]
+    stack = "fitted on generated train.py runs (see source)" if c.stack else None
     overlap_note = (base_note + ": one rank" if "overlap" in c.kept else
                     f"share of a GEMM block an async all-gather hid behind, {m['ranks']} ranks")
     overhead_note = (base_note if "overhead_gib" in c.kept else
-                     f"peak RSS after imports, {m['backend']} init, one all_reduce (slowest rank)")
+                     "measured peak RSS less the predicted peak, generated train.py runs (median)" if c.stack
+                     else f"peak RSS after imports, {m['backend']} init, one all_reduce (slowest rank)")
     eff = p["matmul_efficiency"]
     lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
              f"name: {p['name']}",
@@ -866,9 +889,13 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"matmul_efficiency: {{fp32: {_num(eff['fp32'])}, bf16: {_num(eff['bf16'])}}}"
              "   # Llama fwd+bwd FLOP/s, host time removed, / GEMM peak",
              f"layer_overhead_us: {_num(p['layer_overhead_us'])}   # host time per layer forward (backward = 2): "
-             f"tiny {host['dtype']} Llamas at {', '.join(map(str, host['layers']))} layers",
+             + (stack or f"tiny {host['dtype']} Llamas at {', '.join(map(str, host['layers']))} layers"),
              f"step_overhead_ms: {_num(p['step_overhead_ms'])}   # host time per micro-batch beyond the layers: "
-             "the same fit at 0 layers",
+             + (stack or "the same fit at 0 layers"),
+             f"collective_overhead_us: {_num(p['collective_overhead_us'])}   # host time per collective beyond "
+             f"alpha-beta: {stack or 'not fitted (--no-stack)'}",
+             f"optimizer_tensor_us: {_num(p['optimizer_tensor_us'])}   # clipping + AdamW time per parameter tensor: "
+             f"{stack or 'not fitted (--no-stack)'}",
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
              f"AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params",
              f"overlap: {_num(p['overlap'])}   # {overlap_note}",
@@ -944,6 +971,17 @@ def format_summary(c: Calibration) -> str:
                                                  f"(x{f.typical_error:.2f})" for op, f in c.fits_by_op.items()))
         out.append(f"  pooled fit: latency {c.fit.latency_us:.1f} us, bandwidth {c.fit.bandwidth_gbps:.3g} GB/s, "
                    f"samples typically x{c.fit.typical_error:.2f} off it, worst x{c.fit.worst_error:.2f}")
+    if c.stack:
+        out.append("\ngenerated train.py runs (medians) vs the refitted profile: "
+                   + ", ".join(f"{t} {v:g}" for t, v in c.stack.terms.items()))
+        out.append(f"  {'run':<24} {'fwd+bwd':>9} {'fitted':>9} {'optimizer':>10} {'fitted':>9} {'peak MiB':>9} "
+                   f"{'fitted':>8}")
+        for row in c.stack.to_measured():
+            what = f"{row['layers']} layer(s), AC {row['checkpointing']}"
+            fb, op, mem = row["forward_backward_s"], row["optimizer_s"], row["peak_memory_mib"]
+            out.append(f"  {what:<24} {_si(fb['measured'], 's'):>9} {_si(fb['fitted'], 's'):>9} "
+                       f"{_si(op['measured'], 's'):>10} {_si(op['fitted'], 's'):>9} {mem['measured']:>9} "
+                       f"{mem['fitted']:>8}")
     p = c.profile
     out.append(f"\nprofile: peak fp32 {_si(p['peak_flops']['fp32'])}FLOP/s, bf16 {_si(p['peak_flops']['bf16'])}FLOP/s, "
                f"efficiency {p['matmul_efficiency']}, layer overhead {p['layer_overhead_us']} us, step overhead "
@@ -961,14 +999,17 @@ def _si(x: float, unit: str = "") -> str:
 
 
 def calibrate(device: str = "cpu", ranks: int | None = None, base: str | None = None, out: str | None = None,
-              quick: bool = False, echo: Callable[[str], None] = print) -> Calibration:
+              quick: bool = False, stack: bool = True, echo: Callable[[str], None] = print) -> Calibration:
     ranks, base_name, path = check_args(device, ranks, base, out)
     base_data = read_base(base_name)
     started = time.perf_counter()
     raw = run_workers(device, ranks, quick, echo)
     c = analyse(raw, device, base_name, base_data, name=path.stem, quick=quick)
+    if stack:
+        c = with_stack(c, fit_stack(c.profile, device, ranks, quick, echo), device)
     echo(format_summary(c))
-    command = f"omnigen calibrate --device {device} --ranks {ranks} --base {base_name}" + (" --quick" if quick else "")
+    command = (f"omnigen calibrate --device {device} --ranks {ranks} --base {base_name}" + (" --quick" if quick else "")
+               + ("" if stack else " --no-stack"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile_yaml(c, command))
     echo(f"\nwrote {path} ({time.perf_counter() - started:.0f} s); use it with `cluster: {{hardware: {path}}}`")

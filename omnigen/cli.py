@@ -154,15 +154,17 @@ def bench_cmd(spec_path, sets, out_dir, steps, warmup, report_path):
                              "(default cpu, or h100 for cuda).")
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False),
               help="Profile to write (default <device>_measured.yaml).")
-@click.option("--quick", is_flag=True, help="Fewer shapes, sizes and repeats: under a minute on 2 CPU cores.")
+@click.option("--quick", is_flag=True, help="Fewer shapes, sizes, repeats and runs: about a minute on 2 CPU cores.")
+@click.option("--stack/--no-stack", default=True, show_default=True,
+              help="Refit the host terms on runs of omnigen's generated train.py (a tiny Llama, a few launches).")
 @user_errors
-def calibrate_cmd(device, ranks, base, out_path, quick):
-    """Measure this machine (GEMM FLOP/s and layer efficiency per dtype, host overhead per layer and micro-batch,
-    optimizer memory bandwidth, compute/communication overlap, collective latency and bandwidth, memory baseline)
-    and write a hardware profile for `cluster.hardware`."""
+def calibrate_cmd(device, ranks, base, out_path, quick, stack):
+    """Measure this machine (GEMM FLOP/s and layer efficiency per dtype, host overhead per layer, micro-batch,
+    collective and parameter tensor, optimizer memory bandwidth, compute/communication overlap, collective latency
+    and bandwidth, memory baseline) and write a hardware profile for `cluster.hardware`."""
     from .calibrate import CalibrationFailed, calibrate as run_calibrate
     try:
-        run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, echo=click.echo)
+        run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, stack=stack, echo=click.echo)
     except CalibrationFailed as e:
         click.echo(f"omnigen: calibrate: {e}", err=True)
         sys.exit(1)

@@ -199,6 +199,8 @@ class GroupCost:
     layer_calls: float          # layer forwards per micro-batch, recomputed ones included
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
+    collective_calls: float     # collectives launched (FSDP and all-to-all): each costs host time
+    tensors: float              # trainable local parameter tensors: the optimizer's per-tensor work
     parameters: float
     gradients: float
     optimizer: float
@@ -234,15 +236,17 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         held = g.count * (dense + experts)
         comm = g.count * all_reduce_s((dense + experts), mesh.dp * mesh.sp, replicate_link(mesh, procs_per_node, hw)) \
             if trains else 0.0
+        calls = g.count if trains and mesh.dp * mesh.sp > 1 else 0
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
         shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
         gathers = 2 if choice.reshard_after_forward else 1
-        comm = 0.0
+        comm, calls = 0.0, 0
         for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
             if member:
                 comm += g.count * gathers * all_gather_s(member, n, shard_l)
+                calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
                 if trains:
                     comm += g.count * (reduce_scatter_s(member, n, shard_l)
                                        + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
@@ -255,9 +259,11 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
     if ep_bytes:
         a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, 2 * passes, mesh.ep, a2a_l)
+        calls += moe_layers(graph, g) * 2 * passes
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
         a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
+        calls += g.count * 4 * passes
 
     tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     per_layer = g.act_bytes_per_token * tokens * to_compute
@@ -270,9 +276,17 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
         layer_calls=g.count * (2 if recomputes else 1), fsdp_comm_s=comm, all_to_all_s=a2a,
-        parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
+        collective_calls=calls, tensors=g.count * g.tensors if trains else 0, parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
         activations=activations, gathered_member=gathered,
         kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
+
+
+def fsdp_calls(shard: int, replicate: int, gathers: int, trains: bool) -> int:
+    """Collectives one FSDP unit launches per micro-batch: its all-gathers, then (when it trains) the gradient
+    reduce-scatter and, under HSDP, the all-reduce across replicas; none on a mesh of one."""
+    gather = gathers if shard > 1 else 0
+    reduce = (shard > 1) + (replicate > 1) if trains else 0
+    return gather + reduce
 
 
 def under(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -285,13 +299,15 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
     fsdp_n = mesh.dp_shard * mesh.sp
     to_compute = BYTES[shape.precision] / 4
     full = root_param_bytes(graph)
-    trainable = full - sum(b.param_bytes for b in graph.blocks
-                           if b.parent is None and b.group is None and under(b.name, frozen))
+    root_blocks = [b for b in graph.blocks if b.parent is None and b.group is None]
+    trainable = full - sum(b.param_bytes for b in root_blocks if under(b.name, frozen))
     shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
     comm = (all_gather_s(full * to_compute, fsdp_n, shard_l) + reduce_scatter_s(full * to_compute, fsdp_n, shard_l)
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
-                     layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0, parameters=full / fsdp_n,
+                     layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
+                     collective_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True),
+                     tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
                      gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
                      activations=_logits_bytes(graph, shape) / mesh.sp, gathered_member=0.0,
                      kept_gathered=full * to_compute)
@@ -326,13 +342,13 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = (sum(3 * c.layer_calls for c in costs) * hw.layer_overhead_us * 1e-6 + hw.step_overhead_ms * 1e-3) * micro
+    host_s = host_seconds(costs, mesh, hw, micro)
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
     # Prefetching hides FSDP collectives behind compute, except the first unit's gather, which nothing precedes.
     exposed = max(fsdp_s - hw.overlap * (compute_s + recompute_s), fsdp_s / units) + a2a_s
-    optimizer_s = optimizer_step_s(costs, hw)
+    optimizer_s = optimizer_step_s(costs, mesh, hw)
     step = compute_s + recompute_s + host_s + exposed + optimizer_s
     memory = peak_memory(costs, shape, hw)
     tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
@@ -342,12 +358,34 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
                     tokens_per_s_per_device=tokens / step, mfu=compute_s * achieved / step / hw.peak_flops[shape.precision])
 
 
-def optimizer_step_s(costs: list[GroupCost], hw: HardwareProfile) -> float:
-    """Gradient clipping and AdamW stream every trainable local element through memory a few times."""
-    if not hw.memory_bandwidth_gbps:
-        return 0.0
+def group_time_s(c: GroupCost, hw: HardwareProfile, precision: str) -> float:
+    """A group's time per micro-batch on its own, nothing hidden: how the planner ranks a group's options."""
+    host_us = 3 * c.layer_calls * hw.layer_overhead_us + c.collective_calls * hw.collective_overhead_us
+    return c.compute_flops / hw.achieved_flops(precision) + c.fsdp_comm_s + c.all_to_all_s + host_us * 1e-6
+
+
+STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
+OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce of clipping and the loss all-reduce
+
+
+def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int) -> float:
+    """Host work of the forward and backward passes: each layer call (backward counts twice), each micro-batch's
+    data, embeddings and loss, and each collective launched."""
+    layer_calls = sum(3 * c.layer_calls for c in costs)
+    calls = sum(c.collective_calls for c in costs) * micro + (STEP_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0)
+    return ((layer_calls * hw.layer_overhead_us * 1e-6 + hw.step_overhead_ms * 1e-3) * micro
+            + calls * hw.collective_overhead_us * 1e-6)
+
+
+def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) -> float:
+    """Gradient clipping and AdamW stream every trainable local element through memory a few times, and pay a
+    dispatch per parameter tensor and their own collectives."""
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
-    return OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
+    streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
+                 if hw.memory_bandwidth_gbps else 0.0)
+    calls = OPTIMIZER_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0
+    return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
+            + calls * hw.collective_overhead_us * 1e-6)
 
 
 def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,

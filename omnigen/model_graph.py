@@ -34,6 +34,7 @@ class Block:
     experts: int = 0
     top_k: int = 0
     shared_experts: int = 0
+    tensors: int = 0               # parameter tensors it owns: the optimizer's host work is per tensor
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Group:
     experts: int = 0
     top_k: int = 0
     expert_params: int = 0         # routed-expert parameters per member (the part EP slices)
+    tensors: int = 0               # parameter tensors per member
 
     @property
     def count(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
-                   memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
+                   group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -197,8 +197,7 @@ def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSha
         scored = []
         for c in group_options(spec, graph, g, mesh):
             gc = group_cost(graph, g, c, mesh, shape, hw, spec.cluster.procs_per_node)
-            t = gc.compute_flops / hw.achieved_flops(shape.precision) + gc.fsdp_comm_s + gc.all_to_all_s \
-                + 3 * gc.layer_calls * hw.layer_overhead_us * 1e-6
+            t = group_time_s(gc, hw, shape.precision)
             m = gc.parameters + gc.gradients + gc.optimizer + gc.activations + 2 * gc.gathered_member + gc.kept_gathered
             scored.append((c, t, m))
         fronts.append(pareto(scored))
@@ -361,6 +360,20 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
     )
+
+
+def chosen(plan: Plan) -> tuple[Mesh, dict[str, GroupChoice]]:
+    """The mesh and per-group choices a plan was made of: what `reprice` prices again."""
+    return Mesh(**plan.mesh), {g.name: GroupChoice(reshard_after_forward=g.reshard_after_forward,
+                                                   activation_checkpointing=g.activation_checkpointing,
+                                                   frozen=g.frozen, replicate=g.replicate) for g in plan.groups}
+
+
+def reprice(plan: Plan, spec: Spec, graph: ModelGraph, hw: HardwareProfile) -> Estimate:
+    """The plan's prediction under another hardware profile, its choices kept (calibration fits terms this way)."""
+    mesh, choices = chosen(plan)
+    return estimate(graph, mesh, choices, train_shape(spec, mesh, plan.inputs), hw, spec.cluster.procs_per_node,
+                    spec.model.freeze)
 
 
 def frozen_modules(spec: Spec, graph: ModelGraph) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ import yaml
 from click.testing import CliRunner
 
 from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
-                               overlap_share, profile_yaml, read_base, read_measured)
+                               format_summary, overlap_share, profile_yaml, read_base, read_measured, with_stack)
+from omnigen.calibrate_stack import (HOST_TERMS, RUNS, TINY_LLAMA, StackRun, calibration_spec,
+                                     non_negative_least_squares, price)
+from omnigen.calibrate_stack import fit as fit_stack_runs
 from omnigen.cli import main
 from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
 from omnigen.hardware import Link, load_profile
@@ -253,3 +257,78 @@ def test_quick_calibration_on_this_machine(tmp_path):
     measured = read_measured(out)
     assert all(measured["attention_flops"][d] > 0 for d in ("fp32", "bf16"))
     assert len(measured["collectives_us"]["all_reduce"]) == 4
+    # the host terms were refitted on generated train.py runs
+    assert "generated train.py runs" in result.output and len(measured["stack"]) == 3
+    assert hw.collective_overhead_us >= 0 and hw.optimizer_tensor_us >= 0
+    assert all(r["forward_backward_s"]["measured"] > 0 for r in measured["stack"])
+
+
+# --- the host terms, refitted on generated scripts ------------------------------------------------------------
+
+KNOWN_TERMS = {"layer_overhead_us": 900.0, "step_overhead_ms": 1.5, "collective_overhead_us": 1200.0,
+               "optimizer_tensor_us": 120.0}
+
+
+def priced_runs(tmp_path, terms: dict[str, float], noise: float = 0.0) -> list[StackRun]:
+    """The calibration runs as the cost model prices them, 'measured' as what the known terms add (+- noise)."""
+    (tmp_path / "tiny_llama").mkdir(exist_ok=True)
+    (tmp_path / "tiny_llama" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({**read_base("cpu"), **{t: 0.0 for t in HOST_TERMS}}))
+    runs = []
+    for i, (layers, ac) in enumerate(RUNS):
+        rest, features = price(calibration_spec(tmp_path, profile, "cpu", 2, layers, ac))
+        wobble = 1 + noise * (-1) ** i
+        measured = {k: (rest[k] + sum(terms[t] * features[t][k] for t in HOST_TERMS)) * wobble
+                    for k in ("forward_backward_s", "optimizer_s")}
+        measured["peak_memory_bytes"] = rest["peak_memory_bytes"] + 0.4 * 2**30
+        runs.append(StackRun(layers, ac, {}, measured, rest, features))
+    return runs
+
+
+def test_stack_fit_recovers_known_host_terms(tmp_path):
+    fit = fit_stack_runs(priced_runs(tmp_path, KNOWN_TERMS))
+    assert fit.terms == pytest.approx(KNOWN_TERMS, rel=1e-2)
+    assert fit.overhead_gib == pytest.approx(0.4, rel=1e-2)
+    # every term moves differently across the runs: layers, checkpointing and tensors are told apart
+    runs = priced_runs(tmp_path, KNOWN_TERMS)
+    full, none = (next(r for r in runs if (r.layers, r.checkpointing) == (4, ac)) for ac in ("full", "none"))
+    assert full.features["layer_overhead_us"]["forward_backward_s"] > none.features["layer_overhead_us"][
+        "forward_backward_s"]
+    assert full.features["collective_overhead_us"] == none.features["collective_overhead_us"]
+    assert none.features["optimizer_tensor_us"]["optimizer_s"] > runs[0].features["optimizer_tensor_us"]["optimizer_s"]
+
+
+def test_stack_fit_tolerates_noise_and_keeps_terms_non_negative(tmp_path):
+    fit = fit_stack_runs(priced_runs(tmp_path, KNOWN_TERMS, noise=0.05))
+    for term, value in KNOWN_TERMS.items():
+        assert fit.terms[term] == pytest.approx(value, rel=0.5)
+    no_tensor_cost = {**KNOWN_TERMS, "optimizer_tensor_us": 0.0}
+    runs = priced_runs(tmp_path, no_tensor_cost)
+    for r in runs:  # optimizer steps faster than its collectives alone: the tensor term would go negative
+        r.measured["optimizer_s"] = 1e-4 + r.rest["optimizer_s"]
+    fit = fit_stack_runs(runs)
+    assert all(v >= 0 for v in fit.terms.values()) and fit.terms["optimizer_tensor_us"] == 0
+
+
+def test_non_negative_least_squares():
+    assert non_negative_least_squares([[1, 0], [0, 1], [1, 1]], [2, 3, 5]) == pytest.approx([2, 3])
+    assert non_negative_least_squares([[1, 0], [0, 1]], [2, -3]) == pytest.approx([2, 0])
+
+
+def test_refitted_profile_file_loads(tmp_path):
+    c = analyse(fake_raw(), "cpu", "cpu", read_base("cpu"), name="box", quick=True, today="2030-01-02")
+    assert c.profile["collective_overhead_us"] == 0 and c.profile["optimizer_tensor_us"] == 0
+    c = with_stack(c, fit_stack_runs(priced_runs(tmp_path, KNOWN_TERMS)), "cpu")
+    path = tmp_path / "box.yaml"
+    path.write_text(profile_yaml(c, "omnigen calibrate --quick"))
+    hw = load_via_spec(path)
+    assert hw.collective_overhead_us == pytest.approx(1200, rel=1e-2)
+    assert hw.optimizer_tensor_us == pytest.approx(120, rel=1e-2)
+    assert hw.layer_overhead_us == pytest.approx(900, rel=1e-2) and hw.overhead_gib == pytest.approx(0.4, rel=1e-2)
+    assert "non-negative least squares" in hw.source and "generated train.py" in hw.source
+    stack = read_measured(path)["stack"]
+    assert [(r["layers"], r["checkpointing"]) for r in stack] == list(RUNS)
+    assert all(r["forward_backward_s"]["fitted"] == pytest.approx(r["forward_backward_s"]["measured"], rel=1e-2)
+               for r in stack)
+    assert "generated train.py runs" in format_summary(c)

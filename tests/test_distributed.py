@@ -38,6 +38,17 @@ def test_hsdp_2x2_matches_single_process(name, tmp_path):
     assert code == 0
 
 
+@pytest.mark.parametrize("name,frozen", [("qwen2_vl_tiny_frozen_vit", True), ("qwen2_vl_tiny_replicated", False)])
+def test_replicated_groups_match_single_process(name, frozen, tmp_path):
+    """Replicated layer groups next to the FSDP-sharded root: a frozen ViT (no gradients) and trainable replicated
+    groups, whose gradients sit on another mesh than the root's when the norm is clipped."""
+    plan = json.loads((ROOT / "generated" / name / "plan.json").read_text())
+    vit = next(g for g in plan["groups"] if g["role"] == "encoder:vision")
+    assert vit["replicate"] and vit["frozen"] == frozen
+    code, metrics = verify(name, tmp_path)
+    assert code == 0 and len(metrics) == 2
+
+
 def test_two_torchrun_agents_as_two_nodes(tmp_path):
     """--nnodes 2 with c10d rendezvous on localhost runs the same generated script."""
     code, metrics = verify("llama_tiny_2node", tmp_path)

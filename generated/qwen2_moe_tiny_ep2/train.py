@@ -354,23 +354,18 @@ def expert_load_stats(model):
 
 def clip_grad_norm(model, max_norm):
     """Clip by the global gradient norm a single process would compute. Dense gradients are complete DTensors on
-    the FSDP mesh; each EP rank's expert gradients cover only its experts, so their squared norm is summed over
-    the EP group before the two parts are combined."""
+    their meshes; each EP rank's expert gradients cover only its experts, so their squared norm is summed over
+    the EP group before the parts are combined."""
     expert_ids = {id(p) for path in EP_MODULES for p in model.get_submodule(path).parameters()}
     params = [p for p in model.parameters() if p.grad is not None]
-    dense = [p.grad for p in params if id(p) not in expert_ids]
-    experts = [p.grad for p in params if id(p) in expert_ids]
-    dense_norm = full(torch.nn.utils.get_total_norm(dense))
-    expert_sq = full(torch.nn.utils.get_total_norm(experts)) ** 2
+    experts = [p for p in params if id(p) in expert_ids]
+    by_mesh, squares = squared_grad_norms([p for p in params if id(p) not in expert_ids])
+    expert_sq = full(torch.nn.utils.get_total_norm([p.grad for p in experts])) ** 2
     dist.all_reduce(expert_sq, group=model.get_submodule(EP_MODULES[0]).ep_group)
-    total = (dense_norm ** 2 + expert_sq).sqrt()
-    for group in ([p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]):
+    total = (torch.stack(squares).sum() + expert_sq).sqrt()
+    for group in [*by_mesh.values(), experts]:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)  # one call per mesh: DTensors cannot mix
     return total
-
-
-def full(tensor):
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def expert_state_entries(model_state, optim_state):
@@ -542,6 +537,19 @@ def count_label_tokens(batches, device):
     """Valid (non-ignored) labels in the step's whole global batch: the loss denominator on every rank."""
     local = sum(int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in batches)
     return all_reduce(torch.tensor(float(local), dtype=torch.float64, device=device)).item()
+
+
+def squared_grad_norms(params):
+    """Gradients by device mesh, and each mesh's squared norm made whole. Replicated groups and FSDP-sharded ones
+    keep DTensors on different meshes, which cannot meet in one op."""
+    by_mesh = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    return by_mesh, [full(torch.nn.utils.get_total_norm([p.grad for p in ps])) ** 2 for ps in by_mesh.values()]
+
+
+def full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def peak_memory_bytes(device):

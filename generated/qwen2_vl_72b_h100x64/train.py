@@ -341,6 +341,28 @@ def count_label_tokens(batches, device):
     return all_reduce(torch.tensor(float(local), dtype=torch.float64, device=device)).item()
 
 
+def squared_grad_norms(params):
+    """Gradients by device mesh, and each mesh's squared norm made whole. Replicated groups and FSDP-sharded ones
+    keep DTensors on different meshes, which cannot meet in one op."""
+    by_mesh = {}
+    for p in params:
+        by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    return by_mesh, [full(torch.nn.utils.get_total_norm([p.grad for p in ps])) ** 2 for ps in by_mesh.values()]
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip every gradient by the global norm a single process would compute; returns that norm."""
+    by_mesh, squares = squared_grad_norms([p for p in model.parameters() if p.grad is not None])
+    total = torch.stack(squares).sum().sqrt()
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def full(tensor):
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def peak_memory_bytes(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -373,8 +395,7 @@ def train(args):
             step_loss += loss.detach()
         forward_backward_done = time.perf_counter()
         max_norm = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = clip_grad_norm(model, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         all_reduce(step_loss)

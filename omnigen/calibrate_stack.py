@@ -1,0 +1,168 @@
+"""Fit the cost model's host terms on omnigen's own generated scripts (the last stage of `omnigen calibrate`).
+
+The micro-benchmarks time GEMMs, collectives and a bare model. A real step pays more: FSDP2's hooks and copies
+around every collective, DTensor dispatch per tensor in clipping and AdamW, the script's data and loss. Those are
+what the host terms stand for, so they are fitted where they happen: the generated train.py of a tiny Llama, run
+on the ranks being calibrated. The runs move the terms' counts apart: more layers add layer calls, collectives
+and parameter tensors; full activation checkpointing adds layer calls alone.
+
+Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
+unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
+measured - (the rest of the prediction) = features x terms, over the forward+backward and optimizer times of every
+run, each weighted by 1/measured (relative errors). The memory overhead is refitted the same way: the median of
+measured peak less the predicted peak without it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .hardware import GIB
+
+HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "optimizer_tensor_us")
+RUNS = ((1, "none"), (2, "none"), (4, "none"), (4, "full"))  # (decoder layers, activation checkpointing)
+QUICK_RUNS = ((1, "none"), (4, "none"), (4, "full"))          # still separates every term
+STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
+QUICK_STEPS = 15
+SEQ_LEN, MICRO_BATCHES = 128, 2  # per rank and step
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512, "tie_word_embeddings": False}
+
+
+@dataclass(frozen=True)
+class StackRun:
+    layers: int
+    checkpointing: str
+    mesh: dict[str, int]
+    measured: dict[str, float]    # forward_backward_s, optimizer_s, peak_memory_bytes
+    rest: dict[str, float]        # the prediction with every host term at zero (and no memory overhead)
+    features: dict[str, dict[str, float]]  # term -> {forward_backward_s, optimizer_s} per unit of the term
+
+
+@dataclass(frozen=True)
+class StackFit:
+    terms: dict[str, float]
+    overhead_gib: float
+    runs: tuple[StackRun, ...]
+
+    def predicted(self, run: StackRun, key: str) -> float:
+        return run.rest[key] + sum(self.terms[t] * run.features[t][key] for t in HOST_TERMS)
+
+    def to_measured(self) -> list[dict[str, Any]]:
+        """One row per run for the profile's `# measured:` block."""
+        rows = []
+        for r in self.runs:
+            row: dict[str, Any] = {"layers": r.layers, "checkpointing": r.checkpointing}
+            for key in ("forward_backward_s", "optimizer_s"):
+                row[key] = {"measured": _sig(r.measured[key]), "fitted": _sig(self.predicted(r, key))}
+            fitted_peak = r.rest["peak_memory_bytes"] + self.overhead_gib * GIB
+            row["peak_memory_mib"] = {"measured": round(r.measured["peak_memory_bytes"] / 2**20, 1),
+                                      "fitted": round(fitted_peak / 2**20, 1)}
+            rows.append(row)
+        return rows
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str):
+    from .spec import spec_from_dict
+    raw = {"name": f"calibrate_llama_l{layers}_{checkpointing}",
+           "model": {"config": "tiny_llama", "overrides": {"num_hidden_layers": layers}},
+           "cluster": {"nodes": 1, "procs_per_node": ranks, "device": device, "hardware": str(profile)},
+           "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks,
+                     "steps": STEPS, "precision": "bf16" if device == "cuda" else "fp32"},
+           "parallel": {"dp_replicate": 1, "dp_shard": ranks, "sp": 1, "ep": 1,
+                        "activation_checkpointing": checkpointing}}
+    return spec_from_dict(raw, source=f"<calibration run: {layers} layers, checkpointing {checkpointing}>",
+                          base_dir=str(folder))
+
+
+def split(e) -> dict[str, float]:
+    """An Estimate as the figures a run measures."""
+    return {"forward_backward_s": e.step_time_s - e.optimizer_s, "optimizer_s": e.optimizer_s,
+            "peak_memory_bytes": e.peak_memory_bytes - e.memory["overhead"]}
+
+
+def price(spec) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The spec's plan priced with every host term at zero, and each term's feature: the change one unit of it
+    makes to forward+backward and optimizer time."""
+    from .hardware import load_profile
+    from .pipeline import plan
+    from .plan import reprice
+    compiled = plan(spec)
+    zero = replace(load_profile(spec), **{t: 0.0 for t in HOST_TERMS})
+    rest = split(reprice(compiled.plan, spec, compiled.graph, zero))
+    features = {}
+    for term in HOST_TERMS:
+        unit = split(reprice(compiled.plan, spec, compiled.graph, replace(zero, **{term: 1.0})))
+        features[term] = {k: unit[k] - rest[k] for k in ("forward_backward_s", "optimizer_s")}
+    return rest, features
+
+
+def measure_run(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str,
+                steps: int) -> StackRun:
+    from . import bench
+    spec = calibration_spec(folder, profile, device, ranks, layers, checkpointing)
+    report = bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True)
+    rest, features = price(spec)
+    m = report["measured"]
+    return StackRun(layers=layers, checkpointing=checkpointing, mesh=report["mesh"],
+                    measured={k: m[k] for k in ("forward_backward_s", "optimizer_s", "peak_memory_bytes")},
+                    rest=rest, features=features)
+
+
+def non_negative_least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
+    """min |rows x - targets| with x >= 0: least squares, then drop the most negative unknown and solve again."""
+    import torch
+    free = list(range(len(rows[0])))
+    while True:
+        a = torch.tensor([[r[j] for j in free] for r in rows], dtype=torch.float64)
+        b = torch.tensor(targets, dtype=torch.float64).unsqueeze(1)
+        x = torch.linalg.lstsq(a, b, driver="gelsd").solution.squeeze(1).tolist() if free else []
+        worst = min(range(len(free)), key=lambda i: x[i], default=None)
+        if worst is None or x[worst] >= 0:
+            out = [0.0] * len(rows[0])
+            for j, v in zip(free, x):
+                out[j] = v
+            return out
+        free.pop(worst)
+
+
+def fit(runs: list[StackRun]) -> StackFit:
+    rows, targets = [], []
+    for r in runs:
+        for key in ("forward_backward_s", "optimizer_s"):
+            weight = 1 / r.measured[key]
+            rows.append([r.features[t][key] * weight for t in HOST_TERMS])
+            targets.append((r.measured[key] - r.rest[key]) * weight)
+    terms = dict(zip(HOST_TERMS, non_negative_least_squares(rows, targets)))
+    overhead = statistics.median(r.measured["peak_memory_bytes"] - r.rest["peak_memory_bytes"] for r in runs)
+    return StackFit(terms={t: _sig(v, 3) for t, v in terms.items()}, overhead_gib=_sig(max(overhead, 0) / GIB, 3),
+                    runs=tuple(runs))
+
+
+def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, echo: Callable[[str], None]) -> StackFit:
+    """Run the calibration scripts against `profile` (the micro-benchmarks' figures) and fit its host terms."""
+    with tempfile.TemporaryDirectory(prefix="omnigen-stack-") as tmp:
+        folder = Path(tmp)
+        (folder / "tiny_llama").mkdir()
+        (folder / "tiny_llama" / "config.json").write_text(json.dumps(TINY_LLAMA))
+        path = folder / "profile.yaml"
+        path.write_text(yaml.safe_dump(profile))
+        runs = []
+        for layers, checkpointing in QUICK_RUNS if quick else RUNS:
+            echo(f"[calibrate] generated train.py: tiny Llama, {layers} layer(s), checkpointing {checkpointing}, "
+                 f"{ranks} rank(s) ...")
+            runs.append(measure_run(folder, path, device, ranks, layers, checkpointing,
+                                    QUICK_STEPS if quick else STEPS))
+    return fit(runs)

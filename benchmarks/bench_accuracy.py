@@ -1,7 +1,7 @@
 """Cost-model accuracy: predicted vs measured step time and peak memory for every CPU spec at 2 and 4 ranks.
 
 python benchmarks/bench_accuracy.py [--specs llama_tiny 'qwen2_vl*'] [--ranks 2 4] [--hardware PROFILE.yaml]
-                                    [--steps 8] [--warmup 2] [--json runs/bench_accuracy/results.json]
+                                    [--steps 30] [--warmup 5] [--json runs/bench_accuracy/results.json]
     → one table (spec, ranks, mesh, predicted vs measured step time and peak memory with ratios, tokens/s/device),
       a summary line (how many within 15% on step time and 10% on memory), and a JSON file of every row.
 
@@ -35,6 +35,7 @@ from omnigen.spec import load_spec  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_accuracy"
 STEP_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.10
+STEPS, WARMUP = 30, 5  # CPU steps vary +-25% one to the next: medians need a few tens of them
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
 
 
@@ -135,8 +136,8 @@ def main():
     ap.add_argument("--specs", nargs="*", default=[], help="spec names or glob patterns (default: every spec)")
     ap.add_argument("--ranks", nargs="*", type=int, default=[2, 4])
     ap.add_argument("--hardware", help="plan against this hardware profile .yaml (e.g. omnigen calibrate output)")
-    ap.add_argument("--steps", type=int, default=bench.DEFAULT_STEPS)
-    ap.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--warmup", type=int, default=WARMUP)
     ap.add_argument("--json", default=str(WORK / "results.json"), help="where to write every row")
     args = ap.parse_args()
     if args.hardware and not Path(args.hardware).is_file():

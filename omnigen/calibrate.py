@@ -19,8 +19,8 @@ reproduces both the tiny and the real Llama. Measured fields replace the base pr
 memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
-terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us, optimizer_tensor_us and,
-on cpu, overhead_gib. The micro-benchmark fit stays in the `measured` block.
+terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us,
+fsdp_collective_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The micro-benchmark fit stays in the `measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
@@ -784,7 +784,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
                "layer_overhead_us": _sig(compute.layer_overhead_s * 1e6, 3),
                "step_overhead_ms": _sig(compute.step_overhead_s * 1e3, 3),
-               "collective_overhead_us": 0.0, "optimizer_tensor_us": 0.0,  # only generated scripts show them
+               # only generated scripts show these
+               "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "optimizer_tensor_us": 0.0,
                "memory_bandwidth_gbps": _sig(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
@@ -838,7 +839,8 @@ def with_stack(c: Calibration, fit: StackFit, device: str) -> Calibration:
     profile = {**c.profile, **fit.terms}
     if device == "cpu":  # CUDA peaks are max_memory_allocated: the process baseline is not in them
         profile["overhead_gib"] = fit.overhead_gib
-    runs = ", ".join(f"{r.layers} layer(s){' + full AC' if r.checkpointing == 'full' else ''}" for r in fit.runs)
+    runs = ", ".join(f"{r.layers} layer(s){' + full AC' if r.checkpointing == 'full' else ''}"
+                     f"{f' + sp={r.sp}' if r.sp > 1 else ''}" for r in fit.runs)
     profile["source"] = (f"{c.profile['source']}; then {', '.join(fit.terms)}"
                          f"{' and overhead_gib' if device == 'cpu' else ''} = non-negative least squares (relative) on "
                          f"omnigen's generated train.py of a tiny Llama (hidden 64, seq {SEQ_LEN}, {MICRO_BATCHES} "
@@ -894,6 +896,8 @@ def profile_yaml(c: Calibration, command: str) -> str:
              + (stack or "the same fit at 0 layers"),
              f"collective_overhead_us: {_num(p['collective_overhead_us'])}   # host time per collective beyond "
              f"alpha-beta: {stack or 'not fitted (--no-stack)'}",
+             f"fsdp_collective_overhead_us: {_num(p['fsdp_collective_overhead_us'])}   # more per FSDP collective "
+             f"(hooks, copies): {stack or 'not fitted (--no-stack)'}",
              f"optimizer_tensor_us: {_num(p['optimizer_tensor_us'])}   # clipping + AdamW time per parameter tensor: "
              f"{stack or 'not fitted (--no-stack)'}",
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
@@ -977,7 +981,7 @@ def format_summary(c: Calibration) -> str:
         out.append(f"  {'run':<24} {'fwd+bwd':>9} {'fitted':>9} {'optimizer':>10} {'fitted':>9} {'peak MiB':>9} "
                    f"{'fitted':>8}")
         for row in c.stack.to_measured():
-            what = f"{row['layers']} layer(s), AC {row['checkpointing']}"
+            what = f"{row['layers']} layer(s), AC {row['checkpointing']}" + (f", sp={row['sp']}" if row["sp"] > 1 else "")
             fb, op, mem = row["forward_backward_s"], row["optimizer_s"], row["peak_memory_mib"]
             out.append(f"  {what:<24} {_si(fb['measured'], 's'):>9} {_si(fb['fitted'], 's'):>9} "
                        f"{_si(op['measured'], 's'):>10} {_si(op['fitted'], 's'):>9} {mem['measured']:>9} "

@@ -3,8 +3,8 @@
 The micro-benchmarks time GEMMs, collectives and a bare model. A real step pays more: FSDP2's hooks and copies
 around every collective, DTensor dispatch per tensor in clipping and AdamW, the script's data and loss. Those are
 what the host terms stand for, so they are fitted where they happen: the generated train.py of a tiny Llama, run
-on the ranks being calibrated. The runs move the terms' counts apart: more layers add layer calls, collectives
-and parameter tensors; full activation checkpointing adds layer calls alone.
+on the ranks being calibrated. The runs move the terms' counts apart: more layers add layer calls, FSDP collectives
+and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare all-to-alls.
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
@@ -26,14 +26,16 @@ import yaml
 
 from .hardware import GIB
 
-HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "optimizer_tensor_us")
-RUNS = ((1, "none"), (2, "none"), (4, "none"), (4, "full"))  # (decoder layers, activation checkpointing)
-QUICK_RUNS = ((1, "none"), (4, "none"), (4, "full"))          # still separates every term
+HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "fsdp_collective_overhead_us",
+              "optimizer_tensor_us")
+# (decoder layers, activation checkpointing, Ulysses over every rank)
+RUNS = ((1, "none", False), (2, "none", False), (4, "none", False), (4, "full", False), (4, "none", True))
+QUICK_RUNS = ((1, "none", False), (4, "none", False), (4, "full", False), (4, "none", True))  # still one per term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
 QUICK_STEPS = 15
 SEQ_LEN, MICRO_BATCHES = 128, 2  # per rank and step
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 4,
               "max_position_embeddings": 512, "tie_word_embeddings": False}
 
 
@@ -41,6 +43,7 @@ TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "voc
 class StackRun:
     layers: int
     checkpointing: str
+    sp: int
     mesh: dict[str, int]
     measured: dict[str, float]    # forward_backward_s, optimizer_s, peak_memory_bytes
     rest: dict[str, float]        # the prediction with every host term at zero (and no memory overhead)
@@ -60,7 +63,7 @@ class StackFit:
         """One row per run for the profile's `# measured:` block."""
         rows = []
         for r in self.runs:
-            row: dict[str, Any] = {"layers": r.layers, "checkpointing": r.checkpointing}
+            row: dict[str, Any] = {"layers": r.layers, "checkpointing": r.checkpointing, "sp": r.sp}
             for key in ("forward_backward_s", "optimizer_s"):
                 row[key] = {"measured": _sig(r.measured[key]), "fitted": _sig(self.predicted(r, key))}
             fitted_peak = r.rest["peak_memory_bytes"] + self.overhead_gib * GIB
@@ -74,16 +77,17 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str):
+def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str,
+                     sp: int = 1):
     from .spec import spec_from_dict
-    raw = {"name": f"calibrate_llama_l{layers}_{checkpointing}",
+    raw = {"name": f"calibrate_llama_l{layers}_{checkpointing}_sp{sp}",
            "model": {"config": "tiny_llama", "overrides": {"num_hidden_layers": layers}},
            "cluster": {"nodes": 1, "procs_per_node": ranks, "device": device, "hardware": str(profile)},
-           "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks,
+           "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks // sp,
                      "steps": STEPS, "precision": "bf16" if device == "cuda" else "fp32"},
-           "parallel": {"dp_replicate": 1, "dp_shard": ranks, "sp": 1, "ep": 1,
+           "parallel": {"dp_replicate": 1, "dp_shard": ranks // sp, "sp": sp, "ep": 1,
                         "activation_checkpointing": checkpointing}}
-    return spec_from_dict(raw, source=f"<calibration run: {layers} layers, checkpointing {checkpointing}>",
+    return spec_from_dict(raw, source=f"<calibration run: {layers} layers, checkpointing {checkpointing}, sp {sp}>",
                           base_dir=str(folder))
 
 
@@ -109,14 +113,14 @@ def price(spec) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return rest, features
 
 
-def measure_run(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str,
+def measure_run(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str, sp: int,
                 steps: int) -> StackRun:
     from . import bench
-    spec = calibration_spec(folder, profile, device, ranks, layers, checkpointing)
+    spec = calibration_spec(folder, profile, device, ranks, layers, checkpointing, sp)
     report = bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True)
     rest, features = price(spec)
     m = report["measured"]
-    return StackRun(layers=layers, checkpointing=checkpointing, mesh=report["mesh"],
+    return StackRun(layers=layers, checkpointing=checkpointing, sp=sp, mesh=report["mesh"],
                     measured={k: m[k] for k in ("forward_backward_s", "optimizer_s", "peak_memory_bytes")},
                     rest=rest, features=features)
 
@@ -160,9 +164,12 @@ def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, ech
         path = folder / "profile.yaml"
         path.write_text(yaml.safe_dump(profile))
         runs = []
-        for layers, checkpointing in QUICK_RUNS if quick else RUNS:
+        for layers, checkpointing, ulysses in QUICK_RUNS if quick else RUNS:
+            sp = ranks if ulysses else 1
+            if ulysses and ranks == 1:
+                continue  # nothing to exchange: the all-to-all term stays unfitted
             echo(f"[calibrate] generated train.py: tiny Llama, {layers} layer(s), checkpointing {checkpointing}, "
-                 f"{ranks} rank(s) ...")
-            runs.append(measure_run(folder, path, device, ranks, layers, checkpointing,
+                 f"sp {sp}, {ranks} rank(s) ...")
+            runs.append(measure_run(folder, path, device, ranks, layers, checkpointing, sp,
                                     QUICK_STEPS if quick else STEPS))
     return fit(runs)

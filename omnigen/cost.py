@@ -199,7 +199,8 @@ class GroupCost:
     layer_calls: float          # layer forwards per micro-batch, recomputed ones included
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
-    collective_calls: float     # collectives launched (FSDP and all-to-all): each costs host time
+    fsdp_calls: float           # collectives FSDP2 launches from its hooks: each costs host time
+    all_to_all_calls: float     # the script's own Ulysses and EP all-to-alls: bare calls, cheaper to launch
     tensors: float              # trainable local parameter tensors: the optimizer's per-tensor work
     parameters: float
     gradients: float
@@ -236,17 +237,17 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         held = g.count * (dense + experts)
         comm = g.count * all_reduce_s((dense + experts), mesh.dp * mesh.sp, replicate_link(mesh, procs_per_node, hw)) \
             if trains else 0.0
-        calls = g.count if trains and mesh.dp * mesh.sp > 1 else 0
+        fsdp = g.count if trains and mesh.dp * mesh.sp > 1 else 0
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
         shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
         gathers = 2 if choice.reshard_after_forward else 1
-        comm, calls = 0.0, 0
+        comm, fsdp = 0.0, 0
         for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
             if member:
                 comm += g.count * gathers * all_gather_s(member, n, shard_l)
-                calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
+                fsdp += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
                 if trains:
                     comm += g.count * (reduce_scatter_s(member, n, shard_l)
                                        + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
@@ -255,15 +256,17 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
     a2a_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
     passes = 3 if recomputes else 2
-    a2a = 0.0
+    a2a, a2a_calls = 0.0, 0
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
     if ep_bytes:
-        a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, 2 * passes, mesh.ep, a2a_l)
-        calls += moe_layers(graph, g) * 2 * passes
+        # each forward exchanges the per-expert counts, then dispatches and combines the rows; backward moves the rows
+        calls = 3 * (passes - 1) + 2
+        a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, calls, mesh.ep, a2a_l)
+        a2a_calls += moe_layers(graph, g) * calls
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
         a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
-        calls += g.count * 4 * passes
+        a2a_calls += g.count * 4 * passes
 
     tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     per_layer = g.act_bytes_per_token * tokens * to_compute
@@ -276,7 +279,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
         layer_calls=g.count * (2 if recomputes else 1), fsdp_comm_s=comm, all_to_all_s=a2a,
-        collective_calls=calls, tensors=g.count * g.tensors if trains else 0, parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
+        fsdp_calls=fsdp, all_to_all_calls=a2a_calls, tensors=g.count * g.tensors if trains else 0, parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
         activations=activations, gathered_member=gathered,
         kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
 
@@ -306,7 +309,7 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
                      layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
-                     collective_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True),
+                     fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_calls=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
                      gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
                      activations=_logits_bytes(graph, shape) / mesh.sp, gathered_member=0.0,
@@ -360,8 +363,14 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
 
 def group_time_s(c: GroupCost, hw: HardwareProfile, precision: str) -> float:
     """A group's time per micro-batch on its own, nothing hidden: how the planner ranks a group's options."""
-    host_us = 3 * c.layer_calls * hw.layer_overhead_us + c.collective_calls * hw.collective_overhead_us
+    host_us = 3 * c.layer_calls * hw.layer_overhead_us + collective_host_us(c, hw)
     return c.compute_flops / hw.achieved_flops(precision) + c.fsdp_comm_s + c.all_to_all_s + host_us * 1e-6
+
+
+def collective_host_us(c: GroupCost, hw: HardwareProfile) -> float:
+    """Host time of a group's collectives per micro-batch: every call's launch, and FSDP's hooks around its own."""
+    return (c.fsdp_calls * (hw.collective_overhead_us + hw.fsdp_collective_overhead_us)
+            + c.all_to_all_calls * hw.collective_overhead_us)
 
 
 STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
@@ -371,10 +380,11 @@ OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce 
 def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int) -> float:
     """Host work of the forward and backward passes: each layer call (backward counts twice), each micro-batch's
     data, embeddings and loss, and each collective launched."""
-    layer_calls = sum(3 * c.layer_calls for c in costs)
-    calls = sum(c.collective_calls for c in costs) * micro + (STEP_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0)
-    return ((layer_calls * hw.layer_overhead_us * 1e-6 + hw.step_overhead_ms * 1e-3) * micro
-            + calls * hw.collective_overhead_us * 1e-6)
+    layer_us = sum(3 * c.layer_calls for c in costs) * hw.layer_overhead_us
+    collectives_us = sum(collective_host_us(c, hw) for c in costs)
+    step_calls = STEP_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0
+    return ((layer_us + collectives_us) * 1e-6 + hw.step_overhead_ms * 1e-3) * micro \
+        + step_calls * hw.collective_overhead_us * 1e-6
 
 
 def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) -> float:
@@ -383,7 +393,7 @@ def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) ->
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
     streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
                  if hw.memory_bandwidth_gbps else 0.0)
-    calls = OPTIMIZER_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0
+    calls = OPTIMIZER_COLLECTIVES + (mesh.ep > 1) if mesh.dp * mesh.sp > 1 else 0  # EP: the experts' norm too
     return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
             + calls * hw.collective_overhead_us * 1e-6)
 

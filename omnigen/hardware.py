@@ -44,7 +44,8 @@ class HardwareProfile:
     memory_bandwidth_gbps: float = 0.0  # device memory GB/s: the optimizer step is bandwidth-bound
     layer_overhead_us: float = 0.0  # host time per layer forward (backward counts twice) beyond its FLOPs
     step_overhead_ms: float = 0.0   # host time per micro-batch beyond the layers: data, embeddings, loss
-    collective_overhead_us: float = 0.0  # per collective call beyond alpha-beta: hooks, copy-in/out, rank skew
+    collective_overhead_us: float = 0.0  # per collective call beyond alpha-beta: launch, waiting for the slowest rank
+    fsdp_collective_overhead_us: float = 0.0  # more per collective FSDP2 launches: its hooks, copy-in and copy-out
     optimizer_tensor_us: float = 0.0     # per local parameter tensor: clipping and AdamW dispatch (DTensor ops)
 
     @property

@@ -64,6 +64,7 @@ def test_parameters_are_owned_exactly_once(name):
     assert graph.total_params == expected
     assert sum(b.params for b in _tops(graph)) == expected
     assert graph.total_param_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sum(b.tensors for b in _tops(graph)) == len(list(model.parameters()))  # the optimizer's per-tensor work
     # A layer's parts cover the layer.
     for layer in (b for b in graph.blocks if b.kind == "layer"):
         parts = [b for b in graph.blocks if b.parent == layer.name]
@@ -72,6 +73,7 @@ def test_parameters_are_owned_exactly_once(name):
     if name != "deepseek_v3_tiny":  # dense and MoE layers share one list there: per-member means
         rest = sum(b.params for b in _tops(graph) if b.group is None)
         assert rest + sum(g.params * g.count for g in graph.groups) == expected
+        assert all(g.tensors == b.tensors for g in graph.groups for b in _tops(graph) if b.group == g.name)
 
 
 def test_analyze_uses_fp32_master_weights_like_the_generated_script():

@@ -15,8 +15,9 @@ LLAMA = Path(__file__).resolve().parent.parent / "specs" / "models" / "llama_tin
 MB = 1_000_000
 
 
-def group(name, role, count, params, hidden=256, heads=4, kv_heads=4, experts=0, top_k=0, expert_params=0):
-    return Group(name=name, pattern=f"{name}.*", role=role, layer_class="Layer",
+def group(name, role, count, params, hidden=256, heads=4, kv_heads=4, experts=0, top_k=0, expert_params=0,
+          tensors=9):
+    return Group(name=name, pattern=f"{name}.*", role=role, layer_class="Layer", tensors=tensors,
                  members=tuple(f"{name}.{i}" for i in range(count)), params=params, param_bytes=4 * params,
                  flops_per_token=2 * params, attn_flops_per_token_per_seq=4 * hidden, act_bytes_per_token=20 * hidden,
                  heads=heads, kv_heads=kv_heads, head_dim=hidden // heads, hidden=hidden, experts=experts,
@@ -24,7 +25,8 @@ def group(name, role, count, params, hidden=256, heads=4, kv_heads=4, experts=0,
 
 
 def model(*groups, root_params=MB, vocab=1000):
-    blocks = [Block("model.embed_tokens", "foundation", "embedding", None, None, root_params, 4 * root_params, 0.0)]
+    blocks = [Block("model.embed_tokens", "foundation", "embedding", None, None, root_params, 4 * root_params, 0.0,
+                    tensors=1)]
     for g in groups:
         blocks += [Block(m, g.role, "layer", None, g.name, g.params, g.param_bytes, g.flops_per_token)
                    for m in g.members]
@@ -32,10 +34,12 @@ def model(*groups, root_params=MB, vocab=1000):
     return ModelGraph("M", "m", tuple(blocks), tuple(groups), total, 4 * total, vocab_size=vocab)
 
 
-def hw(memory_gib=80.0, overlap=0.0, layer_us=0.0, step_ms=0.0, mem_bw=0.0):
+def hw(memory_gib=80.0, overlap=0.0, layer_us=0.0, step_ms=0.0, mem_bw=0.0, collective_us=0.0, fsdp_us=0.0,
+       tensor_us=0.0):
     return HardwareProfile("test", {"fp32": 1e12, "bf16": 2e12}, {"fp32": 0.5, "bf16": 0.25}, memory_gib,
                            Link(100.0, 5), Link(10.0, 10), 1.0, "", overlap=overlap, memory_bandwidth_gbps=mem_bw,
-                           layer_overhead_us=layer_us, step_overhead_ms=step_ms)
+                           layer_overhead_us=layer_us, step_overhead_ms=step_ms, collective_overhead_us=collective_us,
+                           fsdp_collective_overhead_us=fsdp_us, optimizer_tensor_us=tensor_us)
 
 
 FOUNDATION = group("model.layers", "foundation", 4, 10 * MB)
@@ -74,6 +78,43 @@ def test_fsdp_collectives_by_hand():
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(True, frozen=True), mesh, SHAPE, hw(), 8)
     assert frozen.fsdp_comm_s == pytest.approx(4 * 2 * ring)  # no gradients to reduce
     assert (frozen.gradients, frozen.optimizer, frozen.backward_factor) == (0, 0, 1.0)
+
+
+def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
+    g = model(FOUNDATION)
+    profile = hw(collective_us=1000.0, fsdp_us=500.0, tensor_us=100.0)
+    shape = TrainShape(seq_len=128, micro_batch_size=2, grad_accum=3, precision="fp32")
+    quiet = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, hw(), 8)
+    e = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, profile, 8)
+    # per micro-batch, FSDP's collectives: each layer gathers twice and reduce-scatters once, the root gathers and
+    # reduce-scatters once; per step, a bare one: the label-token all-reduce before the micro-batches
+    assert e.host_s - quiet.host_s == pytest.approx(3 * (4 * 3 + 2) * 1.5e-3 + 1e-3)
+    # the optimizer: 4 x 9 layer tensors + the embedding, and the clipping and loss all-reduces
+    assert e.optimizer_s - quiet.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6 + 2 * 1e-3)
+    hsdp = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_replicate=2, dp_shard=2), SHAPE, profile, 8)
+    assert hsdp.fsdp_calls == 4 * 3  # gather, reduce-scatter, all-reduce across replicas
+    replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), Mesh(dp_shard=4), SHAPE, profile, 8)
+    assert replicated.fsdp_calls == 4
+    frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(dp_shard=4), SHAPE, profile, 8)
+    assert (frozen.fsdp_calls, frozen.tensors) == (4 * 2, 0)
+    sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
+    assert (sp.fsdp_calls, sp.all_to_all_calls) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes
+    assert cost.group_time_s(sp, profile, "fp32") - cost.group_time_s(sp, hw(), "fp32") == pytest.approx(
+        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 1e-3)  # all-to-alls pay the launch, not FSDP's hooks
+    one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
+    assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
+
+
+def test_expert_parallel_all_to_all_calls():
+    moe = group("model.layers", "foundation", 2, 10 * MB, experts=4, top_k=2, expert_params=8 * MB)
+    g = model(moe)
+    g = ModelGraph(g.model_class, g.model_type, g.blocks + tuple(
+        Block(f"model.layers.{i}.mlp", "foundation", "moe", f"model.layers.{i}", "model.layers", 8 * MB, 32 * MB, 0.0)
+        for i in range(2)), g.groups, g.total_params, g.total_param_bytes, g.vocab_size)
+    plain = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
+    assert plain.all_to_all_calls == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
+    recomputed = cost.group_cost(g, moe, GroupChoice(True, "full"), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
+    assert recomputed.all_to_all_calls == 2 * 8  # the forward's three again
 
 
 def test_exposed_communication_uses_the_profile_overlap():

@@ -1,7 +1,7 @@
 """Cost-model accuracy: predicted vs measured step time and peak memory for every CPU spec at 2 and 4 ranks.
 
 python benchmarks/bench_accuracy.py [--specs llama_tiny 'qwen2_vl*'] [--ranks 2 4] [--hardware PROFILE.yaml]
-                                    [--steps 30] [--warmup 5] [--json runs/bench_accuracy/results.json]
+                                    [--steps 30] [--warmup 5] [--repeats 2] [--json runs/bench_accuracy/results.json]
     → one table (spec, ranks, mesh, predicted vs measured step time and peak memory with ratios, tokens/s/device),
       a summary line (how many within 15% on step time and 10% on memory), and a JSON file of every row.
 
@@ -13,9 +13,10 @@ that is skipped with the planner's reason. Specs whose cluster.device is not cpu
 they cannot run on this machine. With --hardware the plans are made against that profile (e.g. `omnigen calibrate`
 output) instead of the spec's.
 
-Measured figures are bench's: medians over the steps after the warm-up (step time, tokens/s/device) and the run's
-memory high-water mark (max over ranks of ru_maxrss on CPU, which includes the Python + torch + gloo baseline).
-Runs and logs stay in runs/bench_accuracy/<spec>_r<N>/ (git-ignored). On 2 cores the full sweep takes ~15 minutes.
+Measured figures are bench's, from the fastest of --repeats launches (load from elsewhere only slows a run; the
+spread between launches is printed as the noise floor): medians over the steps after the warm-up (step time,
+tokens/s/device) and the run's memory high-water mark (max over ranks of ru_maxrss on CPU, which includes the Python + torch + gloo baseline).
+Runs and logs stay in runs/bench_accuracy/<spec>_r<N>/ (git-ignored). On 2 cores a sweep takes ~15 minutes at 2 ranks, ~20 at 4.
 """
 
 import argparse
@@ -36,6 +37,7 @@ from omnigen.spec import load_spec  # noqa: E402
 WORK = ROOT / "runs" / "bench_accuracy"
 STEP_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.10
 STEPS, WARMUP = 30, 5  # CPU steps vary +-25% one to the next: medians need a few tens of them
+REPEATS = 2            # and whole launches drift 10-30% with the machine's load: keep the fastest of two
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
 
 
@@ -85,10 +87,14 @@ def run_case(path: Path, ranks: int, args) -> dict:
         print(f"  {path.stem} @ {ranks} ranks: changed {', '.join(changes)}", flush=True)
     t0 = time.perf_counter()
     try:
-        report = bench.run(spec, WORK / f"{path.stem}_r{ranks}", args.steps, args.warmup, quiet=True)
+        reports = [bench.run(spec, WORK / f"{path.stem}_r{ranks}", args.steps, args.warmup, quiet=True)
+                   for _ in range(args.repeats)]
     except bench.BenchFailed as e:
         return {**row, "changes": changes, "failed": str(e).splitlines()[0]}
+    # A busy neighbour only ever slows a run down: the fastest launch is the machine's own speed.
+    report = min(reports, key=lambda r: r["measured"]["step_time_s"])
     return {**row, "changes": changes, "wall_s": round(time.perf_counter() - t0, 1), "mesh": report["mesh"],
+            "step_time_s_by_launch": [r["measured"]["step_time_s"] for r in reports],
             "hardware": report["hardware"], "run_exit_code": report["run_exit_code"],
             "predicted": {k: report["predicted"][k] for k in ("step_time_s", "peak_memory_bytes",
                                                                "tokens_per_s_per_device")},
@@ -127,8 +133,11 @@ def summary(rows: list[dict]) -> str:
     step = sum(abs(r["ratios"]["step_time_s"] - 1) <= STEP_TOLERANCE for r in done)
     memory = sum(abs(r["ratios"]["peak_memory_bytes"] - 1) <= MEMORY_TOLERANCE for r in done)
     skipped = len(rows) - len(done)
+    spreads = sorted(max(r["step_time_s_by_launch"]) / min(r["step_time_s_by_launch"]) - 1 for r in done)
+    noise = (f"; launches of one case differ by a median {spreads[len(spreads) // 2]:.0%}, at most {spreads[-1]:.0%}"
+             if spreads and len(done[0]["step_time_s_by_launch"]) > 1 else "")
     return (f"{len(done)} cases measured ({skipped} skipped or failed): step time within {STEP_TOLERANCE:.0%} in "
-            f"{step}/{len(done)}, peak memory within {MEMORY_TOLERANCE:.0%} in {memory}/{len(done)}")
+            f"{step}/{len(done)}, peak memory within {MEMORY_TOLERANCE:.0%} in {memory}/{len(done)}{noise}")
 
 
 def main():
@@ -138,6 +147,7 @@ def main():
     ap.add_argument("--hardware", help="plan against this hardware profile .yaml (e.g. omnigen calibrate output)")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--warmup", type=int, default=WARMUP)
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="launches per case; the fastest one counts")
     ap.add_argument("--json", default=str(WORK / "results.json"), help="where to write every row")
     args = ap.parse_args()
     if args.hardware and not Path(args.hardware).is_file():
@@ -160,7 +170,8 @@ def main():
     print("\n" + table(rows) + "\n\n" + summary(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "hardware": args.hardware,
+    out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                               "hardware": args.hardware,
                                "rows": rows, "summary": summary(rows)}, indent=2) + "\n")
     print(f"wrote {out}")
 

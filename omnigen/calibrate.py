@@ -20,7 +20,8 @@ memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `sour
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
 terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us,
-fsdp_collective_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The micro-benchmark fit stays in the `measured` block.
+fsdp_collective_overhead_us, expert_layer_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The micro-benchmark fit stays in the
+`measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
@@ -46,7 +47,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, fit_stack
+from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack
 from .errors import OmnigenError
 
 GIB = 1024**3
@@ -785,7 +786,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                "layer_overhead_us": _sig(compute.layer_overhead_s * 1e6, 3),
                "step_overhead_ms": _sig(compute.step_overhead_s * 1e3, 3),
                # only generated scripts show these
-               "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "optimizer_tensor_us": 0.0,
+               "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "expert_layer_overhead_us": 0.0,
+               "optimizer_tensor_us": 0.0,
                "memory_bandwidth_gbps": _sig(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
@@ -839,13 +841,13 @@ def with_stack(c: Calibration, fit: StackFit, device: str) -> Calibration:
     profile = {**c.profile, **fit.terms}
     if device == "cpu":  # CUDA peaks are max_memory_allocated: the process baseline is not in them
         profile["overhead_gib"] = fit.overhead_gib
-    runs = ", ".join(f"{r.layers} layer(s){' + full AC' if r.checkpointing == 'full' else ''}"
-                     f"{f' + sp={r.sp}' if r.sp > 1 else ''}" for r in fit.runs)
+    n = c.measured["ranks"]
+    runs = "; ".join(describe(r.shape, n) for r in fit.runs)
     profile["source"] = (f"{c.profile['source']}; then {', '.join(fit.terms)}"
                          f"{' and overhead_gib' if device == 'cpu' else ''} = non-negative least squares (relative) on "
-                         f"omnigen's generated train.py of a tiny Llama (hidden 64, seq {SEQ_LEN}, {MICRO_BATCHES} "
-                         f"micro-batches per rank, FSDP over the {c.measured['ranks']} ranks) at {runs}: medians of "
-                         f"forward+backward and optimizer time, peak memory")
+                         f"omnigen's generated train.py (hidden 64, seq {SEQ_LEN}, {MICRO_BATCHES} micro-batches per "
+                         f"rank, FSDP over the {n} ranks) of: {runs}; medians of forward+backward and optimizer time, "
+                         f"peak memory")
     return replace(c, profile=profile, measured={**c.measured, "stack": fit.to_measured()}, stack=fit)
 
 
@@ -898,6 +900,8 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"alpha-beta: {stack or 'not fitted (--no-stack)'}",
              f"fsdp_collective_overhead_us: {_num(p['fsdp_collective_overhead_us'])}   # more per FSDP collective "
              f"(hooks, copies): {stack or 'not fitted (--no-stack)'}",
+             f"expert_layer_overhead_us: {_num(p['expert_layer_overhead_us'])}   # more per MoE layer forward under "
+             f"EP (backward = 2): {stack or 'not fitted (--no-stack)'}",
              f"optimizer_tensor_us: {_num(p['optimizer_tensor_us'])}   # clipping + AdamW time per parameter tensor: "
              f"{stack or 'not fitted (--no-stack)'}",
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
@@ -978,12 +982,12 @@ def format_summary(c: Calibration) -> str:
     if c.stack:
         out.append("\ngenerated train.py runs (medians) vs the refitted profile: "
                    + ", ".join(f"{t} {v:g}" for t, v in c.stack.terms.items()))
-        out.append(f"  {'run':<24} {'fwd+bwd':>9} {'fitted':>9} {'optimizer':>10} {'fitted':>9} {'peak MiB':>9} "
+        out.append(f"  {'run':<36} {'fwd+bwd':>9} {'fitted':>9} {'optimizer':>10} {'fitted':>9} {'peak MiB':>9} "
                    f"{'fitted':>8}")
-        for row in c.stack.to_measured():
-            what = f"{row['layers']} layer(s), AC {row['checkpointing']}" + (f", sp={row['sp']}" if row["sp"] > 1 else "")
+        for run, row in zip(c.stack.runs, c.stack.to_measured()):
+            what = describe(run.shape, c.measured["ranks"]).rsplit(", ", 1)[0]
             fb, op, mem = row["forward_backward_s"], row["optimizer_s"], row["peak_memory_mib"]
-            out.append(f"  {what:<24} {_si(fb['measured'], 's'):>9} {_si(fb['fitted'], 's'):>9} "
+            out.append(f"  {what:<36} {_si(fb['measured'], 's'):>9} {_si(fb['fitted'], 's'):>9} "
                        f"{_si(op['measured'], 's'):>10} {_si(op['fitted'], 's'):>9} {mem['measured']:>9} "
                        f"{mem['fitted']:>8}")
     p = c.profile

@@ -4,13 +4,14 @@ The micro-benchmarks time GEMMs, collectives and a bare model. A real step pays 
 around every collective, DTensor dispatch per tensor in clipping and AdamW, the script's data and loss. Those are
 what the host terms stand for, so they are fitted where they happen: the generated train.py of a tiny Llama, run
 on the ranks being calibrated. The runs move the terms' counts apart: more layers add layer calls, FSDP collectives
-and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare all-to-alls.
+and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare all-to-alls; a tiny
+MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split sizes, expert loop).
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
 measured - (the rest of the prediction) = features x terms, over the forward+backward and optimizer times of every
-run, each weighted by 1/measured (relative errors). The memory overhead is refitted the same way: the median of
-measured peak less the predicted peak without it.
+run, each weighted by 1/measured (relative errors); each run is launched twice and the faster launch kept. The
+memory overhead is refitted the same way: the median of measured peak less the predicted peak without it.
 """
 
 from __future__ import annotations
@@ -20,30 +21,46 @@ import statistics
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
 from .hardware import GIB
 
 HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "fsdp_collective_overhead_us",
-              "optimizer_tensor_us")
-# (decoder layers, activation checkpointing, Ulysses over every rank)
-RUNS = ((1, "none", False), (2, "none", False), (4, "none", False), (4, "full", False), (4, "none", True))
-QUICK_RUNS = ((1, "none", False), (4, "none", False), (4, "full", False), (4, "none", True))  # still one per term
+              "expert_layer_overhead_us", "optimizer_tensor_us")
+
+
+class RunShape(NamedTuple):
+    model: str              # "llama" or "moe"
+    layers: int
+    checkpointing: str
+    ulysses: bool           # sequence parallel over every rank
+    expert_parallel: bool   # experts split over every rank
+
+
+RUNS = (RunShape("llama", 1, "none", False, False), RunShape("llama", 2, "none", False, False),
+        RunShape("llama", 4, "none", False, False), RunShape("llama", 4, "full", False, False),
+        RunShape("llama", 4, "none", True, False), RunShape("moe", 2, "none", False, True))
+QUICK_RUNS = tuple(r for r in RUNS if r.layers != 2 or r.model == "moe")  # still one run per term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
 QUICK_STEPS = 15
+REPEATS = 2  # launches per run, the fastest kept: whole launches drift 10-30% with the machine's load
 SEQ_LEN, MICRO_BATCHES = 128, 2  # per rank and step
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 64,
               "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 4,
               "max_position_embeddings": 512, "tie_word_embeddings": False}
+TINY_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 1024, "hidden_size": 64,
+            "intermediate_size": 128, "head_dim": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "output_router_logits": True,
+            "router_aux_loss_coef": 0.02, "max_position_embeddings": 512, "tie_word_embeddings": False}
+CONFIGS = {"llama": TINY_LLAMA, "moe": TINY_MOE}
 
 
 @dataclass(frozen=True)
 class StackRun:
-    layers: int
-    checkpointing: str
-    sp: int
+    shape: RunShape
     mesh: dict[str, int]
     measured: dict[str, float]    # forward_backward_s, optimizer_s, peak_memory_bytes
     rest: dict[str, float]        # the prediction with every host term at zero (and no memory overhead)
@@ -63,7 +80,8 @@ class StackFit:
         """One row per run for the profile's `# measured:` block."""
         rows = []
         for r in self.runs:
-            row: dict[str, Any] = {"layers": r.layers, "checkpointing": r.checkpointing, "sp": r.sp}
+            row: dict[str, Any] = {"model": r.shape.model, "layers": r.shape.layers,
+                                   "checkpointing": r.shape.checkpointing, "sp": r.mesh["sp"], "ep": r.mesh["ep"]}
             for key in ("forward_backward_s", "optimizer_s"):
                 row[key] = {"measured": _sig(r.measured[key]), "fitted": _sig(self.predicted(r, key))}
             fitted_peak = r.rest["peak_memory_bytes"] + self.overhead_gib * GIB
@@ -77,18 +95,25 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str,
-                     sp: int = 1):
+def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, run: RunShape):
+    """A spec for one calibration run: FSDP over every rank, Ulysses or EP over every rank when the run asks."""
     from .spec import spec_from_dict
-    raw = {"name": f"calibrate_llama_l{layers}_{checkpointing}_sp{sp}",
-           "model": {"config": "tiny_llama", "overrides": {"num_hidden_layers": layers}},
+    sp = ranks if run.ulysses else 1
+    raw = {"name": f"calibrate_{run.model}_l{run.layers}_{run.checkpointing}{'_sp' if run.ulysses else ''}"
+                   f"{'_ep' if run.expert_parallel else ''}",
+           "model": {"config": f"tiny_{run.model}", "overrides": {"num_hidden_layers": run.layers}},
            "cluster": {"nodes": 1, "procs_per_node": ranks, "device": device, "hardware": str(profile)},
            "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks // sp,
                      "steps": STEPS, "precision": "bf16" if device == "cuda" else "fp32"},
-           "parallel": {"dp_replicate": 1, "dp_shard": ranks // sp, "sp": sp, "ep": 1,
-                        "activation_checkpointing": checkpointing}}
-    return spec_from_dict(raw, source=f"<calibration run: {layers} layers, checkpointing {checkpointing}, sp {sp}>",
-                          base_dir=str(folder))
+           "parallel": {"dp_replicate": 1, "dp_shard": ranks // sp, "sp": sp,
+                        "ep": ranks if run.expert_parallel else 1, "activation_checkpointing": run.checkpointing}}
+    return spec_from_dict(raw, source=f"<calibration run: {raw['name']}>", base_dir=str(folder))
+
+
+def write_configs(folder: Path) -> None:
+    for name, config in CONFIGS.items():
+        (folder / f"tiny_{name}").mkdir(exist_ok=True)
+        (folder / f"tiny_{name}" / "config.json").write_text(json.dumps(config))
 
 
 def split(e) -> dict[str, float]:
@@ -113,16 +138,25 @@ def price(spec) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return rest, features
 
 
-def measure_run(folder: Path, profile: Path, device: str, ranks: int, layers: int, checkpointing: str, sp: int,
-                steps: int) -> StackRun:
+def measure_run(folder: Path, profile: Path, device: str, ranks: int, run: RunShape, steps: int,
+                repeats: int) -> StackRun:
     from . import bench
-    spec = calibration_spec(folder, profile, device, ranks, layers, checkpointing, sp)
-    report = bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True)
+    spec = calibration_spec(folder, profile, device, ranks, run)
+    reports = [bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True) for _ in range(repeats)]
+    report = min(reports, key=lambda r: r["measured"]["step_time_s"])  # load from elsewhere only slows a launch
     rest, features = price(spec)
     m = report["measured"]
-    return StackRun(layers=layers, checkpointing=checkpointing, sp=sp, mesh=report["mesh"],
+    return StackRun(shape=run, mesh=report["mesh"],
                     measured={k: m[k] for k in ("forward_backward_s", "optimizer_s", "peak_memory_bytes")},
                     rest=rest, features=features)
+
+
+def describe(run: RunShape, ranks: int) -> str:
+    parts = [f"tiny {'Llama' if run.model == 'llama' else 'Qwen3-MoE'}", f"{run.layers} layer(s)"]
+    parts += ["full AC"] if run.checkpointing == "full" else []
+    parts += [f"sp {ranks}"] if run.ulysses else []
+    parts += [f"ep {ranks}"] if run.expert_parallel else []
+    return ", ".join(parts) + f", {ranks} rank(s)"
 
 
 def non_negative_least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
@@ -159,17 +193,14 @@ def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, ech
     """Run the calibration scripts against `profile` (the micro-benchmarks' figures) and fit its host terms."""
     with tempfile.TemporaryDirectory(prefix="omnigen-stack-") as tmp:
         folder = Path(tmp)
-        (folder / "tiny_llama").mkdir()
-        (folder / "tiny_llama" / "config.json").write_text(json.dumps(TINY_LLAMA))
+        write_configs(folder)
         path = folder / "profile.yaml"
         path.write_text(yaml.safe_dump(profile))
         runs = []
-        for layers, checkpointing, ulysses in QUICK_RUNS if quick else RUNS:
-            sp = ranks if ulysses else 1
-            if ulysses and ranks == 1:
-                continue  # nothing to exchange: the all-to-all term stays unfitted
-            echo(f"[calibrate] generated train.py: tiny Llama, {layers} layer(s), checkpointing {checkpointing}, "
-                 f"sp {sp}, {ranks} rank(s) ...")
-            runs.append(measure_run(folder, path, device, ranks, layers, checkpointing, sp,
-                                    QUICK_STEPS if quick else STEPS))
+        for run in QUICK_RUNS if quick else RUNS:
+            if ranks == 1 and (run.ulysses or run.expert_parallel):
+                continue  # nothing to exchange: their terms stay unfitted
+            echo(f"[calibrate] generated train.py: {describe(run, ranks)} ...")
+            runs.append(measure_run(folder, path, device, ranks, run, QUICK_STEPS if quick else STEPS,
+                                    1 if quick else REPEATS))
     return fit(runs)

@@ -197,6 +197,7 @@ class GroupCost:
     recompute_flops: float
     backward_factor: float      # backward FLOPs per forward FLOP: 2, 1 for frozen layers, 0 for a frozen encoder
     layer_calls: float          # layer forwards per micro-batch, recomputed ones included
+    expert_layer_calls: float   # of those, MoE layers whose experts run expert-parallel
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
     fsdp_calls: float           # collectives FSDP2 launches from its hooks: each costs host time
@@ -278,8 +279,11 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         activations = per_layer  # no backward through it: nothing is kept beyond the running layer
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
-        layer_calls=g.count * (2 if recomputes else 1), fsdp_comm_s=comm, all_to_all_s=a2a,
-        fsdp_calls=fsdp, all_to_all_calls=a2a_calls, tensors=g.count * g.tensors if trains else 0, parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
+        layer_calls=g.count * (2 if recomputes else 1),
+        expert_layer_calls=moe_layers(graph, g) * (2 if recomputes else 1) if mesh.ep > 1 else 0,
+        fsdp_comm_s=comm, all_to_all_s=a2a,
+        fsdp_calls=fsdp, all_to_all_calls=a2a_calls, tensors=g.count * g.tensors if trains else 0,
+        parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
         activations=activations, gathered_member=gathered,
         kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
 
@@ -308,7 +312,7 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
     comm = (all_gather_s(full * to_compute, fsdp_n, shard_l) + reduce_scatter_s(full * to_compute, fsdp_n, shard_l)
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
-                     layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
+                     layer_calls=0.0, expert_layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
                      fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_calls=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
                      gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
@@ -363,14 +367,16 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
 
 def group_time_s(c: GroupCost, hw: HardwareProfile, precision: str) -> float:
     """A group's time per micro-batch on its own, nothing hidden: how the planner ranks a group's options."""
-    host_us = 3 * c.layer_calls * hw.layer_overhead_us + collective_host_us(c, hw)
-    return c.compute_flops / hw.achieved_flops(precision) + c.fsdp_comm_s + c.all_to_all_s + host_us * 1e-6
+    return (c.compute_flops / hw.achieved_flops(precision) + c.fsdp_comm_s + c.all_to_all_s
+            + group_host_us(c, hw) * 1e-6)
 
 
-def collective_host_us(c: GroupCost, hw: HardwareProfile) -> float:
-    """Host time of a group's collectives per micro-batch: every call's launch, and FSDP's hooks around its own."""
-    return (c.fsdp_calls * (hw.collective_overhead_us + hw.fsdp_collective_overhead_us)
-            + c.all_to_all_calls * hw.collective_overhead_us)
+def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
+    """Host time of a group per micro-batch: each layer call (backward counts twice), MoE layers' own work under EP,
+    and every collective's launch, with FSDP's hooks around its own."""
+    layers = 3 * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
+    return layers + (c.fsdp_calls * (hw.collective_overhead_us + hw.fsdp_collective_overhead_us)
+                     + c.all_to_all_calls * hw.collective_overhead_us)
 
 
 STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
@@ -378,13 +384,11 @@ OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce 
 
 
 def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int) -> float:
-    """Host work of the forward and backward passes: each layer call (backward counts twice), each micro-batch's
-    data, embeddings and loss, and each collective launched."""
-    layer_us = sum(3 * c.layer_calls for c in costs) * hw.layer_overhead_us
-    collectives_us = sum(collective_host_us(c, hw) for c in costs)
+    """Host work of the forward and backward passes: every group's (group_host_us), each micro-batch's data,
+    embeddings and loss, and the step's own all-reduce."""
+    per_micro_us = sum(group_host_us(c, hw) for c in costs) + hw.step_overhead_ms * 1e3
     step_calls = STEP_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0
-    return ((layer_us + collectives_us) * 1e-6 + hw.step_overhead_ms * 1e-3) * micro \
-        + step_calls * hw.collective_overhead_us * 1e-6
+    return (per_micro_us * micro + step_calls * hw.collective_overhead_us) * 1e-6
 
 
 def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) -> float:

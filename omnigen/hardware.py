@@ -46,6 +46,8 @@ class HardwareProfile:
     step_overhead_ms: float = 0.0   # host time per micro-batch beyond the layers: data, embeddings, loss
     collective_overhead_us: float = 0.0  # per collective call beyond alpha-beta: launch, waiting for the slowest rank
     fsdp_collective_overhead_us: float = 0.0  # more per collective FSDP2 launches: its hooks, copy-in and copy-out
+    expert_layer_overhead_us: float = 0.0  # more per MoE layer forward under EP (backward counts twice): routing,
+    #                                        permutation, split sizes read back to the host, the local expert loop
     optimizer_tensor_us: float = 0.0     # per local parameter tensor: clipping and AdamW dispatch (DTensor ops)
 
     @property

@@ -1,5 +1,6 @@
 """Each cost-model term against a value computed by hand, and searches whose best plan is known."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,10 @@ def test_expert_parallel_all_to_all_calls():
         for i in range(2)), g.groups, g.total_params, g.total_param_bytes, g.vocab_size)
     plain = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
     assert plain.all_to_all_calls == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
+    assert plain.expert_layer_calls == 2 and plain.layer_calls == 2
+    profile = replace(hw(), expert_layer_overhead_us=100.0, layer_overhead_us=10.0)
+    assert cost.group_host_us(plain, profile) == pytest.approx(3 * 2 * (100 + 10))
+    assert cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2), SHAPE, hw(), 8).expert_layer_calls == 0
     recomputed = cost.group_cost(g, moe, GroupChoice(True, "full"), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
     assert recomputed.all_to_all_calls == 2 * 8  # the forward's three again
 

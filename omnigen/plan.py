@@ -170,8 +170,6 @@ def group_options(spec: Spec, graph: ModelGraph, g, mesh: Mesh) -> list[GroupCho
     checkpointing mode. Frozen comes from the spec; experts are never replicated (EP and FSDP place them)."""
     ac = spec.parallel.activation_checkpointing
     acs = ["none", "selective", "full"] if ac == "auto" else [ac]
-    if g.experts and mesh.ep > 1 and "selective" in acs and len(acs) > 1:
-        acs.remove("selective")  # the experts' own FSDP unit inside a selectively checkpointed layer fails in backward
     frozen = under(g.name, spec.model.freeze)
     fsdp = [GroupChoice(raf, a, frozen) for raf in (True, False) for a in acs] if mesh.dp * mesh.sp > 1 else \
         [GroupChoice(True, a, frozen) for a in acs]

@@ -111,6 +111,15 @@ def test_expert_parallel_matches_single_process(name, tmp_path):
     check_expert_metrics(metrics, runner.read_metrics(tmp_path / "reference" / "metrics.jsonl"), ep, ROUTER_AUX[name])
 
 
+def test_selective_checkpointing_with_expert_parallel_matches_single_process(tmp_path):
+    """Each MoE layer's experts are their own FSDP unit inside the checkpointed layer; its hooks' profiler ops run a
+    different number of times in the recompute, which selective checkpointing must not count."""
+    code, _ = verify("qwen2_moe_tiny_ep2", tmp_path, sets=["parallel.activation_checkpointing=selective"])
+    assert code == 0
+    plan = json.loads((tmp_path / "parallel" / "plan.json").read_text())
+    assert {g["activation_checkpointing"] for g in plan["groups"]} == {"selective"}
+
+
 def test_expert_parallel_checkpoint_holds_the_full_experts_and_resumes(tmp_path):
     """dp_shard=4 x ep=2: each EP rank's 4 experts are FSDP-sharded over ep_fsdp=2. Train 2 steps and save a DCP
     checkpoint: its expert tensors are the full [8, ...] ones, equal to the gathered parameters, with the keys and

@@ -212,8 +212,12 @@ def apply_activation_checkpointing(model):
 
 def save_matmuls_context():
     """Selective checkpointing: keep matmul and attention outputs, recompute cheap pointwise ops."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, create_selective_checkpoint_contexts
 
+    # FSDP's hooks mark their work with profiler ops, and a recomputed layer holding its own FSDP unit (EP experts)
+    # runs them a different number of times than its forward did: they carry no tensors, so SAC need not count them.
+    SAC_IGNORED_OPS.update({torch.ops.profiler._record_function_enter_new.default,
+                            torch.ops.profiler._record_function_exit._RecordFunction})
     keep = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
             torch.ops.aten._scaled_dot_product_efficient_attention.default,
             torch.ops.aten._scaled_dot_product_flash_attention.default,

@@ -156,7 +156,7 @@ def bench_cmd(spec_path, sets, out_dir, steps, warmup, report_path):
               help="Profile to write (default <device>_measured.yaml).")
 @click.option("--quick", is_flag=True, help="Fewer shapes, sizes, repeats and runs: about a minute on 2 CPU cores.")
 @click.option("--stack/--no-stack", default=True, show_default=True,
-              help="Refit the host terms on runs of omnigen's generated train.py (a tiny Llama, a few launches).")
+              help="Refit the host terms on runs of omnigen's generated train.py (tiny Llama and MoE models).")
 @user_errors
 def calibrate_cmd(device, ranks, base, out_path, quick, stack):
     """Measure this machine (GEMM FLOP/s and layer efficiency per dtype, host overhead per layer, micro-batch,

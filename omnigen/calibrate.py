@@ -20,8 +20,8 @@ memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `sour
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
 terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us,
-fsdp_collective_overhead_us, expert_layer_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The micro-benchmark fit stays in the
-`measured` block.
+fsdp_collective_overhead_us, expert_layer_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The
+micro-benchmark fit stays in the `measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack
+from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack, significant
 from .errors import OmnigenError
 
 GIB = 1024**3
@@ -771,7 +771,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
     rss = raw.get("rss_gib") if device == "cpu" else None
     opt = raw["optimizer"][0]
     memory = round(raw["memory_gib"], 1) if raw.get("memory_gib") else base["memory_gib"]
-    intra = ({"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us)} if fit
+    intra = ({"bandwidth_gbps": significant(fit.bandwidth_gbps), "latency_us": significant(fit.latency_us)} if fit
              else dict(base["intra_node"]))
     kept = [k for k, measured in (("memory_gib", bool(raw.get("memory_gib"))), ("intra_node", bool(fit)),
                                   ("inter_node", False), ("overhead_gib", bool(rss)), ("overlap", bool(overlap)))
@@ -781,56 +781,57 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
               f"{raw['threads']} thread(s), measured concurrently, slowest rank; "
               f"{_how(raw, primary, fit, overlap, rss)}"
               f"; kept from {base_name}: {', '.join(kept)}")
-    profile = {"name": name, "peak_flops": {d: _sig(peak[d]) for d in DTYPES},
-               "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
-               "layer_overhead_us": _sig(compute.layer_overhead_s * 1e6, 3),
-               "step_overhead_ms": _sig(compute.step_overhead_s * 1e3, 3),
+    profile = {"name": name, "peak_flops": {d: significant(peak[d]) for d in DTYPES},
+               "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
+               "layer_overhead_us": significant(compute.layer_overhead_s * 1e6, 3),
+               "step_overhead_ms": significant(compute.step_overhead_s * 1e3, 3),
                # only generated scripts show these
                "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "expert_layer_overhead_us": 0.0,
                "optimizer_tensor_us": 0.0,
-               "memory_bandwidth_gbps": _sig(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
+               "memory_bandwidth_gbps": significant(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
                "memory_gib": memory, "intra_node": intra, "inter_node": dict(base["inter_node"]),
-               "overhead_gib": _sig(rss, 3) if rss else base["overhead_gib"], "source": source}
+               "overhead_gib": significant(rss, 3) if rss else base["overhead_gib"], "source": source}
     L = raw["layer"][0]["config"]
     measured = {
-        "attention_flops": {r["dtype"]: _sig(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
+        "attention_flops": {r["dtype"]: significant(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
         "attention_shape": raw["sdpa"][0]["shape"],
-        "matmul_efficiency": {d: _sig(compute.efficiency[d], 3) for d in DTYPES},
-        "matmul_efficiency_with_host": {d: _sig(compute.with_host[d], 3) for d in DTYPES},
-        "matmul_efficiency_unpaired": {d: _sig(direct[d], 3) for d in DTYPES},
-        "layer_flops_per_s": {d: _sig(layer_rate[d]) for d in DTYPES},
-        "layer": {**L, "flops": _sig(raw["layer"][0]["flops"]),
-                  "seconds": {r["dtype"]: _sig(r["seconds"]) for r in raw["layer"]},
-                  "host_share": {r["dtype"]: _sig(host_seconds(L["layers"], compute.layer_overhead_s,
+        "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
+        "matmul_efficiency_with_host": {d: significant(compute.with_host[d], 3) for d in DTYPES},
+        "matmul_efficiency_unpaired": {d: significant(direct[d], 3) for d in DTYPES},
+        "layer_flops_per_s": {d: significant(layer_rate[d]) for d in DTYPES},
+        "layer": {**L, "flops": significant(raw["layer"][0]["flops"]),
+                  "seconds": {r["dtype"]: significant(r["seconds"]) for r in raw["layer"]},
+                  "host_share": {r["dtype"]: significant(host_seconds(L["layers"], compute.layer_overhead_s,
                                                                compute.step_overhead_s) / r["seconds"], 3)
                                  for r in raw["layer"]}},
         "host": {**raw["host"][0]["config"], "dtype": primary, "layers": [r["layers"] for r in raw["host"]],
-                 "flops": [_sig(r["flops"]) for r in raw["host"]],
-                 "seconds": [_sig(r["seconds"]) for r in raw["host"]],
-                 "fitted_seconds": [_sig(compute.predict(r["flops"], r["layers"], peak[primary], primary))
+                 "flops": [significant(r["flops"]) for r in raw["host"]],
+                 "seconds": [significant(r["seconds"]) for r in raw["host"]],
+                 "fitted_seconds": [significant(compute.predict(r["flops"], r["layers"], peak[primary], primary))
                                     for r in raw["host"]],
                  "iterations": compute.iterations},
-        "optimizer": {"params": opt["params"], "tensors": opt["tensors"], "seconds": _sig(opt["seconds"])},
-        "gemm_flops_per_s": {d: {"x".join(map(str, r["shape"])): _sig(r["flops"] / r["seconds"])
+        "optimizer": {"params": opt["params"], "tensors": opt["tensors"], "seconds": significant(opt["seconds"])},
+        "gemm_flops_per_s": {d: {"x".join(map(str, r["shape"])): significant(r["flops"] / r["seconds"])
                                  for r in raw["gemm"] if r["dtype"] == d} for d in DTYPES},
-        "rss_gib_by_rank": [_sig(x, 3) for x in raw["rss_gib_by_rank"]],
+        "rss_gib_by_rank": [significant(x, 3) for x in raw["rss_gib_by_rank"]],
         "ranks": n, "threads_per_rank": raw["threads"], "backend": raw["backend"],
         "measure_s": round(raw["measure_s"], 1),
     }
     if overlap:
         measured["overlap"] = {"bytes": overlap["comm"]["bytes"], "gemm": overlap["compute"]["gemm"],
                                "gemm_calls": overlap["compute"]["gemm_calls"],
-                               **{f"{w}_s": _sig(r["seconds"]) for w, r in overlap.items()}}
+                               **{f"{w}_s": significant(r["seconds"]) for w, r in overlap.items()}}
     if fit:
-        measured["collectives_us"] = {op: {int(r["bytes"]): _sig(r["seconds"] * 1e6) for r in raw["comm"]
+        measured["collectives_us"] = {op: {int(r["bytes"]): significant(r["seconds"] * 1e6) for r in raw["comm"]
                                            if r["op"] == op} for op in COLLECTIVES}
-        measured["fit"] = {"bandwidth_gbps": _sig(fit.bandwidth_gbps), "latency_us": _sig(fit.latency_us),
-                           "typical_error_factor": _sig(fit.typical_error, 3),
-                           "worst_error_factor": _sig(fit.worst_error, 3)}
-        measured["fit_by_op"] = {op: {"bandwidth_gbps": _sig(f.bandwidth_gbps), "latency_us": _sig(f.latency_us),
-                                      "typical_error_factor": _sig(f.typical_error, 3)}
+        measured["fit"] = {"bandwidth_gbps": significant(fit.bandwidth_gbps), "latency_us": significant(fit.latency_us),
+                           "typical_error_factor": significant(fit.typical_error, 3),
+                           "worst_error_factor": significant(fit.worst_error, 3)}
+        measured["fit_by_op"] = {op: {"bandwidth_gbps": significant(f.bandwidth_gbps),
+                                      "latency_us": significant(f.latency_us),
+                                      "typical_error_factor": significant(f.typical_error, 3)}
                                for op, f in fits_by_op.items()}
     return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, compute=compute,
                        kept=tuple(kept), raw=raw)
@@ -849,10 +850,6 @@ def with_stack(c: Calibration, fit: StackFit, device: str) -> Calibration:
                          f"rank, FSDP over the {n} ranks) of: {runs}; medians of forward+backward and optimizer time, "
                          f"peak memory")
     return replace(c, profile=profile, measured={**c.measured, "stack": fit.to_measured()}, stack=fit)
-
-
-def _sig(x: float, digits: int = 4) -> float:
-    return float(f"{x:.{digits}g}")
 
 
 def _bytes(n: float) -> str:

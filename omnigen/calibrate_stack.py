@@ -83,7 +83,7 @@ class StackFit:
             row: dict[str, Any] = {"model": r.shape.model, "layers": r.shape.layers,
                                    "checkpointing": r.shape.checkpointing, "sp": r.mesh["sp"], "ep": r.mesh["ep"]}
             for key in ("forward_backward_s", "optimizer_s"):
-                row[key] = {"measured": _sig(r.measured[key]), "fitted": _sig(self.predicted(r, key))}
+                row[key] = {"measured": significant(r.measured[key]), "fitted": significant(self.predicted(r, key))}
             fitted_peak = r.rest["peak_memory_bytes"] + self.overhead_gib * GIB
             row["peak_memory_mib"] = {"measured": round(r.measured["peak_memory_bytes"] / 2**20, 1),
                                       "fitted": round(fitted_peak / 2**20, 1)}
@@ -91,7 +91,8 @@ class StackFit:
         return rows
 
 
-def _sig(x: float, digits: int = 4) -> float:
+def significant(x: float, digits: int = 4) -> float:
+    """x to `digits` significant figures: how profile files keep measured figures."""
     return float(f"{x:.{digits}g}")
 
 
@@ -185,8 +186,8 @@ def fit(runs: list[StackRun]) -> StackFit:
             targets.append((r.measured[key] - r.rest[key]) * weight)
     terms = dict(zip(HOST_TERMS, non_negative_least_squares(rows, targets)))
     overhead = statistics.median(r.measured["peak_memory_bytes"] - r.rest["peak_memory_bytes"] for r in runs)
-    return StackFit(terms={t: _sig(v, 3) for t, v in terms.items()}, overhead_gib=_sig(max(overhead, 0) / GIB, 3),
-                    runs=tuple(runs))
+    return StackFit(terms={t: significant(v, 3) for t, v in terms.items()},
+                    overhead_gib=significant(max(overhead, 0) / GIB, 3), runs=tuple(runs))
 
 
 def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, echo: Callable[[str], None]) -> StackFit:

@@ -58,6 +58,11 @@ class Mesh:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def world_size(self) -> int:
+        """Ranks in the mesh: EP folds inside the data-parallel dims."""
+        return self.dp * self.sp
+
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -230,15 +235,16 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     forward = group_forward_flops(g, shape, mesh) * g.count
     recompute = {"none": 0.0, "full": forward, "selective": SELECTIVE_RECOMPUTE * forward}[choice.activation_checkpointing]
     recomputes = choice.activation_checkpointing != "none"
+    forwards = 2 if recomputes else 1  # a checkpointed layer runs its forward again in backward
     trains = not choice.frozen
 
     # Parameters: a replicated group holds them whole; EP splits the routed experts before FSDP shards the rest.
     experts, dense = expert_bytes(g) / mesh.ep, g.param_bytes - expert_bytes(g)
     if choice.replicate:
         held = g.count * (dense + experts)
-        comm = g.count * all_reduce_s((dense + experts), mesh.dp * mesh.sp, replicate_link(mesh, procs_per_node, hw)) \
+        comm = g.count * all_reduce_s((dense + experts), mesh.world_size, replicate_link(mesh, procs_per_node, hw)) \
             if trains else 0.0
-        fsdp = g.count if trains and mesh.dp * mesh.sp > 1 else 0
+        fsdp = g.count if trains and mesh.world_size > 1 else 0
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
@@ -256,12 +262,12 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
 
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
     a2a_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
-    passes = 3 if recomputes else 2
+    passes = forwards + 1  # and one backward
     a2a, a2a_calls = 0.0, 0
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
     if ep_bytes:
         # each forward exchanges the per-expert counts, then dispatches and combines the rows; backward moves the rows
-        calls = 3 * (passes - 1) + 2
+        calls = 3 * forwards + 2
         a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, calls, mesh.ep, a2a_l)
         a2a_calls += moe_layers(graph, g) * calls
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
@@ -279,8 +285,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         activations = per_layer  # no backward through it: nothing is kept beyond the running layer
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
-        layer_calls=g.count * (2 if recomputes else 1),
-        expert_layer_calls=moe_layers(graph, g) * (2 if recomputes else 1) if mesh.ep > 1 else 0,
+        layer_calls=g.count * forwards, expert_layer_calls=moe_layers(graph, g) * forwards if mesh.ep > 1 else 0,
         fsdp_comm_s=comm, all_to_all_s=a2a,
         fsdp_calls=fsdp, all_to_all_calls=a2a_calls, tensors=g.count * g.tensors if trains else 0,
         parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
@@ -371,6 +376,12 @@ def group_time_s(c: GroupCost, hw: HardwareProfile, precision: str) -> float:
             + group_host_us(c, hw) * 1e-6)
 
 
+def group_memory_bytes(c: GroupCost) -> float:
+    """A group's memory on its own: its state, kept activations and unsharded copies (prefetch window included)."""
+    return (c.parameters + c.gradients + c.optimizer + c.activations + FSDP_PREFETCH_UNITS * c.gathered_member
+            + c.kept_gathered)
+
+
 def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
     """Host time of a group per micro-batch: each layer call (backward counts twice), MoE layers' own work under EP,
     and every collective's launch, with FSDP's hooks around its own."""
@@ -387,7 +398,7 @@ def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro:
     """Host work of the forward and backward passes: every group's (group_host_us), each micro-batch's data,
     embeddings and loss, and the step's own all-reduce."""
     per_micro_us = sum(group_host_us(c, hw) for c in costs) + hw.step_overhead_ms * 1e3
-    step_calls = STEP_COLLECTIVES if mesh.dp * mesh.sp > 1 else 0
+    step_calls = STEP_COLLECTIVES if mesh.world_size > 1 else 0
     return (per_micro_us * micro + step_calls * hw.collective_overhead_us) * 1e-6
 
 
@@ -397,7 +408,7 @@ def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) ->
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
     streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
                  if hw.memory_bandwidth_gbps else 0.0)
-    calls = OPTIMIZER_COLLECTIVES + (mesh.ep > 1) if mesh.dp * mesh.sp > 1 else 0  # EP: the experts' norm too
+    calls = OPTIMIZER_COLLECTIVES + (mesh.ep > 1) if mesh.world_size > 1 else 0  # EP: the experts' norm too
     return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
             + calls * hw.collective_overhead_us * 1e-6)
 

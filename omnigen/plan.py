@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
-                   group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
+                   group_memory_bytes, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -171,10 +171,10 @@ def group_options(spec: Spec, graph: ModelGraph, g, mesh: Mesh) -> list[GroupCho
     ac = spec.parallel.activation_checkpointing
     acs = ["none", "selective", "full"] if ac == "auto" else [ac]
     frozen = under(g.name, spec.model.freeze)
-    fsdp = [GroupChoice(raf, a, frozen) for raf in (True, False) for a in acs] if mesh.dp * mesh.sp > 1 else \
+    fsdp = [GroupChoice(raf, a, frozen) for raf in (True, False) for a in acs] if mesh.world_size > 1 else \
         [GroupChoice(True, a, frozen) for a in acs]
     replicated = [GroupChoice(True, a, frozen, replicate=True) for a in acs] \
-        if mesh.dp * mesh.sp > 1 and not g.experts else []
+        if mesh.world_size > 1 and not g.experts else []
     return fsdp + replicated
 
 
@@ -196,8 +196,7 @@ def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSha
         for c in group_options(spec, graph, g, mesh):
             gc = group_cost(graph, g, c, mesh, shape, hw, spec.cluster.procs_per_node)
             t = group_time_s(gc, hw, shape.precision)
-            m = gc.parameters + gc.gradients + gc.optimizer + gc.activations + 2 * gc.gathered_member + gc.kept_gathered
-            scored.append((c, t, m))
+            scored.append((c, t, group_memory_bytes(gc)))
         fronts.append(pareto(scored))
     return [dict(zip((g.name for g in graph.groups), combo)) for combo in itertools.product(*fronts)]
 

@@ -47,7 +47,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack, significant
+from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack
+from .fitting import non_negative_least_squares, significant
 from .errors import OmnigenError
 
 GIB = 1024**3
@@ -133,22 +134,6 @@ class Fit:
         return a * self.latency_s + b / self.bandwidth_bytes_s
 
 
-def _least_squares_2(rows: list[tuple[float, float]], targets: list[float]) -> tuple[float, float]:
-    """argmin over x >= 0 of sum((r . x - target)^2) for two unknowns: the normal equations, else one term alone."""
-    s11 = sum(a * a for a, _ in rows)
-    s22 = sum(b * b for _, b in rows)
-    s12 = sum(a * b for a, b in rows)
-    r1 = sum(a * y for (a, _), y in zip(rows, targets))
-    r2 = sum(b * y for (_, b), y in zip(rows, targets))
-    det = s11 * s22 - s12 * s12
-    if det > 1e-12 * s11 * s22:
-        x1, x2 = (s22 * r1 - s12 * r2) / det, (s11 * r2 - s12 * r1) / det
-        if x1 >= 0 and x2 >= 0:
-            return x1, x2
-    only = [(max(r1 / s11, 0.0), 0.0), (0.0, max(r2 / s22, 0.0))]
-    return min(only, key=lambda x: sum((a * x[0] + b * x[1] - y) ** 2 for (a, b), y in zip(rows, targets)))
-
-
 def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
     """Least squares of time = a*latency + b/bandwidth over (op, nbytes, seconds) samples, in log(fitted / measured).
 
@@ -159,7 +144,7 @@ def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
     if n < 2 or not samples:
         raise ValueError("the alpha-beta fit needs at least 2 ranks and one sample")
     rows = [(*collective_terms(op, nbytes, n), t) for op, nbytes, t in samples]
-    lat, inv_bw = _least_squares_2([(a / t, b / t) for a, b, t in rows], [1.0] * len(rows))
+    lat, inv_bw = non_negative_least_squares([[a / t, b / t] for a, b, t in rows], [1.0] * len(rows))
 
     def log_sse(x: tuple[float, float]) -> float:
         return sum(math.log(max(a * x[0] + b * x[1], 1e-300) / t) ** 2 for a, b, t in rows)
@@ -167,9 +152,9 @@ def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
         # Linearised at p = a*lat + b*inv_bw: log(p'/t) ~ log(p/t) + (a*dlat + b*dinv)/p, i.e. a linear fit of
         # (a/p, b/p) . x' to 1 - log(p/t).
         preds = [a * lat + b * inv_bw for a, b, _ in rows]
-        step = _least_squares_2([(a / p, b / p) for (a, b, _), p in zip(rows, preds)],
-                                [1 - math.log(p / t) for (_, _, t), p in zip(rows, preds)])
-        before, x = log_sse((lat, inv_bw)), step
+        step = non_negative_least_squares([[a / p, b / p] for (a, b, _), p in zip(rows, preds)],
+                                          [1 - math.log(p / t) for (_, _, t), p in zip(rows, preds)])
+        before, x = log_sse((lat, inv_bw)), tuple(step)
         for _ in range(30):                          # halve the step until it does not make things worse
             if log_sse(x) <= before:
                 break
@@ -202,8 +187,9 @@ def fit_host_overhead(tiny: list[dict], flop_rate: float) -> tuple[float, float]
     """(layer_overhead_s, step_overhead_s), both >= 0: least squares of what the tiny Llamas' FLOPs at flop_rate leave
     unexplained, against 3 x layers and 1. Their FLOPs are linear in layers, so this is the slope of time vs layers
     less one layer's FLOP time, over 3, and the intercept less the embeddings / head / loss FLOP time."""
-    rows = [(3.0 * r["layers"], 1.0) for r in tiny]
-    return _least_squares_2(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
+    rows = [[3.0 * r["layers"], 1.0] for r in tiny]
+    o, s = non_negative_least_squares(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
+    return o, s
 
 
 def compute_efficiency(layer: dict, host_s: float, peak: float) -> float:
@@ -747,6 +733,8 @@ def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, 
         sizes = sorted({r["bytes"] for r in raw["comm"]})
         how.append(f"intra_node = alpha-beta least-squares fit (log ratio) of {raw['backend']} all_gather, "
                    f"reduce_scatter, all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}")
+        how.append("all_to_all = the same fit of the all_to_all samples alone (the cost model prices Ulysses and EP "
+                   "exchanges with it)")
     else:
         how.append("one rank: no communication measured")
     return "; ".join(how)
@@ -771,8 +759,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
     rss = raw.get("rss_gib") if device == "cpu" else None
     opt = raw["optimizer"][0]
     memory = round(raw["memory_gib"], 1) if raw.get("memory_gib") else base["memory_gib"]
-    intra = ({"bandwidth_gbps": significant(fit.bandwidth_gbps), "latency_us": significant(fit.latency_us)} if fit
-             else dict(base["intra_node"]))
+    intra = link_of(fit) if fit else dict(base["intra_node"])
     kept = [k for k, measured in (("memory_gib", bool(raw.get("memory_gib"))), ("intra_node", bool(fit)),
                                   ("inter_node", False), ("overhead_gib", bool(rss)), ("overlap", bool(overlap)))
             if not measured]
@@ -787,12 +774,15 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                "step_overhead_ms": significant(compute.step_overhead_s * 1e3, 3),
                # only generated scripts show these
                "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "expert_layer_overhead_us": 0.0,
-               "optimizer_tensor_us": 0.0,
+               "optimizer_tensor_us": 0.0, "all_to_all_overhead_us": 0.0, "encoder_overhead_ms": 0.0,
                "memory_bandwidth_gbps": significant(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
                "memory_gib": memory, "intra_node": intra, "inter_node": dict(base["inter_node"]),
                "overhead_gib": significant(rss, 3) if rss else base["overhead_gib"], "source": source}
+    a2a = link_of(fits_by_op["all_to_all"]) if "all_to_all" in fits_by_op else base.get("all_to_all")
+    if a2a:
+        profile["all_to_all"] = a2a
     L = raw["layer"][0]["config"]
     measured = {
         "attention_flops": {r["dtype"]: significant(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
@@ -835,6 +825,10 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                                for op, f in fits_by_op.items()}
     return Calibration(profile=profile, measured=measured, fit=fit, fits_by_op=fits_by_op, compute=compute,
                        kept=tuple(kept), raw=raw)
+
+
+def link_of(fit: Fit) -> dict[str, float]:
+    return {"bandwidth_gbps": significant(fit.bandwidth_gbps), "latency_us": significant(fit.latency_us)}
 
 
 def with_stack(c: Calibration, fit: StackFit, device: str) -> Calibration:
@@ -901,6 +895,10 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"EP (backward = 2): {stack or 'not fitted (--no-stack)'}",
              f"optimizer_tensor_us: {_num(p['optimizer_tensor_us'])}   # clipping + AdamW time per parameter tensor: "
              f"{stack or 'not fitted (--no-stack)'}",
+             f"all_to_all_overhead_us: {_num(p['all_to_all_overhead_us'])}   # host time per bare all-to-all (Ulysses, "
+             f"EP) beyond alpha-beta: {stack or 'not fitted (--no-stack)'}",
+             f"encoder_overhead_ms: {_num(p['encoder_overhead_ms'])}   # host time per encoder tower and micro-batch "
+             f"beyond its layers: {stack or 'not fitted (--no-stack)'}",
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
              f"AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params",
              f"overlap: {_num(p['overlap'])}   # {overlap_note}",
@@ -910,6 +908,10 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"inter_node: {{bandwidth_gbps: {_num(p['inter_node']['bandwidth_gbps'])}, "
              f"latency_us: {_num(p['inter_node']['latency_us'])}}}   # {base_note}: one node measured",
              f"overhead_gib: {_num(p['overhead_gib'])}   # {overhead_note}",
+             *([f"all_to_all: {{bandwidth_gbps: {_num(p['all_to_all']['bandwidth_gbps'])}, "
+                f"latency_us: {_num(p['all_to_all']['latency_us'])}}}   # all_to_all alone: "
+                + (f"alpha-beta fit of its samples, {m['ranks']} ranks" if 'all_to_all' in c.fits_by_op else base_note)]
+               if p.get("all_to_all") else []),
              f"source: {json.dumps(p['source'])}",
              "",
              f"{MEASURED_MARK}   # raw figures: load_profile skips comments; omnigen.calibrate.read_measured reads them"]

@@ -2,10 +2,11 @@
 
 The micro-benchmarks time GEMMs, collectives and a bare model. A real step pays more: FSDP2's hooks and copies
 around every collective, DTensor dispatch per tensor in clipping and AdamW, the script's data and loss. Those are
-what the host terms stand for, so they are fitted where they happen: the generated train.py of a tiny Llama, run
-on the ranks being calibrated. The runs move the terms' counts apart: more layers add layer calls, FSDP collectives
-and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare all-to-alls; a tiny
-MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split sizes, expert loop).
+what the host terms stand for, so they are fitted where they happen: the generated train.py of tiny models, run
+on the ranks being calibrated. The runs move the terms' counts apart: more Llama layers add layer calls, FSDP
+collectives and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare
+all-to-alls; a tiny MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split
+sizes, expert loop); a tiny Qwen2-VL adds a vision tower's work outside its layers (patches, indices, merger).
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
@@ -25,14 +26,15 @@ from typing import Any, Callable, NamedTuple
 
 import yaml
 
+from .fitting import non_negative_least_squares, significant
 from .hardware import GIB
 
 HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "fsdp_collective_overhead_us",
-              "expert_layer_overhead_us", "optimizer_tensor_us")
+              "expert_layer_overhead_us", "optimizer_tensor_us", "all_to_all_overhead_us", "encoder_overhead_ms")
 
 
 class RunShape(NamedTuple):
-    model: str              # "llama" or "moe"
+    model: str              # "llama", "moe" or "vl"
     layers: int
     checkpointing: str
     ulysses: bool           # sequence parallel over every rank
@@ -41,8 +43,9 @@ class RunShape(NamedTuple):
 
 RUNS = (RunShape("llama", 1, "none", False, False), RunShape("llama", 2, "none", False, False),
         RunShape("llama", 4, "none", False, False), RunShape("llama", 4, "full", False, False),
-        RunShape("llama", 4, "none", True, False), RunShape("moe", 2, "none", False, True))
-QUICK_RUNS = tuple(r for r in RUNS if r.layers != 2 or r.model == "moe")  # still one run per term
+        RunShape("llama", 4, "none", True, False), RunShape("moe", 2, "none", False, True),
+        RunShape("vl", 2, "none", False, False))
+QUICK_RUNS = tuple(r for r in RUNS if r.layers != 2 or r.model != "llama")  # still one run per term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
 QUICK_STEPS = 15
 REPEATS = 2  # launches per run, the fastest kept: whole launches drift 10-30% with the machine's load
@@ -55,7 +58,20 @@ TINY_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
             "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
             "norm_topk_prob": True, "decoder_sparse_step": 1, "output_router_logits": True,
             "router_aux_loss_coef": 0.02, "max_position_embeddings": 512, "tie_word_embeddings": False}
-CONFIGS = {"llama": TINY_LLAMA, "moe": TINY_MOE}
+TINY_VL = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "image_token_id": 1002,
+           "video_token_id": 1003, "vision_start_token_id": 1000, "vision_end_token_id": 1001,
+           "tie_word_embeddings": False,
+           "text_config": {"model_type": "qwen2_vl_text", "vocab_size": 1024, "hidden_size": 64,
+                           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "max_position_embeddings": 4096, "max_window_layers": 2,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                           "pad_token_id": 1012},
+           "vision_config": {"model_type": "qwen2_vl_vision", "depth": 2, "embed_dim": 32, "hidden_size": 64,
+                             "mlp_ratio": 2, "num_heads": 4, "in_channels": 3, "patch_size": 4, "spatial_merge_size": 2,
+                             "temporal_patch_size": 2}}
+CONFIGS = {"llama": TINY_LLAMA, "moe": TINY_MOE, "vl": TINY_VL}
+MODEL_NAMES = {"llama": "Llama", "moe": "Qwen3-MoE", "vl": "Qwen2-VL (images through its vision tower)"}
+LAYERS_KEY = {"llama": "num_hidden_layers", "moe": "num_hidden_layers", "vl": "text_config.num_hidden_layers"}
 
 
 @dataclass(frozen=True)
@@ -91,18 +107,13 @@ class StackFit:
         return rows
 
 
-def significant(x: float, digits: int = 4) -> float:
-    """x to `digits` significant figures: how profile files keep measured figures."""
-    return float(f"{x:.{digits}g}")
-
-
 def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, run: RunShape):
     """A spec for one calibration run: FSDP over every rank, Ulysses or EP over every rank when the run asks."""
     from .spec import spec_from_dict
     sp = ranks if run.ulysses else 1
     raw = {"name": f"calibrate_{run.model}_l{run.layers}_{run.checkpointing}{'_sp' if run.ulysses else ''}"
                    f"{'_ep' if run.expert_parallel else ''}",
-           "model": {"config": f"tiny_{run.model}", "overrides": {"num_hidden_layers": run.layers}},
+           "model": {"config": f"tiny_{run.model}", "overrides": {LAYERS_KEY[run.model]: run.layers}},
            "cluster": {"nodes": 1, "procs_per_node": ranks, "device": device, "hardware": str(profile)},
            "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks // sp,
                      "steps": STEPS, "precision": "bf16" if device == "cuda" else "fp32"},
@@ -153,28 +164,11 @@ def measure_run(folder: Path, profile: Path, device: str, ranks: int, run: RunSh
 
 
 def describe(run: RunShape, ranks: int) -> str:
-    parts = [f"tiny {'Llama' if run.model == 'llama' else 'Qwen3-MoE'}", f"{run.layers} layer(s)"]
+    parts = [f"tiny {MODEL_NAMES[run.model]}", f"{run.layers} layer(s)"]
     parts += ["full AC"] if run.checkpointing == "full" else []
     parts += [f"sp {ranks}"] if run.ulysses else []
     parts += [f"ep {ranks}"] if run.expert_parallel else []
     return ", ".join(parts) + f", {ranks} rank(s)"
-
-
-def non_negative_least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
-    """min |rows x - targets| with x >= 0: least squares, then drop the most negative unknown and solve again."""
-    import torch
-    free = list(range(len(rows[0])))
-    while True:
-        a = torch.tensor([[r[j] for j in free] for r in rows], dtype=torch.float64)
-        b = torch.tensor(targets, dtype=torch.float64).unsqueeze(1)
-        x = torch.linalg.lstsq(a, b, driver="gelsd").solution.squeeze(1).tolist() if free else []
-        worst = min(range(len(free)), key=lambda i: x[i], default=None)
-        if worst is None or x[worst] >= 0:
-            out = [0.0] * len(rows[0])
-            for j, v in zip(free, x):
-                out[j] = v
-            return out
-        free.pop(worst)
 
 
 def fit(runs: list[StackRun]) -> StackFit:

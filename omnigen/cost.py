@@ -261,7 +261,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         gathered = unsharded_member_bytes(g, mesh) * to_compute
 
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
-    a2a_l = hw.intra_node if mesh.sp <= procs_per_node else hw.inter_node
+    a2a_l = hw.all_to_all_link(mesh.sp <= procs_per_node)
     passes = forwards + 1  # and one backward
     a2a, a2a_calls = 0.0, 0
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
@@ -354,7 +354,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = host_seconds(costs, mesh, hw, micro)
+    host_s = host_seconds(costs, mesh, hw, micro, encoder_towers(graph, shape))
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
@@ -384,20 +384,26 @@ def group_memory_bytes(c: GroupCost) -> float:
 
 def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
     """Host time of a group per micro-batch: each layer call (backward counts twice), MoE layers' own work under EP,
-    and every collective's launch, with FSDP's hooks around its own."""
+    every FSDP collective's launch and hooks, and every bare all-to-all's launch."""
     layers = 3 * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
     return layers + (c.fsdp_calls * (hw.collective_overhead_us + hw.fsdp_collective_overhead_us)
-                     + c.all_to_all_calls * hw.collective_overhead_us)
+                     + c.all_to_all_calls * hw.all_to_all_overhead_us)
 
 
 STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
 OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce of clipping and the loss all-reduce
 
 
-def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int) -> float:
+def encoder_towers(graph: ModelGraph, shape: TrainShape) -> int:
+    """Encoder towers that run on each micro-batch: those the samples bring tokens for."""
+    return sum(1 for role in graph.towers if role.startswith("encoder") and shape.tokens(role) > 0)
+
+
+def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers: int) -> float:
     """Host work of the forward and backward passes: every group's (group_host_us), each micro-batch's data,
-    embeddings and loss, and the step's own all-reduce."""
-    per_micro_us = sum(group_host_us(c, hw) for c in costs) + hw.step_overhead_ms * 1e3
+    embeddings and loss, each running encoder tower's own, and the step's own all-reduce."""
+    per_micro_us = (sum(group_host_us(c, hw) for c in costs) + hw.step_overhead_ms * 1e3
+                    + towers * hw.encoder_overhead_ms * 1e3)
     step_calls = STEP_COLLECTIVES if mesh.world_size > 1 else 0
     return (per_micro_us * micro + step_calls * hw.collective_overhead_us) * 1e-6
 

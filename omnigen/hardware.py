@@ -49,6 +49,11 @@ class HardwareProfile:
     expert_layer_overhead_us: float = 0.0  # more per MoE layer forward under EP (backward counts twice): routing,
     #                                        permutation, split sizes read back to the host, the local expert loop
     optimizer_tensor_us: float = 0.0     # per local parameter tensor: clipping and AdamW dispatch (DTensor ops)
+    all_to_all_overhead_us: float = 0.0  # per bare all-to-all call (Ulysses, EP) beyond alpha-beta
+    encoder_overhead_ms: float = 0.0     # per encoder tower and micro-batch beyond its layers: patch or feature
+    #                                      embedding, position and window indices, the merger, M-RoPE's index
+    all_to_all: Link | None = None       # within a node, when it differs from the ring collectives' intra_node link
+    #                                      (gloo sends all-to-all pairwise, not around a ring)
 
     @property
     def memory_bytes(self) -> int:
@@ -63,6 +68,11 @@ class HardwareProfile:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def all_to_all_link(self, within_node: bool) -> Link:
+        if not within_node:
+            return self.inter_node
+        return self.all_to_all or self.intra_node
 
 
 def builtin_profiles() -> list[str]:
@@ -101,7 +111,7 @@ def load_profile(spec: Spec) -> HardwareProfile:
                             f"allowed: profile, {', '.join(sorted(allowed))}")
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
     try:
-        return HardwareProfile(**{**data, "intra_node": Link(**data["intra_node"]),
-                                  "inter_node": Link(**data["inter_node"])})
+        links = {k: Link(**data[k]) for k in ("intra_node", "inter_node", "all_to_all") if data.get(k) is not None}
+        return HardwareProfile(**{**data, **links})
     except (TypeError, KeyError) as e:
         raise SpecError(f"{spec.source}: key 'cluster.hardware': incomplete or malformed profile {hw!r}: {e}") from None

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
                                format_summary, overlap_share, profile_yaml, read_base, read_measured, with_stack)
-from omnigen.calibrate_stack import (HOST_TERMS, RUNS, StackRun, calibration_spec, non_negative_least_squares,
-                                     price, write_configs)
+from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
 from omnigen.cli import main
+from omnigen.fitting import non_negative_least_squares
 from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
 from omnigen.hardware import Link, load_profile
 from omnigen.spec import spec_from_dict
@@ -188,6 +188,8 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     assert hw.overhead_gib == pytest.approx(0.41)
     assert hw.intra_node.latency_us == pytest.approx(300, rel=1e-3)
     assert hw.intra_node.bandwidth_gbps == pytest.approx(0.8, rel=1e-3)
+    # the all-to-all samples alone lie on the same line here
+    assert (hw.all_to_all.latency_us, hw.all_to_all.bandwidth_gbps) == pytest.approx((300, 0.8), rel=1e-3)
     assert (hw.inter_node.bandwidth_gbps, hw.memory_gib) == (base["inter_node"]["bandwidth_gbps"], base["memory_gib"])
     assert "2030-01-02" in hw.source and "torch 2.13.0+cpu" in hw.source and "Test CPU" in hw.source
     assert "kept from cpu: memory_gib, inter_node" in hw.source and "overhead_gib = peak RSS" in hw.source
@@ -204,6 +206,7 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
 def test_one_rank_keeps_overlap_and_link():
     c = analyse(fake_raw(world_size=1), "cpu", "cpu", read_base("cpu"), name="one", quick=True)
     assert c.profile["overlap"] == 0.8 and {"overlap", "intra_node"} <= set(c.kept)   # HardwareProfile's default
+    assert "all_to_all" not in c.profile
     assert "one rank: no communication measured" in c.profile["source"]
     assert c.profile["layer_overhead_us"] == pytest.approx(150, rel=1e-2)
 
@@ -265,7 +268,8 @@ def test_quick_calibration_on_this_machine(tmp_path):
 # --- the host terms, refitted on generated scripts ------------------------------------------------------------
 
 KNOWN_TERMS = {"layer_overhead_us": 900.0, "step_overhead_ms": 1.5, "collective_overhead_us": 600.0,
-               "fsdp_collective_overhead_us": 700.0, "expert_layer_overhead_us": 2000.0, "optimizer_tensor_us": 120.0}
+               "fsdp_collective_overhead_us": 700.0, "expert_layer_overhead_us": 2000.0, "optimizer_tensor_us": 120.0,
+               "all_to_all_overhead_us": 300.0, "encoder_overhead_ms": 4.0}
 
 
 def priced_runs(tmp_path, terms: dict[str, float], noise: float = 0.0) -> list[StackRun]:
@@ -295,8 +299,9 @@ def test_stack_fit_recovers_known_host_terms(tmp_path):
     ulysses = next(r for r in runs if r.shape.ulysses)
     assert all(r.features["expert_layer_overhead_us"]["forward_backward_s"] == 0 for r in runs
                if not r.shape.expert_parallel)
-    assert none.features["collective_overhead_us"]["forward_backward_s"] < ulysses.features["collective_overhead_us"][
-        "forward_backward_s"]
+    assert none.features["all_to_all_overhead_us"]["forward_backward_s"] == 0 < ulysses.features[
+        "all_to_all_overhead_us"]["forward_backward_s"]
+    assert all((r.features["encoder_overhead_ms"]["forward_backward_s"] > 0) == (r.shape.model == "vl") for r in runs)
     assert full.features["layer_overhead_us"]["forward_backward_s"] > none.features["layer_overhead_us"][
         "forward_backward_s"]
     assert full.features["collective_overhead_us"] == none.features["collective_overhead_us"]

@@ -36,11 +36,12 @@ def model(*groups, root_params=MB, vocab=1000):
 
 
 def hw(memory_gib=80.0, overlap=0.0, layer_us=0.0, step_ms=0.0, mem_bw=0.0, collective_us=0.0, fsdp_us=0.0,
-       tensor_us=0.0):
+       tensor_us=0.0, a2a_us=0.0):
     return HardwareProfile("test", {"fp32": 1e12, "bf16": 2e12}, {"fp32": 0.5, "bf16": 0.25}, memory_gib,
                            Link(100.0, 5), Link(10.0, 10), 1.0, "", overlap=overlap, memory_bandwidth_gbps=mem_bw,
                            layer_overhead_us=layer_us, step_overhead_ms=step_ms, collective_overhead_us=collective_us,
-                           fsdp_collective_overhead_us=fsdp_us, optimizer_tensor_us=tensor_us)
+                           fsdp_collective_overhead_us=fsdp_us, optimizer_tensor_us=tensor_us,
+                           all_to_all_overhead_us=a2a_us)
 
 
 FOUNDATION = group("model.layers", "foundation", 4, 10 * MB)
@@ -83,7 +84,7 @@ def test_fsdp_collectives_by_hand():
 
 def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     g = model(FOUNDATION)
-    profile = hw(collective_us=1000.0, fsdp_us=500.0, tensor_us=100.0)
+    profile = hw(collective_us=1000.0, fsdp_us=500.0, tensor_us=100.0, a2a_us=200.0)
     shape = TrainShape(seq_len=128, micro_batch_size=2, grad_accum=3, precision="fp32")
     quiet = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, hw(), 8)
     e = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, profile, 8)
@@ -101,9 +102,32 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
     assert (sp.fsdp_calls, sp.all_to_all_calls) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes
     assert cost.group_time_s(sp, profile, "fp32") - cost.group_time_s(sp, hw(), "fp32") == pytest.approx(
-        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 1e-3)  # all-to-alls pay the launch, not FSDP's hooks
+        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own launch, not FSDP's hooks
     one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
+
+
+def test_all_to_all_link_and_encoder_towers_by_hand():
+    g = model(FOUNDATION)
+    pairwise = replace(hw(), all_to_all=Link(50.0, 1))
+    ring = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, hw(), 8)
+    direct = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, pairwise, 8)
+    sent = cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 2, False)
+    calls = 4 * 4 * 2  # q, k, v, out; forward and backward; 4 layers
+    assert ring.all_to_all_s == pytest.approx(calls * 5e-6 + 4 * sent / 100e9)
+    assert direct.all_to_all_s == pytest.approx(calls * 1e-6 + 4 * sent / 50e9)
+    assert cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=16), SHAPE, pairwise, 8).all_to_all_s == \
+        pytest.approx(4 * 4 * 2 * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
+    vision = group("model.visual.blocks", "encoder:vision", 2, MB)
+    vl = model(FOUNDATION, vision)
+    vl = replace(vl, towers={"encoder:vision": "model.visual", "foundation": "model"})
+    choices = {"model.layers": GroupChoice(), "model.visual.blocks": GroupChoice()}
+    with_images = replace(SHAPE, grad_accum=3, tokens_per_sample={"encoder:vision": 64})
+    towers = replace(hw(), encoder_overhead_ms=4.0)
+    for shape, runs in ((with_images, 3), (replace(with_images, tokens_per_sample={}), 0)):
+        gap = cost.estimate(vl, Mesh(), choices, shape, towers, 8).host_s - cost.estimate(vl, Mesh(), choices, shape,
+                                                                                          hw(), 8).host_s
+        assert gap == pytest.approx(runs * 4e-3)  # once per micro-batch that brings the tower tokens
 
 
 def test_expert_parallel_all_to_all_calls():

@@ -19,9 +19,9 @@ reproduces both the tiny and the real Llama. Measured fields replace the base pr
 memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
-terms where they really occur: layer_overhead_us, step_overhead_ms, collective_overhead_us,
-fsdp_collective_overhead_us, expert_layer_overhead_us, optimizer_tensor_us and, on cpu, overhead_gib. The
-micro-benchmark fit stays in the `measured` block.
+terms where they really occur (calibrate_stack.HOST_TERMS: per layer, micro-batch, collective, FSDP collective, EP
+MoE layer, parameter tensor, bare all-to-all and encoder tower) and, on cpu, overhead_gib. The micro-benchmark fit
+stays in the `measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the

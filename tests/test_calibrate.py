@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
                                format_summary, overlap_share, profile_yaml, read_base, read_measured, with_stack)
-from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, write_configs
+from omnigen.calibrate_stack import HOST_TERMS, QUICK_RUNS, RUNS, StackRun, calibration_spec, price, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
 from omnigen.cli import main
 from omnigen.fitting import non_negative_least_squares
@@ -260,7 +260,7 @@ def test_quick_calibration_on_this_machine(tmp_path):
     assert all(measured["attention_flops"][d] > 0 for d in ("fp32", "bf16"))
     assert len(measured["collectives_us"]["all_reduce"]) == 4
     # the host terms were refitted on generated train.py runs
-    assert "generated train.py runs" in result.output and len(measured["stack"]) == 5
+    assert "generated train.py runs" in result.output and len(measured["stack"]) == len(QUICK_RUNS) == 6
     assert min(hw.collective_overhead_us, hw.fsdp_collective_overhead_us, hw.optimizer_tensor_us) >= 0
     assert all(r["forward_backward_s"]["measured"] > 0 for r in measured["stack"])
 

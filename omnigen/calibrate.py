@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, StackFit, describe, fit_stack
+from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, STACK_ONLY_TERMS, StackFit, describe, fit_stack
 from .fitting import non_negative_least_squares, significant
 from .errors import OmnigenError
 
@@ -772,9 +772,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
                "layer_overhead_us": significant(compute.layer_overhead_s * 1e6, 3),
                "step_overhead_ms": significant(compute.step_overhead_s * 1e3, 3),
-               # only generated scripts show these
-               "collective_overhead_us": 0.0, "fsdp_collective_overhead_us": 0.0, "expert_layer_overhead_us": 0.0,
-               "optimizer_tensor_us": 0.0, "all_to_all_overhead_us": 0.0, "encoder_overhead_ms": 0.0,
+               **{term: 0.0 for term in STACK_ONLY_TERMS},  # only generated scripts show these
                "memory_bandwidth_gbps": significant(effective_bandwidth_gbps(opt["params"], opt["seconds"]), 3),
                "overlap": round(overlap_share(*(overlap[w]["seconds"] for w in ("compute", "comm", "both"))), 3)
                if overlap else _base_field(base, "overlap"),
@@ -887,18 +885,8 @@ def profile_yaml(c: Calibration, command: str) -> str:
              + (stack or f"tiny {host['dtype']} Llamas at {', '.join(map(str, host['layers']))} layers"),
              f"step_overhead_ms: {_num(p['step_overhead_ms'])}   # host time per micro-batch beyond the layers: "
              + (stack or "the same fit at 0 layers"),
-             f"collective_overhead_us: {_num(p['collective_overhead_us'])}   # host time per collective beyond "
-             f"alpha-beta: {stack or 'not fitted (--no-stack)'}",
-             f"fsdp_collective_overhead_us: {_num(p['fsdp_collective_overhead_us'])}   # more per FSDP collective "
-             f"(hooks, copies): {stack or 'not fitted (--no-stack)'}",
-             f"expert_layer_overhead_us: {_num(p['expert_layer_overhead_us'])}   # more per MoE layer forward under "
-             f"EP (backward = 2): {stack or 'not fitted (--no-stack)'}",
-             f"optimizer_tensor_us: {_num(p['optimizer_tensor_us'])}   # clipping + AdamW time per parameter tensor: "
-             f"{stack or 'not fitted (--no-stack)'}",
-             f"all_to_all_overhead_us: {_num(p['all_to_all_overhead_us'])}   # host time per bare all-to-all (Ulysses, "
-             f"EP) beyond alpha-beta: {stack or 'not fitted (--no-stack)'}",
-             f"encoder_overhead_ms: {_num(p['encoder_overhead_ms'])}   # host time per encoder tower and micro-batch "
-             f"beyond its layers: {stack or 'not fitted (--no-stack)'}",
+             *(f"{term}: {_num(p[term])}   # host time {what}: {stack or 'not fitted (--no-stack)'}"
+               for term, what in STACK_ONLY_TERMS.items()),
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
              f"AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params",
              f"overlap: {_num(p['overlap'])}   # {overlap_note}",

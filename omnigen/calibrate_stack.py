@@ -6,7 +6,8 @@ what the host terms stand for, so they are fitted where they happen: the generat
 on the ranks being calibrated. The runs move the terms' counts apart: more Llama layers add layer calls, FSDP
 collectives and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare
 all-to-alls; a tiny MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split
-sizes, expert loop); a tiny Qwen2-VL adds a vision tower's work outside its layers (patches, indices, merger).
+sizes, expert loop); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
+vision tower's work outside its layers (patches, indices, merger), a tiny Qwen2.5-Omni thinker an audio tower's too.
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
@@ -17,10 +18,10 @@ memory overhead is refitted the same way: the median of measured peak less the p
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -29,49 +30,40 @@ import yaml
 from .fitting import non_negative_least_squares, significant
 from .hardware import GIB
 
-HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", "collective_overhead_us", "fsdp_collective_overhead_us",
-              "expert_layer_overhead_us", "optimizer_tensor_us", "all_to_all_overhead_us", "encoder_overhead_ms")
+STACK_ONLY_TERMS = {  # the host terms only generated scripts show, and what each is per
+    "collective_hop_overhead_us": "per latency hop of a collective beyond alpha-beta (ring over n: n-1 hops)",
+    "fsdp_call_overhead_us": "more per collective FSDP launches, per call (hooks, copies)",
+    "all_to_all_hop_overhead_us": "per hop of a bare Ulysses / EP all-to-all, beyond alpha-beta",
+    "expert_layer_overhead_us": "more per MoE layer forward under EP (backward = 2)",
+    "optimizer_tensor_us": "per parameter tensor in clipping + AdamW",
+    "vision_tower_overhead_ms": "per micro-batch with images, beyond the vision tower's layers",
+    "audio_tower_overhead_ms": "per micro-batch with audio, beyond the audio tower's layers",
+}
+HOST_TERMS = ("layer_overhead_us", "step_overhead_ms", *STACK_ONLY_TERMS)  # the micro-benchmarks fit the first two
 
 
 class RunShape(NamedTuple):
-    model: str              # "llama", "moe" or "vl"
-    layers: int
+    model: str              # a file in omnigen/calibration_models: "llama", "moe", "vl" or "omni"
+    layers: int             # of the LLM
     checkpointing: str
-    ulysses: bool           # sequence parallel over every rank
-    expert_parallel: bool   # experts split over every rank
+    ulysses: bool = False          # sequence parallel over every rank
+    expert_parallel: int = 0       # experts split over every rank (1), over half of them (2); 0: no EP
+    hsdp: bool = False             # two replicas, each sharded over half the ranks
 
 
-RUNS = (RunShape("llama", 1, "none", False, False), RunShape("llama", 2, "none", False, False),
-        RunShape("llama", 4, "none", False, False), RunShape("llama", 4, "full", False, False),
-        RunShape("llama", 4, "none", True, False), RunShape("moe", 2, "none", False, True),
-        RunShape("vl", 2, "none", False, False))
-QUICK_RUNS = tuple(r for r in RUNS if r.layers != 2 or r.model != "llama")  # still one run per term
+RUNS = (RunShape("llama", 1, "none"), RunShape("llama", 2, "none"), RunShape("llama", 4, "none"),
+        RunShape("llama", 4, "full"), RunShape("llama", 4, "none", ulysses=True), RunShape("llama", 4, "none", hsdp=True),
+        RunShape("moe", 2, "none", expert_parallel=1), RunShape("moe", 2, "none", expert_parallel=2),
+        RunShape("vl", 2, "none"), RunShape("omni", 2, "none"))
+QUICK_RUNS = tuple(r for r in RUNS if (r.model, r.layers) != ("llama", 2) and r.expert_parallel != 2)  # a run a term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
 QUICK_STEPS = 15
 REPEATS = 2  # launches per run, the fastest kept: whole launches drift 10-30% with the machine's load
 SEQ_LEN, MICRO_BATCHES = 128, 2  # per rank and step
-TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 4,
-              "max_position_embeddings": 512, "tie_word_embeddings": False}
-TINY_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 1024, "hidden_size": 64,
-            "intermediate_size": 128, "head_dim": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-            "norm_topk_prob": True, "decoder_sparse_step": 1, "output_router_logits": True,
-            "router_aux_loss_coef": 0.02, "max_position_embeddings": 512, "tie_word_embeddings": False}
-TINY_VL = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "image_token_id": 1002,
-           "video_token_id": 1003, "vision_start_token_id": 1000, "vision_end_token_id": 1001,
-           "tie_word_embeddings": False,
-           "text_config": {"model_type": "qwen2_vl_text", "vocab_size": 1024, "hidden_size": 64,
-                           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                           "num_key_value_heads": 2, "max_position_embeddings": 4096, "max_window_layers": 2,
-                           "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                           "pad_token_id": 1012},
-           "vision_config": {"model_type": "qwen2_vl_vision", "depth": 2, "embed_dim": 32, "hidden_size": 64,
-                             "mlp_ratio": 2, "num_heads": 4, "in_channels": 3, "patch_size": 4, "spatial_merge_size": 2,
-                             "temporal_patch_size": 2}}
-CONFIGS = {"llama": TINY_LLAMA, "moe": TINY_MOE, "vl": TINY_VL}
-MODEL_NAMES = {"llama": "Llama", "moe": "Qwen3-MoE", "vl": "Qwen2-VL (images through its vision tower)"}
-LAYERS_KEY = {"llama": "num_hidden_layers", "moe": "num_hidden_layers", "vl": "text_config.num_hidden_layers"}
+MODEL_NAMES = {"llama": "Llama", "moe": "Qwen3-MoE", "vl": "Qwen2-VL (images)",
+               "omni": "Qwen2.5-Omni thinker (images and audio)"}
+LAYERS_KEY = {"llama": "num_hidden_layers", "moe": "num_hidden_layers", "vl": "text_config.num_hidden_layers",
+              "omni": "text_config.num_hidden_layers"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +89,8 @@ class StackFit:
         rows = []
         for r in self.runs:
             row: dict[str, Any] = {"model": r.shape.model, "layers": r.shape.layers,
-                                   "checkpointing": r.shape.checkpointing, "sp": r.mesh["sp"], "ep": r.mesh["ep"]}
+                                   "checkpointing": r.shape.checkpointing, "sp": r.mesh["sp"], "ep": r.mesh["ep"],
+                                   "dp_replicate": r.mesh["dp_replicate"]}
             for key in ("forward_backward_s", "optimizer_s"):
                 row[key] = {"measured": significant(r.measured[key]), "fitted": significant(self.predicted(r, key))}
             fitted_peak = r.rest["peak_memory_bytes"] + self.overhead_gib * GIB
@@ -108,24 +101,39 @@ class StackFit:
 
 
 def calibration_spec(folder: Path, profile: Path, device: str, ranks: int, run: RunShape):
-    """A spec for one calibration run: FSDP over every rank, Ulysses or EP over every rank when the run asks."""
+    """A spec for one calibration run: FSDP over every rank; Ulysses or EP over every rank, or two FSDP replicas,
+    when the run asks."""
     from .spec import spec_from_dict
     sp = ranks if run.ulysses else 1
+    replicas = 2 if run.hsdp else 1
     raw = {"name": f"calibrate_{run.model}_l{run.layers}_{run.checkpointing}{'_sp' if run.ulysses else ''}"
-                   f"{'_ep' if run.expert_parallel else ''}",
+                   f"{f'_ep{ep_degree(run, ranks)}' if run.expert_parallel else ''}{'_hsdp' if run.hsdp else ''}",
            "model": {"config": f"tiny_{run.model}", "overrides": {LAYERS_KEY[run.model]: run.layers}},
            "cluster": {"nodes": 1, "procs_per_node": ranks, "device": device, "hardware": str(profile)},
            "train": {"seq_len": SEQ_LEN, "micro_batch_size": 1, "global_batch_size": MICRO_BATCHES * ranks // sp,
                      "steps": STEPS, "precision": "bf16" if device == "cuda" else "fp32"},
-           "parallel": {"dp_replicate": 1, "dp_shard": ranks // sp, "sp": sp,
-                        "ep": ranks if run.expert_parallel else 1, "activation_checkpointing": run.checkpointing}}
+           "parallel": {"dp_replicate": replicas, "dp_shard": ranks // sp // replicas, "sp": sp,
+                        "ep": ep_degree(run, ranks), "activation_checkpointing": run.checkpointing}}
     return spec_from_dict(raw, source=f"<calibration run: {raw['name']}>", base_dir=str(folder))
 
 
+def ep_degree(run: RunShape, ranks: int) -> int:
+    return ranks // run.expert_parallel if run.expert_parallel else 1
+
+
+def runs_on(run: RunShape, ranks: int) -> bool:
+    """Whether the run means something on this many ranks: its exchanges need two ranks or more (on one rank their
+    terms stay unfitted), and EP over half of 2 ranks is no EP at all."""
+    if ranks == 1:
+        return not (run.ulysses or run.expert_parallel or run.hsdp)
+    return ep_degree(run, ranks) > 1 if run.expert_parallel else True
+
+
 def write_configs(folder: Path) -> None:
-    for name, config in CONFIGS.items():
+    for name in MODEL_NAMES:
         (folder / f"tiny_{name}").mkdir(exist_ok=True)
-        (folder / f"tiny_{name}" / "config.json").write_text(json.dumps(config))
+        config = resources.files("omnigen.calibration_models").joinpath(f"tiny_{name}.json").read_text()
+        (folder / f"tiny_{name}" / "config.json").write_text(config)
 
 
 def split(e) -> dict[str, float]:
@@ -167,7 +175,8 @@ def describe(run: RunShape, ranks: int) -> str:
     parts = [f"tiny {MODEL_NAMES[run.model]}", f"{run.layers} layer(s)"]
     parts += ["full AC"] if run.checkpointing == "full" else []
     parts += [f"sp {ranks}"] if run.ulysses else []
-    parts += [f"ep {ranks}"] if run.expert_parallel else []
+    parts += [f"ep {ep_degree(run, ranks)}"] if run.expert_parallel else []
+    parts += [f"HSDP 2 x {ranks // 2}"] if run.hsdp else []
     return ", ".join(parts) + f", {ranks} rank(s)"
 
 
@@ -193,8 +202,8 @@ def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, ech
         path.write_text(yaml.safe_dump(profile))
         runs = []
         for run in QUICK_RUNS if quick else RUNS:
-            if ranks == 1 and (run.ulysses or run.expert_parallel):
-                continue  # nothing to exchange: their terms stay unfitted
+            if not runs_on(run, ranks):
+                continue
             echo(f"[calibrate] generated train.py: {describe(run, ranks)} ...")
             runs.append(measure_run(folder, path, device, ranks, run, QUICK_STEPS if quick else STEPS,
                                     1 if quick else REPEATS))

@@ -205,8 +205,9 @@ class GroupCost:
     expert_layer_calls: float   # of those, MoE layers whose experts run expert-parallel
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
-    fsdp_calls: float           # collectives FSDP2 launches from its hooks: each costs host time
-    all_to_all_calls: float     # the script's own Ulysses and EP all-to-alls: bare calls, cheaper to launch
+    fsdp_hops: float            # latency hops of the collectives FSDP2 launches from its hooks: each costs host time
+    fsdp_calls: float           # those collectives, counted per call: FSDP's hooks and copies around each
+    all_to_all_hops: float      # hops of the script's own Ulysses and EP all-to-alls: bare calls, cheaper to launch
     tensors: float              # trainable local parameter tensors: the optimizer's per-tensor work
     parameters: float
     gradients: float
@@ -244,17 +245,19 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         held = g.count * (dense + experts)
         comm = g.count * all_reduce_s((dense + experts), mesh.world_size, replicate_link(mesh, procs_per_node, hw)) \
             if trains else 0.0
-        fsdp = g.count if trains and mesh.world_size > 1 else 0
+        fsdp = g.count * all_reduce_hops(mesh.world_size) if trains else 0
+        calls = g.count if trains and mesh.world_size > 1 else 0
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
         shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
         gathers = 2 if choice.reshard_after_forward else 1
-        comm, fsdp = 0.0, 0
+        comm, fsdp, calls = 0.0, 0, 0
         for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
             if member:
                 comm += g.count * gathers * all_gather_s(member, n, shard_l)
-                fsdp += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
+                fsdp += g.count * fsdp_hops(n, mesh.dp_replicate, gathers, trains)
+                calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
                 if trains:
                     comm += g.count * (reduce_scatter_s(member, n, shard_l)
                                        + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
@@ -263,17 +266,17 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
     a2a_l = hw.all_to_all_link(mesh.sp <= procs_per_node)
     passes = forwards + 1  # and one backward
-    a2a, a2a_calls = 0.0, 0
+    a2a, a2a_hops = 0.0, 0
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
     if ep_bytes:
         # each forward exchanges the per-expert counts, then dispatches and combines the rows; backward moves the rows
         calls = 3 * forwards + 2
         a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, calls, mesh.ep, a2a_l)
-        a2a_calls += moe_layers(graph, g) * calls
+        a2a_hops += moe_layers(graph, g) * calls * (mesh.ep - 1)
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
         a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
-        a2a_calls += g.count * 4 * passes
+        a2a_hops += g.count * 4 * passes * (mesh.sp - 1)
 
     tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     per_layer = g.act_bytes_per_token * tokens * to_compute
@@ -287,18 +290,25 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
         layer_calls=g.count * forwards, expert_layer_calls=moe_layers(graph, g) * forwards if mesh.ep > 1 else 0,
         fsdp_comm_s=comm, all_to_all_s=a2a,
-        fsdp_calls=fsdp, all_to_all_calls=a2a_calls, tensors=g.count * g.tensors if trains else 0,
+        fsdp_hops=fsdp, fsdp_calls=calls, all_to_all_hops=a2a_hops, tensors=g.count * g.tensors if trains else 0,
         parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
         activations=activations, gathered_member=gathered,
         kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
 
 
+def fsdp_hops(shard: int, replicate: int, gathers: int, trains: bool) -> int:
+    """Latency hops of the collectives one FSDP unit launches per micro-batch: its ring all-gathers, then (when it
+    trains) the gradient reduce-scatter and, under HSDP, the all-reduce across replicas."""
+    return (gathers + trains) * (shard - 1) + trains * all_reduce_hops(replicate)
+
+
 def fsdp_calls(shard: int, replicate: int, gathers: int, trains: bool) -> int:
-    """Collectives one FSDP unit launches per micro-batch: its all-gathers, then (when it trains) the gradient
-    reduce-scatter and, under HSDP, the all-reduce across replicas; none on a mesh of one."""
-    gather = gathers if shard > 1 else 0
-    reduce = (shard > 1) + (replicate > 1) if trains else 0
-    return gather + reduce
+    """The same collectives counted per call; none on a mesh dim of one."""
+    return gathers * (shard > 1) + trains * ((shard > 1) + (replicate > 1))
+
+
+def all_reduce_hops(n: int) -> int:
+    return 2 * (n - 1)
 
 
 def under(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -318,7 +328,8 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
                      layer_calls=0.0, expert_layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
-                     fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_calls=0,
+                     fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, True),
+                     fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_hops=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
                      gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
                      activations=_logits_bytes(graph, shape) / mesh.sp, gathered_member=0.0,
@@ -354,7 +365,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = host_seconds(costs, mesh, hw, micro, encoder_towers(graph, shape))
+    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw))
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
@@ -384,28 +395,28 @@ def group_memory_bytes(c: GroupCost) -> float:
 
 def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
     """Host time of a group per micro-batch: each layer call (backward counts twice), MoE layers' own work under EP,
-    every FSDP collective's launch and hooks, and every bare all-to-all's launch."""
+    every latency hop of its collectives (FSDP's and the bare all-to-alls), and FSDP's hooks and copies per call."""
     layers = 3 * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
-    return layers + (c.fsdp_calls * (hw.collective_overhead_us + hw.fsdp_collective_overhead_us)
-                     + c.all_to_all_calls * hw.all_to_all_overhead_us)
+    return layers + (c.fsdp_hops * hw.collective_hop_overhead_us + c.fsdp_calls * hw.fsdp_call_overhead_us
+                     + c.all_to_all_hops * hw.all_to_all_hop_overhead_us)
 
 
 STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
 OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce of clipping and the loss all-reduce
 
 
-def encoder_towers(graph: ModelGraph, shape: TrainShape) -> int:
-    """Encoder towers that run on each micro-batch: those the samples bring tokens for."""
-    return sum(1 for role in graph.towers if role.startswith("encoder") and shape.tokens(role) > 0)
+def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile) -> float:
+    """Host time per micro-batch of the encoder towers that run on it (those the samples bring tokens for)."""
+    per_tower = {"encoder:vision": hw.vision_tower_overhead_ms, "encoder:audio": hw.audio_tower_overhead_ms}
+    return sum(per_tower.get(role, 0.0) for role in graph.towers if shape.tokens(role) > 0)
 
 
-def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers: int) -> float:
+def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers_ms: float) -> float:
     """Host work of the forward and backward passes: every group's (group_host_us), each micro-batch's data,
-    embeddings and loss, each running encoder tower's own, and the step's own all-reduce."""
-    per_micro_us = (sum(group_host_us(c, hw) for c in costs) + hw.step_overhead_ms * 1e3
-                    + towers * hw.encoder_overhead_ms * 1e3)
-    step_calls = STEP_COLLECTIVES if mesh.world_size > 1 else 0
-    return (per_micro_us * micro + step_calls * hw.collective_overhead_us) * 1e-6
+    embeddings, loss and encoder towers' own work, and the step's own all-reduce."""
+    per_micro_us = sum(group_host_us(c, hw) for c in costs) + (hw.step_overhead_ms + towers_ms) * 1e3
+    step_hops = STEP_COLLECTIVES * all_reduce_hops(mesh.world_size)
+    return (per_micro_us * micro + step_hops * hw.collective_hop_overhead_us) * 1e-6
 
 
 def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) -> float:
@@ -414,9 +425,9 @@ def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) ->
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
     streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
                  if hw.memory_bandwidth_gbps else 0.0)
-    calls = OPTIMIZER_COLLECTIVES + (mesh.ep > 1) if mesh.world_size > 1 else 0  # EP: the experts' norm too
+    hops = OPTIMIZER_COLLECTIVES * all_reduce_hops(mesh.world_size) + all_reduce_hops(mesh.ep)  # EP: experts' norm
     return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
-            + calls * hw.collective_overhead_us * 1e-6)
+            + hops * hw.collective_hop_overhead_us * 1e-6)
 
 
 def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,

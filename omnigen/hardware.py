@@ -44,14 +44,19 @@ class HardwareProfile:
     memory_bandwidth_gbps: float = 0.0  # device memory GB/s: the optimizer step is bandwidth-bound
     layer_overhead_us: float = 0.0  # host time per layer forward (backward counts twice) beyond its FLOPs
     step_overhead_ms: float = 0.0   # host time per micro-batch beyond the layers: data, embeddings, loss
-    collective_overhead_us: float = 0.0  # per collective call beyond alpha-beta: launch, waiting for the slowest rank
-    fsdp_collective_overhead_us: float = 0.0  # more per collective FSDP2 launches: its hooks, copy-in and copy-out
+    # Per latency hop of a collective beyond alpha-beta (a ring all-gather over n ranks takes n - 1 hops, an
+    # all-reduce 2(n - 1), an all-to-all n - 1): what a training step's collectives cost beyond the micro-benchmark's,
+    # waking each rank in turn and waiting for the slowest.
+    collective_hop_overhead_us: float = 0.0
+    fsdp_call_overhead_us: float = 0.0   # more per collective FSDP2 launches (per call): its hooks, copy-in and -out
+    all_to_all_hop_overhead_us: float = 0.0  # per hop of the bare Ulysses and EP all-to-alls (instead of the above)
     expert_layer_overhead_us: float = 0.0  # more per MoE layer forward under EP (backward counts twice): routing,
     #                                        permutation, split sizes read back to the host, the local expert loop
     optimizer_tensor_us: float = 0.0     # per local parameter tensor: clipping and AdamW dispatch (DTensor ops)
-    all_to_all_overhead_us: float = 0.0  # per bare all-to-all call (Ulysses, EP) beyond alpha-beta
-    encoder_overhead_ms: float = 0.0     # per encoder tower and micro-batch beyond its layers: patch or feature
-    #                                      embedding, position and window indices, the merger, M-RoPE's index
+    # Per micro-batch that runs the tower, beyond its layers: patch or feature embedding, position, window and chunk
+    # indices, the merger (vision), the per-chunk loop (audio)
+    vision_tower_overhead_ms: float = 0.0
+    audio_tower_overhead_ms: float = 0.0
     all_to_all: Link | None = None       # within a node, when it differs from the ring collectives' intra_node link
     #                                      (gloo sends all-to-all pairwise, not around a ring)
 

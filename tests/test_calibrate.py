@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
                                format_summary, overlap_share, profile_yaml, read_base, read_measured, with_stack)
-from omnigen.calibrate_stack import HOST_TERMS, QUICK_RUNS, RUNS, StackRun, calibration_spec, price, write_configs
+from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, runs_on, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
 from omnigen.cli import main
 from omnigen.fitting import non_negative_least_squares
@@ -260,16 +260,16 @@ def test_quick_calibration_on_this_machine(tmp_path):
     assert all(measured["attention_flops"][d] > 0 for d in ("fp32", "bf16"))
     assert len(measured["collectives_us"]["all_reduce"]) == 4
     # the host terms were refitted on generated train.py runs
-    assert "generated train.py runs" in result.output and len(measured["stack"]) == len(QUICK_RUNS) == 6
-    assert min(hw.collective_overhead_us, hw.fsdp_collective_overhead_us, hw.optimizer_tensor_us) >= 0
+    assert "generated train.py runs" in result.output and len(measured["stack"]) == 8
+    assert min(hw.collective_hop_overhead_us, hw.fsdp_call_overhead_us, hw.optimizer_tensor_us) >= 0
     assert all(r["forward_backward_s"]["measured"] > 0 for r in measured["stack"])
 
 
 # --- the host terms, refitted on generated scripts ------------------------------------------------------------
 
-KNOWN_TERMS = {"layer_overhead_us": 900.0, "step_overhead_ms": 1.5, "collective_overhead_us": 600.0,
-               "fsdp_collective_overhead_us": 700.0, "expert_layer_overhead_us": 2000.0, "optimizer_tensor_us": 120.0,
-               "all_to_all_overhead_us": 300.0, "encoder_overhead_ms": 4.0}
+KNOWN_TERMS = {"layer_overhead_us": 900.0, "step_overhead_ms": 1.5, "collective_hop_overhead_us": 600.0,
+               "fsdp_call_overhead_us": 700.0, "expert_layer_overhead_us": 2000.0, "optimizer_tensor_us": 120.0,
+               "all_to_all_hop_overhead_us": 300.0, "vision_tower_overhead_ms": 4.0, "audio_tower_overhead_ms": 6.0}
 
 
 def priced_runs(tmp_path, terms: dict[str, float], noise: float = 0.0) -> list[StackRun]:
@@ -278,7 +278,7 @@ def priced_runs(tmp_path, terms: dict[str, float], noise: float = 0.0) -> list[S
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump({**read_base("cpu"), **{t: 0.0 for t in HOST_TERMS}}))
     runs = []
-    for i, run in enumerate(RUNS):
+    for i, run in enumerate(r for r in RUNS if runs_on(r, 2)):
         spec = calibration_spec(tmp_path, profile, "cpu", 2, run)
         rest, features = price(spec)
         wobble = 1 + noise * (-1) ** i
@@ -295,16 +295,21 @@ def test_stack_fit_recovers_known_host_terms(tmp_path):
     assert fit.overhead_gib == pytest.approx(0.4, rel=1e-2)
     # every term moves differently across the runs: layers, checkpointing and tensors are told apart
     runs = priced_runs(tmp_path, KNOWN_TERMS)
-    full, none = (next(r for r in runs if r.shape == ("llama", 4, ac, False, False)) for ac in ("full", "none"))
+    full, none = (next(r for r in runs if r.shape == ("llama", 4, ac, False, False, False)) for ac in ("full", "none"))
     ulysses = next(r for r in runs if r.shape.ulysses)
     assert all(r.features["expert_layer_overhead_us"]["forward_backward_s"] == 0 for r in runs
                if not r.shape.expert_parallel)
-    assert none.features["all_to_all_overhead_us"]["forward_backward_s"] == 0 < ulysses.features[
-        "all_to_all_overhead_us"]["forward_backward_s"]
-    assert all((r.features["encoder_overhead_ms"]["forward_backward_s"] > 0) == (r.shape.model == "vl") for r in runs)
+    assert none.features["all_to_all_hop_overhead_us"]["forward_backward_s"] == 0 < ulysses.features[
+        "all_to_all_hop_overhead_us"]["forward_backward_s"]
+    assert all((r.features["vision_tower_overhead_ms"]["forward_backward_s"] > 0) == (r.shape.model in ("vl", "omni"))
+               for r in runs)
+    assert all((r.features["audio_tower_overhead_ms"]["forward_backward_s"] > 0) == (r.shape.model == "omni")
+               for r in runs)
+    hsdp = next(r for r in runs if r.shape.hsdp)  # two replicas on 2 ranks: no gathers, one all-reduce per unit
+    assert (hsdp.mesh["dp_replicate"], hsdp.mesh["dp_shard"]) == (2, 1)
     assert full.features["layer_overhead_us"]["forward_backward_s"] > none.features["layer_overhead_us"][
         "forward_backward_s"]
-    assert full.features["collective_overhead_us"] == none.features["collective_overhead_us"]
+    assert full.features["collective_hop_overhead_us"] == none.features["collective_hop_overhead_us"]
     assert none.features["optimizer_tensor_us"]["optimizer_s"] > runs[0].features["optimizer_tensor_us"]["optimizer_s"]
 
 
@@ -330,19 +335,20 @@ def test_non_negative_least_squares():
 
 def test_refitted_profile_file_loads(tmp_path):
     c = analyse(fake_raw(), "cpu", "cpu", read_base("cpu"), name="box", quick=True, today="2030-01-02")
-    assert c.profile["collective_overhead_us"] == 0 and c.profile["optimizer_tensor_us"] == 0
+    assert c.profile["collective_hop_overhead_us"] == 0 and c.profile["optimizer_tensor_us"] == 0
     c = with_stack(c, fit_stack_runs(priced_runs(tmp_path, KNOWN_TERMS)), "cpu")
     path = tmp_path / "box.yaml"
     path.write_text(profile_yaml(c, "omnigen calibrate --quick"))
     hw = load_via_spec(path)
-    assert hw.collective_overhead_us == pytest.approx(600, rel=1e-2)
-    assert hw.fsdp_collective_overhead_us == pytest.approx(700, rel=1e-2)
+    assert hw.collective_hop_overhead_us == pytest.approx(600, rel=1e-2)
+    assert hw.fsdp_call_overhead_us == pytest.approx(700, rel=1e-2)
     assert hw.expert_layer_overhead_us == pytest.approx(2000, rel=1e-2)
     assert hw.optimizer_tensor_us == pytest.approx(120, rel=1e-2)
     assert hw.layer_overhead_us == pytest.approx(900, rel=1e-2) and hw.overhead_gib == pytest.approx(0.4, rel=1e-2)
     assert "non-negative least squares" in hw.source and "generated train.py" in hw.source
     stack = read_measured(path)["stack"]
-    assert [(r["model"], r["layers"], r["checkpointing"], r["sp"] > 1, r["ep"] > 1) for r in stack] == list(RUNS)
+    assert [(r["model"], r["layers"], r["checkpointing"], r["sp"] > 1, r["ep"] > 1, r["dp_replicate"] > 1)
+            for r in stack] == [r for r in RUNS if runs_on(r, 2)]
     assert all(r["forward_backward_s"]["fitted"] == pytest.approx(r["forward_backward_s"]["measured"], rel=1e-2)
                for r in stack)
     assert "generated train.py runs" in format_summary(c)

@@ -39,9 +39,9 @@ def hw(memory_gib=80.0, overlap=0.0, layer_us=0.0, step_ms=0.0, mem_bw=0.0, coll
        tensor_us=0.0, a2a_us=0.0):
     return HardwareProfile("test", {"fp32": 1e12, "bf16": 2e12}, {"fp32": 0.5, "bf16": 0.25}, memory_gib,
                            Link(100.0, 5), Link(10.0, 10), 1.0, "", overlap=overlap, memory_bandwidth_gbps=mem_bw,
-                           layer_overhead_us=layer_us, step_overhead_ms=step_ms, collective_overhead_us=collective_us,
-                           fsdp_collective_overhead_us=fsdp_us, optimizer_tensor_us=tensor_us,
-                           all_to_all_overhead_us=a2a_us)
+                           layer_overhead_us=layer_us, step_overhead_ms=step_ms, collective_hop_overhead_us=collective_us,
+                           fsdp_call_overhead_us=fsdp_us, optimizer_tensor_us=tensor_us,
+                           all_to_all_hop_overhead_us=a2a_us)
 
 
 FOUNDATION = group("model.layers", "foundation", 4, 10 * MB)
@@ -88,26 +88,28 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     shape = TrainShape(seq_len=128, micro_batch_size=2, grad_accum=3, precision="fp32")
     quiet = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, hw(), 8)
     e = cost.estimate(g, Mesh(dp_shard=4), {"model.layers": GroupChoice()}, shape, profile, 8)
-    # per micro-batch, FSDP's collectives: each layer gathers twice and reduce-scatters once, the root gathers and
-    # reduce-scatters once; per step, a bare one: the label-token all-reduce before the micro-batches
-    assert e.host_s - quiet.host_s == pytest.approx(3 * (4 * 3 + 2) * 1.5e-3 + 1e-3)
+    # per micro-batch, FSDP's collectives over 4 ranks, 3 hops each: each layer gathers twice and reduce-scatters once,
+    # the root gathers and reduce-scatters once; per step, a bare one: the label-token all-reduce (2 x 3 hops)
+    # FSDP's own hooks and copies are per call
+    assert e.host_s - quiet.host_s == pytest.approx(3 * (4 * 3 + 2) * (3 * 1e-3 + 0.5e-3) + 6 * 1e-3)
     # the optimizer: 4 x 9 layer tensors + the embedding, and the clipping and loss all-reduces
-    assert e.optimizer_s - quiet.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6 + 2 * 1e-3)
+    assert e.optimizer_s - quiet.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6 + 2 * 6 * 1e-3)
     hsdp = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_replicate=2, dp_shard=2), SHAPE, profile, 8)
-    assert hsdp.fsdp_calls == 4 * 3  # gather, reduce-scatter, all-reduce across replicas
+    assert hsdp.fsdp_hops == 4 * (1 + 1 + 2)  # gather and reduce-scatter over 2, all-reduce across 2 replicas
+    assert hsdp.fsdp_calls == 4 * 3
     replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), Mesh(dp_shard=4), SHAPE, profile, 8)
-    assert replicated.fsdp_calls == 4
+    assert (replicated.fsdp_hops, replicated.fsdp_calls) == (4 * 6, 4)  # each layer's gradients all-reduced over 4
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(dp_shard=4), SHAPE, profile, 8)
-    assert (frozen.fsdp_calls, frozen.tensors) == (4 * 2, 0)
+    assert (frozen.fsdp_hops, frozen.tensors) == (4 * 2 * 3, 0)
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
-    assert (sp.fsdp_calls, sp.all_to_all_calls) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes
+    assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes; 1 hop each
     assert cost.group_time_s(sp, profile, "fp32") - cost.group_time_s(sp, hw(), "fp32") == pytest.approx(
-        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own launch, not FSDP's hooks
+        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
     one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
 
 
-def test_all_to_all_link_and_encoder_towers_by_hand():
+def test_all_to_all_link_and_encoder_tower_host_time_by_hand():
     g = model(FOUNDATION)
     pairwise = replace(hw(), all_to_all=Link(50.0, 1))
     ring = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, hw(), 8)
@@ -118,32 +120,36 @@ def test_all_to_all_link_and_encoder_towers_by_hand():
     assert direct.all_to_all_s == pytest.approx(calls * 1e-6 + 4 * sent / 50e9)
     assert cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=16), SHAPE, pairwise, 8).all_to_all_s == \
         pytest.approx(4 * 4 * 2 * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
-    vision = group("model.visual.blocks", "encoder:vision", 2, MB)
-    vl = model(FOUNDATION, vision)
-    vl = replace(vl, towers={"encoder:vision": "model.visual", "foundation": "model"})
-    choices = {"model.layers": GroupChoice(), "model.visual.blocks": GroupChoice()}
-    with_images = replace(SHAPE, grad_accum=3, tokens_per_sample={"encoder:vision": 64})
-    towers = replace(hw(), encoder_overhead_ms=4.0)
-    for shape, runs in ((with_images, 3), (replace(with_images, tokens_per_sample={}), 0)):
-        gap = cost.estimate(vl, Mesh(), choices, shape, towers, 8).host_s - cost.estimate(vl, Mesh(), choices, shape,
-                                                                                          hw(), 8).host_s
-        assert gap == pytest.approx(runs * 4e-3)  # once per micro-batch that brings the tower tokens
+    vision, audio = group("model.visual.blocks", "encoder:vision", 2, MB), group("model.audio.layers", "encoder:audio",
+                                                                                 2, MB)
+    omni = model(FOUNDATION, vision, audio)
+    omni = replace(omni, towers={"encoder:vision": "model.visual", "encoder:audio": "model.audio", "foundation": "model"})
+    choices = {g.name: GroupChoice() for g in omni.groups}
+    towers = replace(hw(), vision_tower_overhead_ms=4.0, audio_tower_overhead_ms=7.0)
+    for tokens, per_micro in (({"encoder:vision": 64, "encoder:audio": 32}, 11e-3), ({"encoder:vision": 64}, 4e-3),
+                              ({}, 0.0)):
+        shape = replace(SHAPE, grad_accum=3, tokens_per_sample=tokens)
+        gap = cost.estimate(omni, Mesh(), choices, shape, towers, 8).host_s - cost.estimate(omni, Mesh(), choices,
+                                                                                            shape, hw(), 8).host_s
+        assert gap == pytest.approx(3 * per_micro)  # each micro-batch runs the towers its samples bring tokens for
 
 
-def test_expert_parallel_all_to_all_calls():
+def test_expert_parallel_all_to_all_hops():
     moe = group("model.layers", "foundation", 2, 10 * MB, experts=4, top_k=2, expert_params=8 * MB)
     g = model(moe)
     g = ModelGraph(g.model_class, g.model_type, g.blocks + tuple(
         Block(f"model.layers.{i}.mlp", "foundation", "moe", f"model.layers.{i}", "model.layers", 8 * MB, 32 * MB, 0.0)
         for i in range(2)), g.groups, g.total_params, g.total_param_bytes, g.vocab_size)
     plain = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
-    assert plain.all_to_all_calls == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
+    assert plain.all_to_all_hops == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
     assert plain.expert_layer_calls == 2 and plain.layer_calls == 2
     profile = replace(hw(), expert_layer_overhead_us=100.0, layer_overhead_us=10.0)
     assert cost.group_host_us(plain, profile) == pytest.approx(3 * 2 * (100 + 10))
     assert cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2), SHAPE, hw(), 8).expert_layer_calls == 0
     recomputed = cost.group_cost(g, moe, GroupChoice(True, "full"), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
-    assert recomputed.all_to_all_calls == 2 * 8  # the forward's three again
+    assert recomputed.all_to_all_hops == 2 * 8  # the forward's three again
+    wide = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=4, ep=4), SHAPE, hw(), 8)
+    assert wide.all_to_all_hops == 2 * 5 * 3  # each all-to-all over 4 ranks: 3 hops
 
 
 def test_exposed_communication_uses_the_profile_overlap():

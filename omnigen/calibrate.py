@@ -19,9 +19,9 @@ reproduces both the tiny and the real Llama. Measured fields replace the base pr
 memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
-terms where they really occur (calibrate_stack.HOST_TERMS: per layer, micro-batch, collective, FSDP collective, EP
-MoE layer, parameter tensor, bare all-to-all and encoder tower) and, on cpu, overhead_gib. The micro-benchmark fit
-stays in the `measured` block.
+terms where they really occur (calibrate_stack.HOST_TERMS: per layer, micro-batch, collective hop, FSDP collective
+call, all-to-all hop, EP MoE layer, parameter tensor, vision and audio tower) and, on cpu, overhead_gib. The
+micro-benchmark fit stays in the `measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the
 HardwareProfile dataclass from every top-level key and rejects unknown ones, so a live `measured:` key would make the
@@ -188,8 +188,8 @@ def fit_host_overhead(tiny: list[dict], flop_rate: float) -> tuple[float, float]
     unexplained, against 3 x layers and 1. Their FLOPs are linear in layers, so this is the slope of time vs layers
     less one layer's FLOP time, over 3, and the intercept less the embeddings / head / loss FLOP time."""
     rows = [[3.0 * r["layers"], 1.0] for r in tiny]
-    o, s = non_negative_least_squares(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
-    return o, s
+    layer, step = non_negative_least_squares(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
+    return layer, step
 
 
 def compute_efficiency(layer: dict, host_s: float, peak: float) -> float:

@@ -270,9 +270,9 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
     if ep_bytes:
         # each forward exchanges the per-expert counts, then dispatches and combines the rows; backward moves the rows
-        calls = 3 * forwards + 2
-        a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, calls, mesh.ep, a2a_l)
-        a2a_hops += moe_layers(graph, g) * calls * (mesh.ep - 1)
+        ep_calls = 3 * forwards + 2
+        a2a += moe_layers(graph, g) * all_to_all_s(ep_bytes, ep_calls, mesh.ep, a2a_l)
+        a2a_hops += moe_layers(graph, g) * ep_calls * (mesh.ep - 1)
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
         a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)

@@ -143,6 +143,8 @@ def test_expert_parallel_all_to_all_hops():
     plain = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
     assert plain.all_to_all_hops == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
     assert plain.expert_layer_calls == 2 and plain.layer_calls == 2
+    # FSDP over 2 ranks for the dense part (2 gathers + a reduce-scatter per layer); each rank's experts unsharded
+    assert (plain.fsdp_calls, plain.fsdp_hops) == (2 * 3, 2 * 3)
     profile = replace(hw(), expert_layer_overhead_us=100.0, layer_overhead_us=10.0)
     assert cost.group_host_us(plain, profile) == pytest.approx(3 * 2 * (100 + 10))
     assert cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2), SHAPE, hw(), 8).expert_layer_calls == 0

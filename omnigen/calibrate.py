@@ -50,9 +50,8 @@ import yaml
 from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, STACK_ONLY_TERMS, StackFit, describe, fit_stack
 from .fitting import non_negative_least_squares, significant
 from .errors import OmnigenError
+from .hardware import COLLECTIVES, GIB
 
-GIB = 1024**3
-COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 DTYPES = ("fp32", "bf16")
 MEASURED_MARK = "# measured:"
 
@@ -733,8 +732,8 @@ def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, 
         sizes = sorted({r["bytes"] for r in raw["comm"]})
         how.append(f"intra_node = alpha-beta least-squares fit (log ratio) of {raw['backend']} all_gather, "
                    f"reduce_scatter, all_reduce, all_to_all at {_bytes(sizes[0])}-{_bytes(sizes[-1])}")
-        how.append("all_to_all = the same fit of the all_to_all samples alone (the cost model prices Ulysses and EP "
-                   "exchanges with it)")
+        how.append(f"{', '.join(COLLECTIVES)} = the same fit of each one's samples alone (the cost model prices "
+                   "each collective on its own link within a node)")
     else:
         how.append("one rank: no communication measured")
     return "; ".join(how)
@@ -778,9 +777,10 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
                if overlap else _base_field(base, "overlap"),
                "memory_gib": memory, "intra_node": intra, "inter_node": dict(base["inter_node"]),
                "overhead_gib": significant(rss, 3) if rss else base["overhead_gib"], "source": source}
-    a2a = link_of(fits_by_op["all_to_all"]) if "all_to_all" in fits_by_op else base.get("all_to_all")
-    if a2a:
-        profile["all_to_all"] = a2a
+    for op in COLLECTIVES:  # each collective on its own link where measured (the pooled fit stays intra_node)
+        link = link_of(fits_by_op[op]) if op in fits_by_op else base.get(op)
+        if link:
+            profile[op] = link
     L = raw["layer"][0]["config"]
     measured = {
         "attention_flops": {r["dtype"]: significant(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
@@ -896,10 +896,10 @@ def profile_yaml(c: Calibration, command: str) -> str:
              f"inter_node: {{bandwidth_gbps: {_num(p['inter_node']['bandwidth_gbps'])}, "
              f"latency_us: {_num(p['inter_node']['latency_us'])}}}   # {base_note}: one node measured",
              f"overhead_gib: {_num(p['overhead_gib'])}   # {overhead_note}",
-             *([f"all_to_all: {{bandwidth_gbps: {_num(p['all_to_all']['bandwidth_gbps'])}, "
-                f"latency_us: {_num(p['all_to_all']['latency_us'])}}}   # all_to_all alone: "
-                + (f"alpha-beta fit of its samples, {m['ranks']} ranks" if 'all_to_all' in c.fits_by_op else base_note)]
-               if p.get("all_to_all") else []),
+             *(f"{op}: {{bandwidth_gbps: {_num(p[op]['bandwidth_gbps'])}, latency_us: {_num(p[op]['latency_us'])}}}"
+               f"   # {op} alone: " + (f"alpha-beta fit of its samples, {m['ranks']} ranks" if op in c.fits_by_op
+                                       else base_note)
+               for op in COLLECTIVES if p.get(op)),
              f"source: {json.dumps(p['source'])}",
              "",
              f"{MEASURED_MARK}   # raw figures: load_profile skips comments; omnigen.calibrate.read_measured reads them"]

@@ -106,13 +106,14 @@ def all_reduce_s(total_bytes: float, n: int, link: Link) -> float:
     return reduce_scatter_s(total_bytes, n, link) + all_gather_s(total_bytes, n, link)
 
 
-def shard_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link:
+def shard_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile, collective: str) -> Link:
     """FSDP's shard dim is innermost: it stays on NVLink while it fits in a node."""
-    return hw.intra_node if mesh.dp_shard * mesh.sp <= procs_per_node else hw.inter_node
+    return hw.link(collective, mesh.dp_shard * mesh.sp <= procs_per_node)
 
 
 def replicate_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link:
-    return hw.intra_node if mesh.dp_replicate * mesh.dp_shard * mesh.sp <= procs_per_node else hw.inter_node
+    """Where gradients are all-reduced across replicas (or over every rank, for a replicated group)."""
+    return hw.link("all_reduce", mesh.dp_replicate * mesh.dp_shard * mesh.sp <= procs_per_node)
 
 
 # --- the model ---------------------------------------------------------------------------------------------
@@ -250,21 +251,23 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
-        shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
-        gathers = 2 if choice.reshard_after_forward else 1
+        gather_l, scatter_l = (shard_link(mesh, procs_per_node, hw, c) for c in ("all_gather", "reduce_scatter"))
+        repl_l = replicate_link(mesh, procs_per_node, hw)
+        # a resharded unit gathers again for backward, unless nothing flows back through it (a frozen encoder)
+        gathers = 2 if choice.reshard_after_forward and backward_factor(g, choice) else 1
         comm, fsdp, calls = 0.0, 0, 0
         for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
             if member:
-                comm += g.count * gathers * all_gather_s(member, n, shard_l)
+                comm += g.count * gathers * all_gather_s(member, n, gather_l)
                 fsdp += g.count * fsdp_hops(n, mesh.dp_replicate, gathers, trains)
                 calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
                 if trains:
-                    comm += g.count * (reduce_scatter_s(member, n, shard_l)
+                    comm += g.count * (reduce_scatter_s(member, n, scatter_l)
                                        + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
         gathered = unsharded_member_bytes(g, mesh) * to_compute
 
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
-    a2a_l = hw.all_to_all_link(mesh.sp <= procs_per_node)
+    a2a_l = hw.link("all_to_all", mesh.sp <= procs_per_node)
     passes = forwards + 1  # and one backward
     a2a, a2a_hops = 0.0, 0
     ep_bytes = ep_all_to_all_bytes(g, shape, mesh, recomputes)
@@ -323,9 +326,9 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
     full = root_param_bytes(graph)
     root_blocks = [b for b in graph.blocks if b.parent is None and b.group is None]
     trainable = full - sum(b.param_bytes for b in root_blocks if under(b.name, frozen))
-    shard_l, repl_l = shard_link(mesh, procs_per_node, hw), replicate_link(mesh, procs_per_node, hw)
-    comm = (all_gather_s(full * to_compute, fsdp_n, shard_l) + reduce_scatter_s(full * to_compute, fsdp_n, shard_l)
-            + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, repl_l))
+    comm = (all_gather_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "all_gather"))
+            + reduce_scatter_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "reduce_scatter"))
+            + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, replicate_link(mesh, procs_per_node, hw)))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
                      layer_calls=0.0, expert_layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
                      fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, True),
@@ -365,7 +368,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw))
+    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, costs))
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
@@ -394,21 +397,25 @@ def group_memory_bytes(c: GroupCost) -> float:
 
 
 def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
-    """Host time of a group per micro-batch: each layer call (backward counts twice), MoE layers' own work under EP,
-    every latency hop of its collectives (FSDP's and the bare all-to-alls), and FSDP's hooks and copies per call."""
-    layers = 3 * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
+    """Host time of a group per micro-batch: each layer call (a backward counts twice, none for a frozen encoder),
+    MoE layers' own work under EP, every latency hop of its collectives (FSDP's and the bare all-to-alls), and
+    FSDP's hooks and copies per call."""
+    passes = 1 + c.backward_factor
+    layers = passes * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
     return layers + (c.fsdp_hops * hw.collective_hop_overhead_us + c.fsdp_calls * hw.fsdp_call_overhead_us
                      + c.all_to_all_hops * hw.all_to_all_hop_overhead_us)
 
 
-STEP_COLLECTIVES = 1       # per step, before the micro-batches: the all-reduce of the label-token count
-OPTIMIZER_COLLECTIVES = 2  # per step, after them: the gradient-norm all-reduce of clipping and the loss all-reduce
+STEP_COLLECTIVES = 1  # per step, before the micro-batches: the all-reduce of the label-token count
 
 
-def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile) -> float:
-    """Host time per micro-batch of the encoder towers that run on it (those the samples bring tokens for)."""
+def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile, costs: list[GroupCost]) -> float:
+    """Host time per micro-batch of the encoder towers that run on it (those the samples bring tokens for). The
+    calibrated figure is a trained tower's forward and backward; a frozen one runs its forward alone (a third)."""
     per_tower = {"encoder:vision": hw.vision_tower_overhead_ms, "encoder:audio": hw.audio_tower_overhead_ms}
-    return sum(per_tower.get(role, 0.0) for role in graph.towers if shape.tokens(role) > 0)
+    backward = {g.role: c.backward_factor for g, c in zip(graph.groups, costs[1:])}  # costs[0] is the root
+    return sum(per_tower.get(role, 0.0) * (1 + backward.get(role, 2.0)) / 3
+               for role in graph.towers if shape.tokens(role) > 0)
 
 
 def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers_ms: float) -> float:
@@ -425,9 +432,19 @@ def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) ->
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
     streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
                  if hw.memory_bandwidth_gbps else 0.0)
-    hops = OPTIMIZER_COLLECTIVES * all_reduce_hops(mesh.world_size) + all_reduce_hops(mesh.ep)  # EP: experts' norm
     return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
-            + hops * hw.collective_hop_overhead_us * 1e-6)
+            + optimizer_hops(mesh) * hw.collective_hop_overhead_us * 1e-6)
+
+
+def optimizer_hops(mesh: Mesh) -> int:
+    """Latency hops of the step's collectives after backward: the loss all-reduce over every rank, and clipping's
+    squared-norm all-reduces, each over the ranks a mesh's gradients are sharded on (FSDP's shard group; the
+    experts' shard group, then the EP group; a replicated group's gradients are whole: nothing to reduce)."""
+    fsdp_n = mesh.dp_shard * mesh.sp
+    hops = all_reduce_hops(mesh.world_size) + all_reduce_hops(fsdp_n)
+    if mesh.ep > 1:
+        hops += all_reduce_hops(fsdp_n // mesh.ep) + all_reduce_hops(mesh.ep)
+    return hops
 
 
 def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,

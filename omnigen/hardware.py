@@ -57,8 +57,12 @@ class HardwareProfile:
     # indices, the merger (vision), the per-chunk loop (audio)
     vision_tower_overhead_ms: float = 0.0
     audio_tower_overhead_ms: float = 0.0
-    all_to_all: Link | None = None       # within a node, when it differs from the ring collectives' intra_node link
-    #                                      (gloo sends all-to-all pairwise, not around a ring)
+    # Within a node, per collective, where calibration measured each apart (gloo's reduce-scatter is slower than its
+    # all-gather, its all-to-all goes pairwise, not around a ring); a missing one is priced on intra_node.
+    all_gather: Link | None = None
+    reduce_scatter: Link | None = None
+    all_reduce: Link | None = None
+    all_to_all: Link | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -74,10 +78,14 @@ class HardwareProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def all_to_all_link(self, within_node: bool) -> Link:
+    def link(self, collective: str, within_node: bool) -> Link:
+        """The link one of COLLECTIVES runs on."""
         if not within_node:
             return self.inter_node
-        return self.all_to_all or self.intra_node
+        return getattr(self, collective) or self.intra_node
+
+
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
 def builtin_profiles() -> list[str]:
@@ -116,7 +124,7 @@ def load_profile(spec: Spec) -> HardwareProfile:
                             f"allowed: profile, {', '.join(sorted(allowed))}")
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
     try:
-        links = {k: Link(**data[k]) for k in ("intra_node", "inter_node", "all_to_all") if data.get(k) is not None}
+        links = {k: Link(**data[k]) for k in ("intra_node", "inter_node", *COLLECTIVES) if data.get(k) is not None}
         return HardwareProfile(**{**data, **links})
     except (TypeError, KeyError) as e:
         raise SpecError(f"{spec.source}: key 'cluster.hardware': incomplete or malformed profile {hw!r}: {e}") from None

@@ -188,8 +188,9 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     assert hw.overhead_gib == pytest.approx(0.41)
     assert hw.intra_node.latency_us == pytest.approx(300, rel=1e-3)
     assert hw.intra_node.bandwidth_gbps == pytest.approx(0.8, rel=1e-3)
-    # the all-to-all samples alone lie on the same line here
-    assert (hw.all_to_all.latency_us, hw.all_to_all.bandwidth_gbps) == pytest.approx((300, 0.8), rel=1e-3)
+    # each collective's samples alone lie on the same line here
+    for op in COLLECTIVES:
+        assert (getattr(hw, op).latency_us, getattr(hw, op).bandwidth_gbps) == pytest.approx((300, 0.8), rel=1e-3)
     assert (hw.inter_node.bandwidth_gbps, hw.memory_gib) == (base["inter_node"]["bandwidth_gbps"], base["memory_gib"])
     assert "2030-01-02" in hw.source and "torch 2.13.0+cpu" in hw.source and "Test CPU" in hw.source
     assert "kept from cpu: memory_gib, inter_node" in hw.source and "overhead_gib = peak RSS" in hw.source
@@ -206,7 +207,7 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
 def test_one_rank_keeps_overlap_and_link():
     c = analyse(fake_raw(world_size=1), "cpu", "cpu", read_base("cpu"), name="one", quick=True)
     assert c.profile["overlap"] == 0.8 and {"overlap", "intra_node"} <= set(c.kept)   # HardwareProfile's default
-    assert "all_to_all" not in c.profile
+    assert not set(COLLECTIVES) & set(c.profile)
     assert "one rank: no communication measured" in c.profile["source"]
     assert c.profile["layer_overhead_us"] == pytest.approx(150, rel=1e-2)
 

@@ -134,6 +134,45 @@ def test_all_to_all_link_and_encoder_tower_host_time_by_hand():
         assert gap == pytest.approx(3 * per_micro)  # each micro-batch runs the towers its samples bring tokens for
 
 
+def test_clipping_reduces_norms_over_shard_groups_only():
+    # the loss all-reduce spans every rank; each mesh's squared gradient norm only the ranks its gradients are split on
+    assert cost.optimizer_hops(Mesh(dp_shard=4)) == 6 + 6
+    assert cost.optimizer_hops(Mesh(dp_replicate=2, dp_shard=2)) == 6 + 2
+    assert cost.optimizer_hops(Mesh(dp_replicate=4)) == 6 + 0  # whole gradients on every rank: nothing to reduce
+    assert cost.optimizer_hops(Mesh(dp_shard=4, ep=2)) == 6 + 6 + 2 + 2  # experts: over ep_fsdp = 2, then the EP group
+
+
+def test_frozen_layers_pay_host_time_for_the_passes_they_run():
+    enc = group("model.visual.blocks", "encoder:vision", 2, MB)
+    g = replace(model(enc, FOUNDATION), towers={"encoder:vision": "model.visual"})
+    profile = replace(hw(), layer_overhead_us=100.0, vision_tower_overhead_ms=3.0)
+    shape = TrainShape(128, 1, 1, "fp32", {"encoder:vision": 64.0, "encoder:vision:context": 64.0})
+    trained, frozen = (cost.group_cost(g, enc, GroupChoice(frozen=f), Mesh(), shape, profile, 1) for f in (False, True))
+    assert cost.group_host_us(trained, profile) == pytest.approx(2 * 3 * 100)  # forward + a backward worth two
+    assert cost.group_host_us(frozen, profile) == pytest.approx(2 * 100)  # a frozen encoder: forward alone
+    frozen_llm = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(), shape, profile, 1)
+    assert cost.group_host_us(frozen_llm, profile) == pytest.approx(4 * 2 * 100)  # backward to its inputs only
+    for f, tower_ms in ((False, 3.0), (True, 1.0)):  # the tower's own work: a third of it when it runs forward only
+        costs = cost.all_costs(g, Mesh(), {enc.name: GroupChoice(frozen=f), FOUNDATION.name: GroupChoice()}, shape,
+                               profile, 1)
+        assert cost.tower_host_ms(g, shape, profile, costs) == pytest.approx(tower_ms)
+    sharded = cost.group_cost(g, enc, GroupChoice(True, frozen=True), Mesh(dp_shard=2), shape, profile, 8)
+    assert sharded.fsdp_calls == 2 * 1  # resharded after forward, but nothing gathers it again for backward
+
+
+def test_each_collective_on_its_own_link_within_a_node():
+    g = model(FOUNDATION)
+    slow_scatter = replace(hw(), reduce_scatter=Link(100.0, 50), all_reduce=Link(100.0, 20))
+    member = 4 * 10 * MB
+    ring = lambda latency_s: 3 * latency_s + member * 3 / 4 / 100e9  # noqa: E731  over 4 ranks
+    c = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_shard=4), SHAPE, slow_scatter, 8)
+    assert c.fsdp_comm_s == pytest.approx(4 * (ring(5e-6) + ring(50e-6)))  # gather on intra_node, scatter on its own
+    replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), Mesh(dp_shard=4), SHAPE, slow_scatter, 8)
+    assert replicated.fsdp_comm_s == pytest.approx(4 * 2 * ring(20e-6))
+    across_nodes = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_shard=4), SHAPE, slow_scatter, 2)
+    assert across_nodes.fsdp_comm_s == pytest.approx(4 * 2 * (3 * 10e-6 + member * 3 / 4 / 10e9))  # inter_node
+
+
 def test_expert_parallel_all_to_all_hops():
     moe = group("model.layers", "foundation", 2, 10 * MB, experts=4, top_k=2, expert_params=8 * MB)
     g = model(moe)

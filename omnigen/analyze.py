@@ -24,7 +24,7 @@ from torch import nn
 from . import flops as F
 from . import hf
 from .errors import SpecError
-from .model_graph import Block, Group, ModelGraph
+from .model_graph import Block, Group, ModelGraph, router_aux_loss
 from .spec import Spec
 
 VISION = re.compile(r"vision|visual|image")
@@ -335,7 +335,8 @@ class _Analyzer:
         vocab = getattr(out, "out_features", 0) or getattr(self.text_config, "vocab_size", 0) or 0
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
-                          total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths)
+                          total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,
+                          router_aux_loss=router_aux_loss(self.config.to_dict()) is not None)
 
 
 # --- the `omnigen analyze` table ------------------------------------------------------------------------------

@@ -177,8 +177,9 @@ def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
 MIN_COMPUTE_SHARE = 0.05   # the host estimate may claim at most 95% of a real Llama step
 
 
-def host_seconds(layers: int, layer_overhead_s: float, step_overhead_s: float) -> float:
-    """cost.py's host time of one micro-batch: each layer runs a forward, and a backward that counts as two."""
+def llama_host_seconds(layers: int, layer_overhead_s: float, step_overhead_s: float) -> float:
+    """cost.py's host time of one micro-batch of a bare (unsharded) Llama: each layer runs a forward, and a
+    backward that counts as two."""
     return 3 * layers * layer_overhead_s + step_overhead_s
 
 
@@ -211,7 +212,7 @@ class ComputeFit:
 
     def predict(self, flops: float, layers: int, peak: float, dtype: str) -> float:
         """cost.py's fwd+bwd time of a model with these FLOPs and layers."""
-        return flops / (peak * self.efficiency[dtype]) + host_seconds(layers, self.layer_overhead_s,
+        return flops / (peak * self.efficiency[dtype]) + llama_host_seconds(layers, self.layer_overhead_s,
                                                                       self.step_overhead_s)
 
 
@@ -226,7 +227,7 @@ def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], pr
     by_dtype = {r["dtype"]: r for r in layers}
 
     def efficiencies(o: float, s: float) -> dict[str, float]:
-        return {d: compute_efficiency(r, host_seconds(r["config"]["layers"], o, s), peak[d])
+        return {d: compute_efficiency(r, llama_host_seconds(r["config"]["layers"], o, s), peak[d])
                 for d, r in by_dtype.items()}
     with_host = eff = efficiencies(0.0, 0.0)
     o = s = 0.0
@@ -791,7 +792,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
         "layer_flops_per_s": {d: significant(layer_rate[d]) for d in DTYPES},
         "layer": {**L, "flops": significant(raw["layer"][0]["flops"]),
                   "seconds": {r["dtype"]: significant(r["seconds"]) for r in raw["layer"]},
-                  "host_share": {r["dtype"]: significant(host_seconds(L["layers"], compute.layer_overhead_s,
+                  "host_share": {r["dtype"]: significant(llama_host_seconds(L["layers"], compute.layer_overhead_s,
                                                                compute.step_overhead_s) / r["seconds"], 3)
                                  for r in raw["layer"]}},
         "host": {**raw["host"][0]["config"], "dtype": primary, "layers": [r["layers"] for r in raw["host"]],

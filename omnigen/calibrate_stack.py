@@ -6,7 +6,8 @@ what the host terms stand for, so they are fitted where they happen: the generat
 on the ranks being calibrated. The runs move the terms' counts apart: more Llama layers add layer calls, FSDP
 collectives and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare
 all-to-alls; a tiny MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split
-sizes, expert loop); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
+sizes, expert loop), and from 4 ranks the same with EP over half the ranks in two HSDP replicas (what the planner
+picks for a MoE there); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
 vision tower's work outside its layers (patches, indices, merger), a tiny Qwen2.5-Omni thinker an audio tower's too.
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
@@ -53,7 +54,7 @@ class RunShape(NamedTuple):
 
 RUNS = (RunShape("llama", 1, "none"), RunShape("llama", 2, "none"), RunShape("llama", 4, "none"),
         RunShape("llama", 4, "full"), RunShape("llama", 4, "none", ulysses=True), RunShape("llama", 4, "none", hsdp=True),
-        RunShape("moe", 2, "none", expert_parallel=1), RunShape("moe", 2, "none", expert_parallel=2),
+        RunShape("moe", 2, "none", expert_parallel=1), RunShape("moe", 2, "none", expert_parallel=2, hsdp=True),
         RunShape("vl", 2, "none"), RunShape("omni", 2, "none"))
 QUICK_RUNS = tuple(r for r in RUNS if (r.model, r.layers) != ("llama", 2) and r.expert_parallel != 2)  # a run a term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them

@@ -368,13 +368,13 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, costs))
+    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, costs), graph.router_aux_loss)
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
     # Prefetching hides FSDP collectives behind compute, except the first unit's gather, which nothing precedes.
     exposed = max(fsdp_s - hw.overlap * (compute_s + recompute_s), fsdp_s / units) + a2a_s
-    optimizer_s = optimizer_step_s(costs, mesh, hw)
+    optimizer_s = optimizer_step_s(costs, mesh, hw, graph.router_aux_loss)
     step = compute_s + recompute_s + host_s + exposed + optimizer_s
     memory = peak_memory(costs, shape, hw)
     tokens = shape.seq_len * shape.micro_batch_size * micro / mesh.sp
@@ -418,30 +418,35 @@ def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile, cos
                for role in graph.towers if shape.tokens(role) > 0)
 
 
-def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers_ms: float) -> float:
+def host_seconds(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, micro: int, towers_ms: float,
+                 router_aux: bool) -> float:
     """Host work of the forward and backward passes: every group's (group_host_us), each micro-batch's data,
-    embeddings, loss and encoder towers' own work, and the step's own all-reduce."""
-    per_micro_us = sum(group_host_us(c, hw) for c in costs) + (hw.step_overhead_ms + towers_ms) * 1e3
+    embeddings, loss and encoder towers' own work, and the script's own all-reduces: the step's label-token count;
+    under Ulysses, the router aux loss's sums over the SP group (forward and backward) in every micro-batch."""
+    micro_hops = 2 * all_reduce_hops(mesh.sp) if router_aux else 0
+    per_micro_us = (sum(group_host_us(c, hw) for c in costs) + (hw.step_overhead_ms + towers_ms) * 1e3
+                    + micro_hops * hw.collective_hop_overhead_us)
     step_hops = STEP_COLLECTIVES * all_reduce_hops(mesh.world_size)
     return (per_micro_us * micro + step_hops * hw.collective_hop_overhead_us) * 1e-6
 
 
-def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile) -> float:
+def optimizer_step_s(costs: list[GroupCost], mesh: Mesh, hw: HardwareProfile, router_aux: bool) -> float:
     """Gradient clipping and AdamW stream every trainable local element through memory a few times, and pay a
     dispatch per parameter tensor and their own collectives."""
     trainable_elements = sum(c.gradients for c in costs) / 4  # fp32 masters
     streaming = (OPTIMIZER_BYTES_PER_PARAM * trainable_elements / (hw.memory_bandwidth_gbps * 1e9)
                  if hw.memory_bandwidth_gbps else 0.0)
     return (streaming + sum(c.tensors for c in costs) * hw.optimizer_tensor_us * 1e-6
-            + optimizer_hops(mesh) * hw.collective_hop_overhead_us * 1e-6)
+            + optimizer_hops(mesh, router_aux) * hw.collective_hop_overhead_us * 1e-6)
 
 
-def optimizer_hops(mesh: Mesh) -> int:
-    """Latency hops of the step's collectives after backward: the loss all-reduce over every rank, and clipping's
-    squared-norm all-reduces, each over the ranks a mesh's gradients are sharded on (FSDP's shard group; the
-    experts' shard group, then the EP group; a replicated group's gradients are whole: nothing to reduce)."""
+def optimizer_hops(mesh: Mesh, router_aux: bool = False) -> int:
+    """Latency hops of the step's collectives after backward: the loss all-reduce over every rank (and the router
+    aux loss's, when the model has one), and clipping's squared-norm all-reduces, each over the ranks a mesh's
+    gradients are sharded on (FSDP's shard group; the experts' shard group, then the EP group; a replicated
+    group's gradients are whole: nothing to reduce)."""
     fsdp_n = mesh.dp_shard * mesh.sp
-    hops = all_reduce_hops(mesh.world_size) + all_reduce_hops(fsdp_n)
+    hops = (1 + router_aux) * all_reduce_hops(mesh.world_size) + all_reduce_hops(fsdp_n)
     if mesh.ep > 1:
         hops += all_reduce_hops(fsdp_n // mesh.ep) + all_reduce_hops(mesh.ep)
     return hops

@@ -21,6 +21,7 @@ import jinja2
 import libcst
 
 from .errors import OmnigenError
+from .model_graph import router_aux_loss
 from .plan import Plan
 
 
@@ -61,15 +62,6 @@ def digest(spec_dict: dict[str, Any], plan: Plan) -> str:
 def mesh_summary(plan: Plan) -> str:
     dims = " x ".join(f"{k}={v}" for k, v in plan.mesh.items() if v > 1)
     return f"{dims or 'single process'} (world size {plan.world_size})"
-
-
-def router_aux_loss(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The router load-balancing loss the model config asks for, as transformers reads it (output_router_logits and
-    a nonzero router_aux_loss_coef, on the text sub-config of a multimodal model), or None. Part of the objective
-    the model defines, like its architecture: not a planner decision."""
-    text = config.get("text_config") or config
-    coef = text.get("router_aux_loss_coef") or 0.0
-    return {"coef": coef} if text.get("output_router_logits") and coef else None
 
 
 def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:

@@ -76,6 +76,7 @@ class ModelGraph:
     vocab_size: int = 0            # the LM head's output size (logits memory)
     # Roles present and the sub-module that carries each (e.g. {"encoder:vision": "model.visual"}).
     towers: dict[str, str] = field(default_factory=dict)
+    router_aux_loss: bool = False  # the config adds the routers' load-balancing loss: its all-reduces cost time
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,3 +101,12 @@ class ModelGraph:
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
+
+
+def router_aux_loss(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The router load-balancing loss the model config asks for, as transformers reads it (output_router_logits and
+    a nonzero router_aux_loss_coef, on the text sub-config of a multimodal model), or None. Part of the objective
+    the model defines, like its architecture: not a planner decision."""
+    text = config.get("text_config") or config
+    coef = text.get("router_aux_loss_coef") or 0.0
+    return {"coef": coef} if text.get("output_router_logits") and coef else None

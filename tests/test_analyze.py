@@ -159,6 +159,10 @@ def test_moe_layers():
     assert (attn.heads, attn.head_dim) == (4, 24)
     assert attn.attn_flops_per_token_per_seq == 2 * 4 * (24 + 16)
     assert next(b for b in ds.blocks if b.name == "model.layers.1.mlp").shared_experts == 1
+    # the router load-balancing loss the configs turn on (top level, or a thinker's text config); its all-reduces
+    # cost step time
+    assert qwen3.router_aux_loss and qwen2.router_aux_loss and not ds.router_aux_loss
+    assert analyze(_spec("qwen3_omni_moe_thinker_tiny")).router_aux_loss
 
 
 # --- FLOPs against FlopCounterMode ---------------------------------------------------------------------------

@@ -140,6 +140,19 @@ def test_clipping_reduces_norms_over_shard_groups_only():
     assert cost.optimizer_hops(Mesh(dp_replicate=2, dp_shard=2)) == 6 + 2
     assert cost.optimizer_hops(Mesh(dp_replicate=4)) == 6 + 0  # whole gradients on every rank: nothing to reduce
     assert cost.optimizer_hops(Mesh(dp_shard=4, ep=2)) == 6 + 6 + 2 + 2  # experts: over ep_fsdp = 2, then the EP group
+    assert cost.optimizer_hops(Mesh(dp_shard=4), router_aux=True) == 6 + 6 + 6  # and the aux loss's all-reduce
+
+
+def test_router_aux_loss_all_reduces_by_hand():
+    g = model(FOUNDATION)
+    profile = hw(collective_us=1000.0)
+    shape = replace(SHAPE, grad_accum=3)
+    for mesh, micro_hops in ((Mesh(dp_shard=4), 0), (Mesh(dp_shard=2, sp=2), 2 * 2)):
+        plain, aux = (cost.estimate(replace(g, router_aux_loss=a), mesh, {"model.layers": GroupChoice()}, shape,
+                                    profile, 8) for a in (False, True))
+        # per micro-batch under Ulysses: its sums over the SP group, forward and backward; per step: one over all ranks
+        assert aux.host_s - plain.host_s == pytest.approx(3 * micro_hops * 1e-3)
+        assert aux.optimizer_s - plain.optimizer_s == pytest.approx(6 * 1e-3)
 
 
 def test_frozen_layers_pay_host_time_for_the_passes_they_run():

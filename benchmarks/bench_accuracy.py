@@ -14,17 +14,18 @@ they cannot run on this machine. With --hardware the plans are made against that
 output) instead of the spec's.
 
 Measured figures are bench's, from the fastest of --repeats launches (load from elsewhere only slows a run; the
-spread between launches is printed as the noise floor): medians over the steps after the warm-up (step time,
-tokens/s/device) and the run's memory high-water mark (max over ranks of ru_maxrss on CPU, which includes the Python + torch + gloo baseline).
-Runs and logs stay in runs/bench_accuracy/<spec>_r<N>/ (git-ignored). On 2 cores a sweep takes ~15 minutes at 2 ranks, ~20 at 4.
+spread between launches is printed as the noise floor), made in whole passes over the cases so that one case's
+launches lie minutes apart: medians over the steps after the warm-up (step time, tokens/s/device) and the run's
+memory high-water mark (max over ranks of ru_maxrss on CPU, which includes the Python + torch + gloo baseline).
+Runs and logs stay in runs/bench_accuracy/<spec>_r<N>/ (git-ignored). On 2 cores a sweep takes ~9 minutes at 2 ranks, ~15 at 4.
 """
 
 import argparse
 import fnmatch
 import json
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ from omnigen.spec import load_spec  # noqa: E402
 WORK = ROOT / "runs" / "bench_accuracy"
 STEP_TOLERANCE, MEMORY_TOLERANCE = 0.15, 0.10
 STEPS, WARMUP = 30, 5  # CPU steps vary +-25% one to the next: medians need a few tens of them
-REPEATS = 2            # and whole launches drift 10-30% with the machine's load: keep the fastest of two
+REPEATS = 3            # and whole launches drift 10-30% with the machine's load: keep the fastest of three
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp", "ep")
 
 
@@ -75,32 +76,55 @@ def fit(path: Path, base: list[str], ranks: int):
     return None, reason
 
 
-def run_case(path: Path, ranks: int, args) -> dict:
+def plan_case(path: Path, ranks: int, args) -> tuple[dict, Any]:
+    """(row so far, spec to run) for one spec at one rank count; spec None when no relaxation has a plan."""
     base = ["cluster.nodes=1", f"cluster.procs_per_node={ranks}"]
     if args.hardware:
         base.append(f"cluster.hardware={Path(args.hardware).resolve()}")
     row = {"spec": path.stem, "ranks": ranks}
     spec, changes = fit(path, base, ranks)
     if spec is None:
-        return {**row, "skipped": f"no plan: {changes}"}
+        return {**row, "skipped": f"no plan: {changes}"}, None
     if changes:
         print(f"  {path.stem} @ {ranks} ranks: changed {', '.join(changes)}", flush=True)
-    t0 = time.perf_counter()
-    try:
-        reports = [bench.run(spec, WORK / f"{path.stem}_r{ranks}", args.steps, args.warmup, quiet=True)
-                   for _ in range(args.repeats)]
-    except bench.BenchFailed as e:
-        return {**row, "changes": changes, "failed": str(e).splitlines()[0]}
+    return {**row, "changes": changes}, spec
+
+
+def finish_row(row: dict, reports: list[dict]) -> dict:
     # A busy neighbour only ever slows a run down: the fastest launch is the machine's own speed.
     report = min(reports, key=lambda r: r["measured"]["step_time_s"])
-    return {**row, "changes": changes, "wall_s": round(time.perf_counter() - t0, 1), "mesh": report["mesh"],
-            "step_time_s_by_launch": [r["measured"]["step_time_s"] for r in reports],
+    return {**row, "mesh": report["mesh"], "step_time_s_by_launch": [r["measured"]["step_time_s"] for r in reports],
             "hardware": report["hardware"], "run_exit_code": report["run_exit_code"],
             "predicted": {k: report["predicted"][k] for k in ("step_time_s", "peak_memory_bytes",
                                                                "tokens_per_s_per_device")},
             "measured": {k: report["measured"][k] for k in ("step_time_s", "peak_memory_bytes",
                                                              "tokens_per_s_per_device")},
             "ratios": report["ratios"]}
+
+
+def run_cases(cases: list[tuple[dict, Any]], args) -> list[dict]:
+    """Every case launched once per pass, --repeats passes: one case's launches lie minutes apart, so a slow
+    spell of the machine rarely covers all of them."""
+    reports: list[list[dict]] = [[] for _ in cases]
+    failed: dict[int, str] = {}
+    for i in range(args.repeats):
+        print(f"pass {i + 1} of {args.repeats}", flush=True)
+        for k, (row, spec) in enumerate(cases):
+            if spec is None or k in failed:
+                continue
+            try:
+                reports[k].append(bench.run(spec, WORK / f"{row['spec']}_r{row['ranks']}", args.steps, args.warmup,
+                                            quiet=True))
+            except bench.BenchFailed as e:
+                failed[k] = str(e).splitlines()[0]
+    rows = []
+    for k, (row, spec) in enumerate(cases):
+        rows.append(row if spec is None else {**row, "failed": failed[k]} if k in failed else finish_row(row, reports[k]))
+        r = rows[-1]
+        state = r.get("skipped") or r.get("failed") or f"step ratio {r['ratios']['step_time_s']:.2f}, " \
+                                                       f"memory ratio {r['ratios']['peak_memory_bytes']:.2f}"
+        print(f"  {r['spec']} @ {r['ranks']} ranks: {state}", flush=True)
+    return rows
 
 
 def mesh_label(mesh: dict) -> str:
@@ -152,7 +176,7 @@ def main():
     args = ap.parse_args()
     if args.hardware and not Path(args.hardware).is_file():
         sys.exit(f"bench_accuracy: --hardware {args.hardware}: no such file")
-    rows = []
+    cases = []
     for path in sorted((ROOT / "specs").glob("*.yaml")):
         if not selected(path, args.specs):
             continue
@@ -161,12 +185,8 @@ def main():
             print(f"skip {path.stem}: cluster.device={spec.cluster.device}, hardware {spec.cluster.hardware} "
                   f"(a full-size GPU spec; this machine runs CPU ranks only)", flush=True)
             continue
-        for ranks in args.ranks:
-            rows.append(run_case(path, ranks, args))
-            r = rows[-1]
-            state = r.get("skipped") or r.get("failed") or f"step ratio {r['ratios']['step_time_s']:.2f}, " \
-                                                           f"memory ratio {r['ratios']['peak_memory_bytes']:.2f}"
-            print(f"  {path.stem} @ {ranks} ranks: {state}", flush=True)
+        cases += [plan_case(path, ranks, args) for ranks in args.ranks]
+    rows = run_cases(cases, args)
     print("\n" + table(rows) + "\n\n" + summary(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

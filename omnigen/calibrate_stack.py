@@ -13,7 +13,8 @@ vision tower's work outside its layers (patches, indices, merger), a tiny Qwen2.
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
 measured - (the rest of the prediction) = features x terms, over the forward+backward and optimizer times of every
-run, each weighted by 1/measured (relative errors); each run is launched twice and the faster launch kept. The
+run, each weighted by 1/measured (relative errors); each run is launched three times, in whole passes over the
+runs, and the fastest launch kept. The
 memory overhead is refitted the same way: the median of measured peak less the predicted peak without it.
 """
 
@@ -59,7 +60,7 @@ RUNS = (RunShape("llama", 1, "none"), RunShape("llama", 2, "none"), RunShape("ll
 QUICK_RUNS = tuple(r for r in RUNS if (r.model, r.layers) != ("llama", 2) and r.expert_parallel != 2)  # a run a term
 STEPS, WARMUP = 30, 5   # a CPU step varies +-25% between steps: medians need a few tens of them
 QUICK_STEPS = 15
-REPEATS = 2  # launches per run, the fastest kept: whole launches drift 10-30% with the machine's load
+REPEATS = 3  # launches per run, the fastest kept: whole launches drift 10-30% with the machine's load
 SEQ_LEN, MICRO_BATCHES = 128, 2  # per rank and step
 MODEL_NAMES = {"llama": "Llama", "moe": "Qwen3-MoE", "vl": "Qwen2-VL (images)",
                "omni": "Qwen2.5-Omni thinker (images and audio)"}
@@ -159,15 +160,18 @@ def price(spec) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return rest, features
 
 
-def measure_run(folder: Path, profile: Path, device: str, ranks: int, run: RunShape, steps: int,
-                repeats: int) -> StackRun:
+def launch(folder: Path, profile: Path, device: str, ranks: int, run: RunShape, steps: int) -> dict[str, Any]:
     from . import bench
     spec = calibration_spec(folder, profile, device, ranks, run)
-    reports = [bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True) for _ in range(repeats)]
-    report = min(reports, key=lambda r: r["measured"]["step_time_s"])  # load from elsewhere only slows a launch
-    rest, features = price(spec)
-    m = report["measured"]
-    return StackRun(shape=run, mesh=report["mesh"],
+    return bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True)
+
+
+def stack_run(folder: Path, profile: Path, device: str, ranks: int, run: RunShape,
+              reports: list[dict[str, Any]]) -> StackRun:
+    """A run's fastest launch (load from elsewhere only slows a launch) beside the cost model's pricing of it."""
+    m = min(reports, key=lambda r: r["measured"]["step_time_s"])["measured"]
+    rest, features = price(calibration_spec(folder, profile, device, ranks, run))
+    return StackRun(shape=run, mesh=reports[0]["mesh"],
                     measured={k: m[k] for k in ("forward_backward_s", "optimizer_s", "peak_memory_bytes")},
                     rest=rest, features=features)
 
@@ -201,11 +205,12 @@ def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, ech
         write_configs(folder)
         path = folder / "profile.yaml"
         path.write_text(yaml.safe_dump(profile))
-        runs = []
-        for run in QUICK_RUNS if quick else RUNS:
-            if not runs_on(run, ranks):
-                continue
-            echo(f"[calibrate] generated train.py: {describe(run, ranks)} ...")
-            runs.append(measure_run(folder, path, device, ranks, run, QUICK_STEPS if quick else STEPS,
-                                    1 if quick else REPEATS))
+        shapes = [run for run in (QUICK_RUNS if quick else RUNS) if runs_on(run, ranks)]
+        passes = 1 if quick else REPEATS
+        reports: dict[RunShape, list[dict[str, Any]]] = {run: [] for run in shapes}
+        for i in range(passes):  # whole passes: a run's launches lie minutes apart, not in one slow spell
+            for run in shapes:
+                echo(f"[calibrate] generated train.py: {describe(run, ranks)}, launch {i + 1} of {passes} ...")
+                reports[run].append(launch(folder, path, device, ranks, run, QUICK_STEPS if quick else STEPS))
+        runs = [stack_run(folder, path, device, ranks, run, reports[run]) for run in shapes]
     return fit(runs)

@@ -36,7 +36,7 @@ STACK_ONLY_TERMS = {  # the host terms only generated scripts show: "host time <
     "collective_hop_overhead_us": "per latency hop of a collective beyond alpha-beta (a ring over n ranks: n-1 hops)",
     "fsdp_call_overhead_us": "per collective FSDP launches, on top of its hops (hooks, copy-in/out)",
     "all_to_all_hop_overhead_us": "per hop of a bare Ulysses / EP all-to-all, beyond alpha-beta",
-    "expert_layer_overhead_us": "per MoE layer forward under EP, on top of the layer's (backward = 2)",
+    "local_expert_overhead_us": "per local expert of a MoE layer forward under EP, on top of the layer's (backward = 2)",
     "optimizer_tensor_us": "per parameter tensor in clipping + AdamW",
     "vision_tower_overhead_ms": "per micro-batch with images, beyond the vision tower's layers",
     "audio_tower_overhead_ms": "per micro-batch with audio, beyond the audio tower's layers",

@@ -203,7 +203,7 @@ class GroupCost:
     recompute_flops: float
     backward_factor: float      # backward FLOPs per forward FLOP: 2, 1 for frozen layers, 0 for a frozen encoder
     layer_calls: float          # layer forwards per micro-batch, recomputed ones included
-    expert_layer_calls: float   # of those, MoE layers whose experts run expert-parallel
+    local_expert_calls: float   # expert forwards under EP: MoE layers x this rank's experts (recomputed ones too)
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
     fsdp_hops: float            # latency hops of the collectives FSDP2 launches from its hooks: each costs host time
@@ -291,7 +291,8 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         activations = per_layer  # no backward through it: nothing is kept beyond the running layer
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, backward_factor=backward_factor(g, choice),
-        layer_calls=g.count * forwards, expert_layer_calls=moe_layers(graph, g) * forwards if mesh.ep > 1 else 0,
+        layer_calls=g.count * forwards,
+        local_expert_calls=moe_layers(graph, g) * forwards * g.experts // mesh.ep if mesh.ep > 1 else 0,
         fsdp_comm_s=comm, all_to_all_s=a2a,
         fsdp_hops=fsdp, fsdp_calls=calls, all_to_all_hops=a2a_hops, tensors=g.count * g.tensors if trains else 0,
         parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
@@ -330,7 +331,7 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
             + reduce_scatter_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "reduce_scatter"))
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, replicate_link(mesh, procs_per_node, hw)))
     return GroupCost(forward_flops=root_forward_flops(graph, shape, mesh), recompute_flops=0.0, backward_factor=2.0,
-                     layer_calls=0.0, expert_layer_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
+                     layer_calls=0.0, local_expert_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
                      fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, True),
                      fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_hops=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
@@ -401,7 +402,7 @@ def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
     MoE layers' own work under EP, every latency hop of its collectives (FSDP's and the bare all-to-alls), and
     FSDP's hooks and copies per call."""
     passes = 1 + c.backward_factor
-    layers = passes * (c.layer_calls * hw.layer_overhead_us + c.expert_layer_calls * hw.expert_layer_overhead_us)
+    layers = passes * (c.layer_calls * hw.layer_overhead_us + c.local_expert_calls * hw.local_expert_overhead_us)
     return layers + (c.fsdp_hops * hw.collective_hop_overhead_us + c.fsdp_calls * hw.fsdp_call_overhead_us
                      + c.all_to_all_hops * hw.all_to_all_hop_overhead_us)
 

@@ -50,8 +50,9 @@ class HardwareProfile:
     collective_hop_overhead_us: float = 0.0
     fsdp_call_overhead_us: float = 0.0   # more per collective FSDP2 launches (per call): its hooks, copy-in and -out
     all_to_all_hop_overhead_us: float = 0.0  # per hop of the bare Ulysses and EP all-to-alls (instead of the above)
-    expert_layer_overhead_us: float = 0.0  # more per MoE layer forward under EP (backward counts twice): routing,
-    #                                        permutation, split sizes read back to the host, the local expert loop
+    # More per local expert of a MoE layer forward under EP (backward counts twice): the expert loop's slice, two
+    # matmuls and activation per expert, with the layer's routing, permutation and split sizes spread over them
+    local_expert_overhead_us: float = 0.0
     optimizer_tensor_us: float = 0.0     # per local parameter tensor: clipping and AdamW dispatch (DTensor ops)
     # Per micro-batch that runs the tower, beyond its layers: patch or feature embedding, position, window and chunk
     # indices, the merger (vision), the per-chunk loop (audio)

@@ -229,6 +229,15 @@ def grad_accum(spec: Spec, dp: int) -> int:
     return t.global_batch_size // per_step
 
 
+def usable_memory_bytes(spec: Spec, hw: HardwareProfile) -> float:
+    return hw.memory_bytes * (1 - spec.parallel.memory_headroom)
+
+
+def memory_limit(spec: Spec, hw: HardwareProfile) -> str:
+    return (f"{hw.name} has {hw.memory_gib:g} GiB, {usable_memory_bytes(spec, hw) / GIB:.3g} GiB of it for the plan "
+            f"(parallel.memory_headroom {spec.parallel.memory_headroom:g} stays free)")
+
+
 def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> tuple[list[tuple[Candidate | None, str]], int]:
     """The winner and the runner-ups worth showing, each with the reason it lost (empty for the winner); and how
     many candidates were priced."""
@@ -242,9 +251,9 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         for choices in choice_candidates(spec, graph, mesh, shape, hw):
             c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node,
                                                   spec.model.freeze))
-            if c.estimate.peak_memory_bytes > hw.memory_bytes:
+            if c.estimate.peak_memory_bytes > usable_memory_bytes(spec, hw):
                 rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
-                                    f"{hw.name} has {hw.memory_gib:g} GiB"))
+                                    f"{memory_limit(spec, hw)}"))
             else:
                 feasible.append(c)
     feasible.sort(key=lambda c: (c.estimate.step_time_s, c.estimate.peak_memory_bytes))
@@ -318,7 +327,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
             leanest = {g.name: min(group_options(spec, graph, g, mesh), key=lambda c: sum(
                        peak_memory([group_cost(graph, g, c, mesh, shape, hw, world)], shape, hw).values()))
                        for g in graph.groups}
-            return sum(memory_breakdown(graph, mesh, leanest, shape, hw, spec.model.freeze).values()) <= hw.memory_bytes
+            return (sum(memory_breakdown(graph, mesh, leanest, shape, hw, spec.model.freeze).values())
+                    <= usable_memory_bytes(spec, hw))
 
         lo, hi = 0, 1 << 24
         while lo < hi:  # largest multiple of sp that fits

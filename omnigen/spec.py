@@ -70,6 +70,9 @@ class ParallelSpec(_Strict):
     sp: Union[PositiveInt, Auto] = "auto"
     ep: Union[PositiveInt, Auto] = "auto"
     activation_checkpointing: Literal["auto", "none", "full", "selective"] = "auto"
+    # Share of device memory no plan may use: the caching allocator's fragmentation and what the memory model
+    # leaves out. A plan predicted at 99% of the device would not survive its first long batch.
+    memory_headroom: float = Field(0.05, ge=0.0, lt=1.0)
 
 
 class Spec(_Strict):

@@ -269,7 +269,7 @@ def test_quick_calibration_on_this_machine(tmp_path):
 # --- the host terms, refitted on generated scripts ------------------------------------------------------------
 
 KNOWN_TERMS = {"layer_overhead_us": 900.0, "step_overhead_ms": 1.5, "collective_hop_overhead_us": 600.0,
-               "fsdp_call_overhead_us": 700.0, "expert_layer_overhead_us": 2000.0, "optimizer_tensor_us": 120.0,
+               "fsdp_call_overhead_us": 700.0, "local_expert_overhead_us": 2000.0, "optimizer_tensor_us": 120.0,
                "all_to_all_hop_overhead_us": 300.0, "vision_tower_overhead_ms": 4.0, "audio_tower_overhead_ms": 6.0}
 
 
@@ -298,7 +298,7 @@ def test_stack_fit_recovers_known_host_terms(tmp_path):
     runs = priced_runs(tmp_path, KNOWN_TERMS)
     full, none = (next(r for r in runs if r.shape == ("llama", 4, ac, False, False, False)) for ac in ("full", "none"))
     ulysses = next(r for r in runs if r.shape.ulysses)
-    assert all(r.features["expert_layer_overhead_us"]["forward_backward_s"] == 0 for r in runs
+    assert all(r.features["local_expert_overhead_us"]["forward_backward_s"] == 0 for r in runs
                if not r.shape.expert_parallel)
     assert none.features["all_to_all_hop_overhead_us"]["forward_backward_s"] == 0 < ulysses.features[
         "all_to_all_hop_overhead_us"]["forward_backward_s"]
@@ -343,7 +343,7 @@ def test_refitted_profile_file_loads(tmp_path):
     hw = load_via_spec(path)
     assert hw.collective_hop_overhead_us == pytest.approx(600, rel=1e-2)
     assert hw.fsdp_call_overhead_us == pytest.approx(700, rel=1e-2)
-    assert hw.expert_layer_overhead_us == pytest.approx(2000, rel=1e-2)
+    assert hw.local_expert_overhead_us == pytest.approx(2000, rel=1e-2)
     assert hw.optimizer_tensor_us == pytest.approx(120, rel=1e-2)
     assert hw.layer_overhead_us == pytest.approx(900, rel=1e-2) and hw.overhead_gib == pytest.approx(0.4, rel=1e-2)
     assert "non-negative least squares" in hw.source and "generated train.py" in hw.source

@@ -194,16 +194,17 @@ def test_expert_parallel_all_to_all_hops():
         for i in range(2)), g.groups, g.total_params, g.total_param_bytes, g.vocab_size)
     plain = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
     assert plain.all_to_all_hops == 2 * 5  # forward: counts, dispatch, combine; backward: combine, dispatch
-    assert plain.expert_layer_calls == 2 and plain.layer_calls == 2
+    assert plain.local_expert_calls == 2 * 2 and plain.layer_calls == 2  # 2 MoE layers x 4 experts / ep 2
     # FSDP over 2 ranks for the dense part (2 gathers + a reduce-scatter per layer); each rank's experts unsharded
     assert (plain.fsdp_calls, plain.fsdp_hops) == (2 * 3, 2 * 3)
-    profile = replace(hw(), expert_layer_overhead_us=100.0, layer_overhead_us=10.0)
-    assert cost.group_host_us(plain, profile) == pytest.approx(3 * 2 * (100 + 10))
-    assert cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2), SHAPE, hw(), 8).expert_layer_calls == 0
+    profile = replace(hw(), local_expert_overhead_us=100.0, layer_overhead_us=10.0)
+    assert cost.group_host_us(plain, profile) == pytest.approx(3 * 2 * (2 * 100 + 10))
+    assert cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=2), SHAPE, hw(), 8).local_expert_calls == 0
     recomputed = cost.group_cost(g, moe, GroupChoice(True, "full"), Mesh(dp_shard=2, ep=2), SHAPE, hw(), 8)
     assert recomputed.all_to_all_hops == 2 * 8  # the forward's three again
     wide = cost.group_cost(g, moe, GroupChoice(), Mesh(dp_shard=4, ep=4), SHAPE, hw(), 8)
     assert wide.all_to_all_hops == 2 * 5 * 3  # each all-to-all over 4 ranks: 3 hops
+    assert wide.local_expert_calls == 2 * 1  # one expert per rank
 
 
 def test_exposed_communication_uses_the_profile_overlap():

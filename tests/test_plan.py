@@ -78,9 +78,23 @@ def test_activation_checkpointing_only_when_memory_needs_it():
                                          cost.TrainShape(4096, 1, 1, "fp32"), hw()).values())
     assert peak("full") < peak("selective") < peak("none")
     tight_gib = (peak("full") + peak("selective")) / 2 / GIB  # only full checkpointing fits
-    tight = make_plan(spec(train={"seq_len": 4096}, parallel={"sp": 1}), graph(), hw(memory_gib=tight_gib), {})
+    tight = make_plan(spec(train={"seq_len": 4096}, parallel={"sp": 1, "memory_headroom": 0}), graph(),
+                      hw(memory_gib=tight_gib), {})
     assert tight.groups[0].activation_checkpointing != "none"
     assert any("does not fit" in a["reason"] for a in tight.alternatives)
+
+
+def test_plans_leave_the_memory_headroom_free():
+    def peak(ac):
+        return sum(cost.memory_breakdown(graph(), cost.Mesh(dp_shard=2), {"model.layers": cost.GroupChoice(True, ac)},
+                                         cost.TrainShape(4096, 1, 1, "fp32"), hw()).values())
+    exact = peak("full") / GIB  # full checkpointing fills the device to the byte
+    fixed = {"sp": 1, "dp_shard": 2, "activation_checkpointing": "full"}
+    assert make_plan(spec(train={"seq_len": 4096}, parallel={**fixed, "memory_headroom": 0}), graph(),
+                     hw(memory_gib=exact), {}).predicted["peak_memory_bytes"] <= exact * GIB
+    with pytest.raises(PlanError) as e:  # the default keeps 5% free
+        make_plan(spec(train={"seq_len": 4096}, parallel=fixed), graph(), hw(memory_gib=exact), {})
+    assert "parallel.memory_headroom 0.05 stays free" in str(e.value)
 
 
 def test_refuses_with_reason_when_nothing_fits():

@@ -213,7 +213,7 @@ class ComputeFit:
     def predict(self, flops: float, layers: int, peak: float, dtype: str) -> float:
         """cost.py's fwd+bwd time of a model with these FLOPs and layers."""
         return flops / (peak * self.efficiency[dtype]) + llama_host_seconds(layers, self.layer_overhead_s,
-                                                                      self.step_overhead_s)
+                                                                            self.step_overhead_s)
 
 
 def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], primary: str) -> ComputeFit:
@@ -793,7 +793,7 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
         "layer": {**L, "flops": significant(raw["layer"][0]["flops"]),
                   "seconds": {r["dtype"]: significant(r["seconds"]) for r in raw["layer"]},
                   "host_share": {r["dtype"]: significant(llama_host_seconds(L["layers"], compute.layer_overhead_s,
-                                                               compute.step_overhead_s) / r["seconds"], 3)
+                                                                     compute.step_overhead_s) / r["seconds"], 3)
                                  for r in raw["layer"]}},
         "host": {**raw["host"][0]["config"], "dtype": primary, "layers": [r["layers"] for r in raw["host"]],
                  "flops": [significant(r["flops"]) for r in raw["host"]],

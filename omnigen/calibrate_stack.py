@@ -5,17 +5,17 @@ around every collective, DTensor dispatch per tensor in clipping and AdamW, the 
 what the host terms stand for, so they are fitted where they happen: the generated train.py of tiny models, run
 on the ranks being calibrated. The runs move the terms' counts apart: more Llama layers add layer calls, FSDP
 collectives and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare
-all-to-alls; a tiny MoE under expert parallelism adds the MoE layers' own host work (routing, permutation, split
-sizes, expert loop), and from 4 ranks the same with EP over half the ranks in two HSDP replicas (what the planner
-picks for a MoE there); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
+all-to-alls; a tiny MoE under expert parallelism adds its local experts' host work (the expert loop, with the
+routing, permutation and split sizes), and from 4 ranks the same with EP over half the ranks, so twice the experts
+per rank, in two HSDP replicas (what the planner picks for a MoE there); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
 vision tower's work outside its layers (patches, indices, merger), a tiny Qwen2.5-Omni thinker an audio tower's too.
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
 measured - (the rest of the prediction) = features x terms, over the forward+backward and optimizer times of every
 run, each weighted by 1/measured (relative errors); each run is launched three times, in whole passes over the
-runs, and the fastest launch kept. The
-memory overhead is refitted the same way: the median of measured peak less the predicted peak without it.
+runs, and the fastest launch kept. The memory overhead is refitted the same way: the median of measured peak less
+the predicted peak without it.
 """
 
 from __future__ import annotations

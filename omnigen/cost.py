@@ -398,9 +398,9 @@ def group_memory_bytes(c: GroupCost) -> float:
 
 
 def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
-    """Host time of a group per micro-batch: each layer call (a backward counts twice, none for a frozen encoder),
-    MoE layers' own work under EP, every latency hop of its collectives (FSDP's and the bare all-to-alls), and
-    FSDP's hooks and copies per call."""
+    """Host time of a group per micro-batch: each layer call and, under EP, each local expert's call (a backward
+    counts twice, none for a frozen encoder), every latency hop of its collectives (FSDP's and the bare
+    all-to-alls), and FSDP's hooks and copies per call."""
     passes = 1 + c.backward_factor
     layers = passes * (c.layer_calls * hw.layer_overhead_us + c.local_expert_calls * hw.local_expert_overhead_us)
     return layers + (c.fsdp_hops * hw.collective_hop_overhead_us + c.fsdp_calls * hw.fsdp_call_overhead_us

@@ -91,8 +91,7 @@ def plan_case(path: Path, ranks: int, args) -> tuple[dict, Any]:
 
 
 def finish_row(row: dict, reports: list[dict]) -> dict:
-    # A busy neighbour only ever slows a run down: the fastest launch is the machine's own speed.
-    report = min(reports, key=lambda r: r["measured"]["step_time_s"])
+    report = bench.fastest(reports)
     return {**row, "mesh": report["mesh"], "step_time_s_by_launch": [r["measured"]["step_time_s"] for r in reports],
             "hardware": report["hardware"], "run_exit_code": report["run_exit_code"],
             "predicted": {k: report["predicted"][k] for k in ("step_time_s", "peak_memory_bytes",
@@ -103,23 +102,28 @@ def finish_row(row: dict, reports: list[dict]) -> dict:
 
 
 def run_cases(cases: list[tuple[dict, Any]], args) -> list[dict]:
-    """Every case launched once per pass, --repeats passes: one case's launches lie minutes apart, so a slow
-    spell of the machine rarely covers all of them."""
-    reports: list[list[dict]] = [[] for _ in cases]
-    failed: dict[int, str] = {}
-    for i in range(args.repeats):
-        print(f"pass {i + 1} of {args.repeats}", flush=True)
-        for k, (row, spec) in enumerate(cases):
-            if spec is None or k in failed:
-                continue
-            try:
-                reports[k].append(bench.run(spec, WORK / f"{row['spec']}_r{row['ranks']}", args.steps, args.warmup,
-                                            quiet=True))
-            except bench.BenchFailed as e:
-                failed[k] = str(e).splitlines()[0]
+    """Every case launched once per pass, --repeats passes (bench.launch_in_passes); a case that fails once is
+    not launched again."""
+    failed: dict[str, str] = {}
+
+    def launch(case, i):
+        row, spec = case
+        key = f"{row['spec']}_r{row['ranks']}"
+        if case is cases[0]:
+            print(f"pass {i + 1} of {args.repeats}", flush=True)
+        if spec is None or key in failed:
+            return None
+        try:
+            return bench.run(spec, WORK / key, args.steps, args.warmup, quiet=True)
+        except bench.BenchFailed as e:
+            failed[key] = str(e).splitlines()[0]
+            return None
+
     rows = []
-    for k, (row, spec) in enumerate(cases):
-        rows.append(row if spec is None else {**row, "failed": failed[k]} if k in failed else finish_row(row, reports[k]))
+    for (row, spec), reports in zip(cases, bench.launch_in_passes(cases, args.repeats, launch)):
+        key = f"{row['spec']}_r{row['ranks']}"
+        rows.append(row if spec is None else {**row, "failed": failed[key]} if key in failed
+                    else finish_row(row, reports))
         r = rows[-1]
         state = r.get("skipped") or r.get("failed") or f"step ratio {r['ratios']['step_time_s']:.2f}, " \
                                                        f"memory ratio {r['ratios']['peak_memory_bytes']:.2f}"

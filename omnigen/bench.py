@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from . import emit
 from .errors import OmnigenError
@@ -160,6 +160,24 @@ def run(spec: Spec, out_dir: Path, steps: int, warmup: int, quiet: bool = False)
     # Every step was recorded: the figures stand even if a rank then died on the way out; the caller says so.
     return {**build_report(plan, spec, records, steps, warmup, load_profile(spec).memory_bytes),
             "run_exit_code": code, "log": str(log)}
+
+
+def launch_in_passes(jobs: Sequence[Any], passes: int,
+                     launch: Callable[[Any, int], dict[str, Any] | None]) -> list[list[dict[str, Any]]]:
+    """Each job's reports from `launch(job, pass_index)` (None: nothing to keep), every job once per pass: one job's
+    launches lie minutes apart, so a slow spell of the machine rarely covers them all."""
+    reports: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    for i in range(passes):
+        for kept, job in zip(reports, jobs):
+            report = launch(job, i)
+            if report is not None:
+                kept.append(report)
+    return reports
+
+
+def fastest(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The launch that shows the machine's own speed: load from elsewhere only ever slows one down."""
+    return min(reports, key=lambda r: r["measured"]["step_time_s"])
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:

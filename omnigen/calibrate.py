@@ -20,7 +20,7 @@ memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `sour
 
 Then (unless --no-stack) calibrate_stack runs omnigen's own generated train.py on the same ranks and refits the host
 terms where they really occur (calibrate_stack.HOST_TERMS: per layer, micro-batch, collective hop, FSDP collective
-call, all-to-all hop, EP MoE layer, parameter tensor, vision and audio tower) and, on cpu, overhead_gib. The
+call, all-to-all hop, local expert under EP, parameter tensor, vision and audio tower) and, on cpu, overhead_gib. The
 micro-benchmark fit stays in the `measured` block.
 
 The raw measurements go under a commented `# measured:` block at the end of the file: load_profile builds the

@@ -7,8 +7,9 @@ on the ranks being calibrated. The runs move the terms' counts apart: more Llama
 collectives and parameter tensors; full activation checkpointing adds layer calls alone; Ulysses adds bare
 all-to-alls; a tiny MoE under expert parallelism adds its local experts' host work (the expert loop, with the
 routing, permutation and split sizes), and from 4 ranks the same with EP over half the ranks, so twice the experts
-per rank, in two HSDP replicas (what the planner picks for a MoE there); two FSDP replicas (HSDP) add all-reduces and shorten the rings; a tiny Qwen2-VL adds a
-vision tower's work outside its layers (patches, indices, merger), a tiny Qwen2.5-Omni thinker an audio tower's too.
+per rank, in two HSDP replicas (what the planner picks for a MoE there); two FSDP replicas (HSDP) add all-reduces
+and shorten the rings; a tiny Qwen2-VL adds a vision tower's work outside its layers (patches, indices, merger), a
+tiny Qwen2.5-Omni thinker an audio tower's too.
 
 Every term enters the cost model linearly, so a run's feature for a term is its prediction with that term at one
 unit less its prediction with all of them at zero; the terms are the non-negative least-squares solution of
@@ -160,17 +161,11 @@ def price(spec) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     return rest, features
 
 
-def launch(folder: Path, profile: Path, device: str, ranks: int, run: RunShape, steps: int) -> dict[str, Any]:
-    from . import bench
-    spec = calibration_spec(folder, profile, device, ranks, run)
-    return bench.run(spec, folder / spec.name, steps, WARMUP, quiet=True)
-
-
-def stack_run(folder: Path, profile: Path, device: str, ranks: int, run: RunShape,
-              reports: list[dict[str, Any]]) -> StackRun:
-    """A run's fastest launch (load from elsewhere only slows a launch) beside the cost model's pricing of it."""
-    m = min(reports, key=lambda r: r["measured"]["step_time_s"])["measured"]
-    rest, features = price(calibration_spec(folder, profile, device, ranks, run))
+def stack_run(spec, run: RunShape, reports: list[dict[str, Any]]) -> StackRun:
+    """A run's fastest launch beside the cost model's pricing of it."""
+    from .bench import fastest
+    m = fastest(reports)["measured"]
+    rest, features = price(spec)
     return StackRun(shape=run, mesh=reports[0]["mesh"],
                     measured={k: m[k] for k in ("forward_backward_s", "optimizer_s", "peak_memory_bytes")},
                     rest=rest, features=features)
@@ -200,17 +195,21 @@ def fit(runs: list[StackRun]) -> StackFit:
 
 def fit_stack(profile: dict[str, Any], device: str, ranks: int, quick: bool, echo: Callable[[str], None]) -> StackFit:
     """Run the calibration scripts against `profile` (the micro-benchmarks' figures) and fit its host terms."""
+    from .bench import launch_in_passes, run as bench_run
     with tempfile.TemporaryDirectory(prefix="omnigen-stack-") as tmp:
         folder = Path(tmp)
         write_configs(folder)
         path = folder / "profile.yaml"
         path.write_text(yaml.safe_dump(profile))
-        shapes = [run for run in (QUICK_RUNS if quick else RUNS) if runs_on(run, ranks)]
+        jobs = [(run, calibration_spec(folder, path, device, ranks, run))
+                for run in (QUICK_RUNS if quick else RUNS) if runs_on(run, ranks)]
         passes = 1 if quick else REPEATS
-        reports: dict[RunShape, list[dict[str, Any]]] = {run: [] for run in shapes}
-        for i in range(passes):  # whole passes: a run's launches lie minutes apart, not in one slow spell
-            for run in shapes:
-                echo(f"[calibrate] generated train.py: {describe(run, ranks)}, launch {i + 1} of {passes} ...")
-                reports[run].append(launch(folder, path, device, ranks, run, QUICK_STEPS if quick else STEPS))
-        runs = [stack_run(folder, path, device, ranks, run, reports[run]) for run in shapes]
+
+        def launch(job, i):
+            run, spec = job
+            echo(f"[calibrate] generated train.py: {describe(run, ranks)}, launch {i + 1} of {passes} ...")
+            return bench_run(spec, folder / spec.name, QUICK_STEPS if quick else STEPS, WARMUP, quiet=True)
+
+        reports = launch_in_passes(jobs, passes, launch)
+        runs = [stack_run(spec, run, r) for (run, spec), r in zip(jobs, reports)]
     return fit(runs)

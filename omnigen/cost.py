@@ -369,7 +369,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     micro = shape.grad_accum
     compute_s = sum(c.forward_flops * (1 + c.backward_factor) for c in costs) / achieved * micro
     recompute_s = sum(c.recompute_flops for c in costs) / achieved * micro
-    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, costs), graph.router_aux_loss)
+    host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, choices), graph.router_aux_loss)
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
     a2a_s = sum(c.all_to_all_s for c in costs) * micro
     units = 1 + sum(g.count for g in graph.groups)
@@ -410,11 +410,12 @@ def group_host_us(c: GroupCost, hw: HardwareProfile) -> float:
 STEP_COLLECTIVES = 1  # per step, before the micro-batches: the all-reduce of the label-token count
 
 
-def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile, costs: list[GroupCost]) -> float:
+def tower_host_ms(graph: ModelGraph, shape: TrainShape, hw: HardwareProfile,
+                  choices: dict[str, GroupChoice]) -> float:
     """Host time per micro-batch of the encoder towers that run on it (those the samples bring tokens for). The
     calibrated figure is a trained tower's forward and backward; a frozen one runs its forward alone (a third)."""
     per_tower = {"encoder:vision": hw.vision_tower_overhead_ms, "encoder:audio": hw.audio_tower_overhead_ms}
-    backward = {g.role: c.backward_factor for g, c in zip(graph.groups, costs[1:])}  # costs[0] is the root
+    backward = {g.role: backward_factor(g, choices[g.name]) for g in graph.groups}
     return sum(per_tower.get(role, 0.0) * (1 + backward.get(role, 2.0)) / 3
                for role in graph.towers if shape.tokens(role) > 0)
 

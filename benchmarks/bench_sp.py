@@ -1,6 +1,7 @@
 """Ulysses SP scaling: peak memory per rank and tokens/s/device against seq_len at sp=1, 2, 4, measured next to the plan.
 
-python benchmarks/bench_sp.py [--seq-lens 256 512 1024 2048 4096] [--steps 7] [--warmup 3]   (~10 min on 2 cores)
+python benchmarks/bench_sp.py [--hardware benchmarks/profiles/cpu_4ranks.yaml] [--seq-lens 256 512 1024 2048 4096]
+                              [--steps 7] [--warmup 3]   (~10 min on 2 cores)
     → prints one table (measured vs predicted, with ratios), writes docs/sp_scaling.md and docs/sp_scaling.png.
 
 One model (llama_tiny widened to hidden 128, 4 layers; 4 heads / 2 kv heads, so sp = 1, 2, 4 are all valid) on 4 CPU
@@ -10,8 +11,9 @@ reads plan.json's prediction, runs the generated train.py under torchrun (OMP_NU
 lines rank 0 prints, dropping the warm-up steps.
 
 Reading the numbers:
-- The CPU hardware profile is uncalibrated: absolute predictions can be off by a constant factor; what to compare is the
-  trend over seq_len and sp. The table prints measured/predicted ratios so the offset is explicit, not hidden.
+- Without --hardware the CPU hardware profile is uncalibrated: absolute predictions can be off by a constant factor;
+  what to compare is the trend over seq_len and sp. With a profile `omnigen calibrate --ranks 4` wrote, the ratios
+  themselves are the check. The table prints measured/predicted ratios so the offset is explicit, not hidden.
 - On CPU the measured peak is the max-over-ranks process RSS high-water mark (getrusage), which includes the Python +
   torch + gloo baseline of a few hundred MiB. To expose the part that grows with seq_len, "activation growth" =
   peak(seq_len) - peak(smallest seq_len of the sweep) at the same sp, measured and predicted alike (at seq_len 256 the
@@ -40,9 +42,9 @@ MODEL_OVERRIDES = {"num_hidden_layers": 4, "hidden_size": 128, "intermediate_siz
 MIB = 2**20
 
 
-def compile_case(seq_len: int, sp: int, out: Path) -> dict:
+def compile_case(seq_len: int, sp: int, out: Path, hardware: str) -> dict:
     """omnigen compile into `out`; returns plan.json."""
-    sets = {
+    sets = {"cluster.hardware": hardware,
         "cluster.procs_per_node": WORLD, "train.seq_len": seq_len, "train.micro_batch_size": 1,
         "train.global_batch_size": GLOBAL_BATCH, "parallel.dp_replicate": 1, "parallel.dp_shard": WORLD // sp,
         "parallel.sp": sp, "parallel.activation_checkpointing": "none",
@@ -64,9 +66,9 @@ def run_case(out: Path, steps: int) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def measure(seq_len: int, sp: int, steps: int, warmup: int) -> dict:
+def measure(seq_len: int, sp: int, steps: int, warmup: int, hardware: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"omnigen-bench-sp{sp}-s{seq_len}-") as tmp:
-        plan = compile_case(seq_len, sp, Path(tmp))
+        plan = compile_case(seq_len, sp, Path(tmp), hardware)
         pred = plan["predicted"]
         row = {"seq_len": seq_len, "sp": sp, "mesh": plan["mesh"], "grad_accum": plan["train"]["grad_accum"],
                "pred_tps": pred["tokens_per_s_per_device"], "pred_peak": pred["peak_memory_bytes"],
@@ -112,7 +114,7 @@ def fmt_table(rows: list[dict], base: dict, markdown: bool) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
-def plot(rows: list[dict], path: Path, caption: str) -> None:
+def plot(rows: list[dict], path: Path, caption: str, profile: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +141,7 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Ulysses SP scaling: measured (solid) vs predicted (dashed, uncalibrated CPU profile)")
+    fig.suptitle(f"Ulysses SP scaling: measured (solid) vs predicted (dashed, {profile})")
     fig.text(0.5, 0.01, textwrap.fill(caption, 170), ha="center", va="bottom", fontsize=8, color="0.3")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
@@ -148,18 +150,22 @@ def plot(rows: list[dict], path: Path, caption: str) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hardware", default="cpu", help="profile to predict with: a built-in name or a calibrated .yaml")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3, help="leading steps dropped from throughput (allocator/caches warm up)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/sp_scaling.{md,png}")
     args = ap.parse_args()
+    hardware = str(Path(args.hardware).resolve()) if args.hardware.endswith(".yaml") else args.hardware
+    profile = (f"profile {Path(args.hardware).name}" if hardware != "cpu"
+               else "uncalibrated CPU profile")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
     rows = []
     for seq in sorted(args.seq_lens):
         for sp in SPS:
-            r = measure(seq, sp, args.steps, args.warmup)
+            r = measure(seq, sp, args.steps, args.warmup, hardware)
             rows.append(r)
             status = "FAILED" if "error" in r else f"{r['tps']:.0f} tok/s/dev, peak {r['peak'] / MIB:.0f} MiB, {r['wall_s']:.0f} s"
             print(f"seq_len={seq} sp={sp}: {status}", file=sys.stderr, flush=True)
@@ -170,7 +176,8 @@ def main():
     model = ", ".join(f"{k}={v}" for k, v in MODEL_OVERRIDES.items())
     versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in ("torch", "transformers", "omnigen"))
     caption = (f"llama_tiny ({model}; 4 heads, 2 kv heads), {WORLD} CPU ranks (gloo, OMP_NUM_THREADS=1, 2-core machine), "
-               f"micro batch 1, global batch {GLOBAL_BATCH}, fp32, AC none; median of steps {args.warmup}..{args.steps - 1}; {versions}")
+               f"micro batch 1, global batch {GLOBAL_BATCH}, fp32, AC none; median of steps {args.warmup}..{args.steps - 1}; "
+               f"predicted with the {profile}; {versions}")
     table = fmt_table(rows, base, markdown=False)
     print(table)
     print(caption)
@@ -188,7 +195,8 @@ def main():
         md = [
             "# Ulysses SP scaling (measured vs predicted)",
             "",
-            "Generated by `python benchmarks/bench_sp.py`; plot: [sp_scaling.png](sp_scaling.png).",
+            f"Generated by `python benchmarks/bench_sp.py{' --hardware ' + args.hardware if hardware != 'cpu' else ''}`; "
+            "plot: [sp_scaling.png](sp_scaling.png).",
             "",
             caption + ".",
             "",
@@ -199,13 +207,14 @@ def main():
             "baseline; pred: plan.json `peak_memory_bytes` (its `overhead` term models that baseline).",
             f"- act. growth: peak at this seq_len minus peak at seq_len {base_seq} with the same sp, measured and predicted "
             f"({base_line}); it takes the RSS baseline out to show the part that grows with seq_len.",
-            "- The CPU hardware profile is uncalibrated: compare trends and read the meas/pred ratios, not absolute agreement.",
+            "- The CPU hardware profile is uncalibrated: compare trends and read the meas/pred ratios, not absolute agreement."
+            if hardware == "cpu" else f"- Predicted with the {profile} (`omnigen calibrate`): the ratios are the check.",
             f"- Total benchmark wall time: {total:.0f} s; {load}. Throughput on a shared 2-core machine is noisy "
             "(4 single-threaded ranks oversubscribe 2 cores): a run beside other jobs gave up to 2x lower values in single cells.",
             "",
         ]
         (DOCS / "sp_scaling.md").write_text("\n".join(md))
-        plot(rows, DOCS / "sp_scaling.png", caption)
+        plot(rows, DOCS / "sp_scaling.png", caption, profile)
         print(f"wrote {DOCS / 'sp_scaling.md'} and {DOCS / 'sp_scaling.png'}")
     sys.exit(1 if failures else 0)
 

@@ -4,17 +4,18 @@ One torchrun launch on N local ranks (gloo on cpu, nccl on cuda) runs `worker()`
 rank measures at once, as ranks of a training job share the machine:
   process memory peak RSS after the generated script's imports, process-group init, one collective (cpu: overhead_gib)
   compute        median FLOP/s of transformer-shaped GEMMs (tokens x h x 4h) per dtype; the best shape is `peak_flops`
-  efficiency     fwd+bwd of a real LlamaForCausalLM stack: its FLOP rate (FlopCounterMode FLOPs / time) over the best
-                 GEMM's rate timed just before it, per dtype
+  efficiency     fwd+bwd of a real LlamaForCausalLM stack: its matmul FLOP rate (FlopCounterMode FLOPs less attention's,
+                 over the time less attention's) over the best GEMM's rate timed just before it, per dtype
   host overhead  fwd+bwd of tiny Llamas at a few layer counts: the time their FLOPs do not explain, as a line in the
                  layer count (layer_overhead_us per layer forward, step_overhead_ms per micro-batch)
   optimizer      clip_grad_norm_ + AdamW(foreach) over model-shaped fp32 parameters: an effective memory bandwidth
-  attention      fwd+bwd SDPA FLOP/s at a long-ish sequence (kept in the `measured` block only)
+  attention      fwd+bwd SDPA FLOP/s at a long-ish sequence, whole (attention_efficiency) and causal: how much of the
+                 score matrix the causal kernel skips gives its key-block width (causal_block)
   collectives    all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single from 4 KiB to 64 MiB
   overlap        a GEMM block, an all-gather of about the same length, and both at once (async all-gather)
 Each rank reports its times; a figure is the slowest rank's (a step waits for it). The driver fits cost.py's models:
 the alpha-beta link by least squares (in log ratio), and efficiency jointly with the host overhead so that
-  time = FLOPs / (peak x efficiency) + 3 x layers x layer_overhead + step_overhead
+  time = matmul FLOPs / (peak x efficiency) + attention + 3 x layers x layer_overhead + step_overhead
 reproduces both the tiny and the real Llama. Measured fields replace the base profile's; the rest (inter_node,
 memory_gib on cpu, overhead_gib on cuda, overlap on one rank) are kept and `source` says which is which.
 
@@ -50,7 +51,7 @@ import yaml
 from .calibrate_stack import MICRO_BATCHES, SEQ_LEN, STACK_ONLY_TERMS, StackFit, describe, fit_stack
 from .fitting import non_negative_least_squares, significant
 from .errors import OmnigenError
-from .hardware import COLLECTIVES, GIB
+from .hardware import COLLECTIVES, GIB, causal_share
 
 DTYPES = ("fp32", "bf16")
 MEASURED_MARK = "# measured:"
@@ -177,26 +178,62 @@ def fit_alpha_beta(samples: list[tuple[str, float, float]], n: int) -> Fit:
 MIN_COMPUTE_SHARE = 0.05   # the host estimate may claim at most 95% of a real Llama step
 
 
+@dataclass(frozen=True)
+class AttentionFit:
+    efficiency: dict[str, float]   # per dtype: whole (non-causal) SDPA fwd+bwd FLOP/s over the GEMM peak
+    causal_block: int              # key-block width that reproduces the causal run's share of the whole one's time
+    causal_ratio: float            # that share, measured
+
+    def seconds(self, flops: float, context: int, peak: float, dtype: str) -> float:
+        """cost.py's time of causal attention with these (whole-matrix) FLOPs."""
+        return flops * causal_share(context, self.causal_block) / (peak * self.efficiency[dtype])
+
+
+def fit_attention(sdpa: list[dict], peak: dict[str, float], primary: str) -> AttentionFit:
+    whole = {r["dtype"]: r for r in sdpa if not r.get("causal")}
+    causal = {r["dtype"]: r for r in sdpa if r.get("causal")}
+    ratio = causal[primary]["seconds"] / whole[primary]["seconds"] if primary in causal else 1.0
+    return AttentionFit(efficiency={d: r["flops"] / r["seconds"] / peak[d] for d, r in whole.items()},
+                        causal_block=causal_block(ratio, whole[primary]["shape"][2]), causal_ratio=ratio)
+
+
+def causal_block(ratio: float, seq: int) -> int:
+    """The power-of-two block width whose causal share (n + 1) / 2n at this seq is nearest the measured time ratio;
+    0 when the causal kernel saved under 10% (nothing to model)."""
+    if ratio >= 0.9:
+        return 0
+    n = 1 / (2 * max(ratio, 0.5 + 0.5 / seq) - 1)   # blocks per side; the ratio cannot go below 1/2
+    return 2 ** max(0, round(math.log2(seq / n)))
+
+
+def llama_attention_flops(config: dict[str, int], layers: int | None = None) -> float:
+    """FlopCounterMode's SDPA FLOPs of a Llama fwd+bwd: 3 x 4·b·s²·hidden per layer (the whole score matrix)."""
+    seq = config["seq_len"]
+    return 12.0 * (layers or config["layers"]) * config["batch"] * seq * seq * config["hidden_size"]
+
+
 def llama_host_seconds(layers: int, layer_overhead_s: float, step_overhead_s: float) -> float:
     """cost.py's host time of one micro-batch of a bare (unsharded) Llama: each layer runs a forward, and a
     backward that counts as two."""
     return 3 * layers * layer_overhead_s + step_overhead_s
 
 
-def fit_host_overhead(tiny: list[dict], flop_rate: float) -> tuple[float, float]:
-    """(layer_overhead_s, step_overhead_s), both >= 0: least squares of what the tiny Llamas' FLOPs at flop_rate leave
+def fit_host_overhead(tiny: list[dict], compute_s: Callable[[dict], float]) -> tuple[float, float]:
+    """(layer_overhead_s, step_overhead_s), both >= 0: least squares of what the tiny Llamas' compute time leaves
     unexplained, against 3 x layers and 1. Their FLOPs are linear in layers, so this is the slope of time vs layers
-    less one layer's FLOP time, over 3, and the intercept less the embeddings / head / loss FLOP time."""
+    less one layer's compute time, over 3, and the intercept less the embeddings / head / loss compute time."""
     rows = [[3.0 * r["layers"], 1.0] for r in tiny]
-    layer, step = non_negative_least_squares(rows, [r["seconds"] - r["flops"] / flop_rate for r in tiny])
+    layer, step = non_negative_least_squares(rows, [r["seconds"] - compute_s(r) for r in tiny])
     return layer, step
 
 
-def compute_efficiency(layer: dict, host_s: float, peak: float) -> float:
-    """FLOP rate of the real Llama step less host_s, over the GEMM rate: per rank the median over (GEMM block, step)
-    pairs, then the slowest rank; over `peak` when no pairs were recorded."""
+def compute_efficiency(layer: dict, host_s: float, attention_s: float, peak: float) -> float:
+    """Matmul FLOP rate of the real Llama step less host_s and its attention (attention_s), over the GEMM rate: per
+    rank the median over (GEMM block, step) pairs, then the slowest rank; over `peak` when no pairs were recorded."""
+    matmul_flops = layer["flops"] - llama_attention_flops(layer["config"])
+
     def rate(t: float) -> float:
-        return layer["flops"] / max(t - host_s, MIN_COMPUTE_SHARE * t)
+        return matmul_flops / max(t - host_s - attention_s, MIN_COMPUTE_SHARE * t)
     if layer.get("pairs_by_rank"):
         return min(statistics.median(rate(t) / g for t, g in pairs) for pairs in layer["pairs_by_rank"])
     return rate(layer["seconds"]) / peak
@@ -204,21 +241,29 @@ def compute_efficiency(layer: dict, host_s: float, peak: float) -> float:
 
 @dataclass(frozen=True)
 class ComputeFit:
-    efficiency: dict[str, float]       # per dtype, host time removed: peak x efficiency is the pure FLOP rate
+    efficiency: dict[str, float]       # per dtype, host and attention time removed: peak x efficiency is the matmul rate
     with_host: dict[str, float]        # the same ratio with host time left in the step
     layer_overhead_s: float
     step_overhead_s: float
     iterations: int
+    attention: AttentionFit
 
-    def predict(self, flops: float, layers: int, peak: float, dtype: str) -> float:
-        """cost.py's fwd+bwd time of a model with these FLOPs and layers."""
-        return flops / (peak * self.efficiency[dtype]) + llama_host_seconds(layers, self.layer_overhead_s,
-                                                                            self.step_overhead_s)
+    def compute_s(self, flops: float, config: dict[str, int], layers: int, peak: float, dtype: str) -> float:
+        """cost.py's compute time of a Llama fwd+bwd with these FLOPs: matmuls, then attention at its own rate."""
+        attention = llama_attention_flops(config, layers)
+        return ((flops - attention) / (peak * self.efficiency[dtype])
+                + self.attention.seconds(attention, config["seq_len"], peak, dtype))
+
+    def predict(self, flops: float, config: dict[str, int], layers: int, peak: float, dtype: str) -> float:
+        """cost.py's fwd+bwd time of a Llama with these FLOPs and layers."""
+        return (self.compute_s(flops, config, layers, peak, dtype)
+                + llama_host_seconds(layers, self.layer_overhead_s, self.step_overhead_s))
 
 
-def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], primary: str) -> ComputeFit:
-    """Efficiency and host overhead together, so that FLOPs / (peak x efficiency) + host reproduces both the real
-    Llama and the tiny ones.
+def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], primary: str,
+                attention: AttentionFit) -> ComputeFit:
+    """Efficiency and host overhead together, so that matmul FLOPs / (peak x efficiency) + attention + host reproduces
+    both the real Llama and the tiny ones (attention at its own measured rate).
 
     Each needs the other: the tiny Llamas' FLOP time needs the efficiency, the real one's compute time needs the host
     overhead. Iterate from no host overhead: a higher efficiency shortens the tiny FLOP time, which raises the
@@ -227,19 +272,22 @@ def fit_compute(layers: list[dict], tiny: list[dict], peak: dict[str, float], pr
     by_dtype = {r["dtype"]: r for r in layers}
 
     def efficiencies(o: float, s: float) -> dict[str, float]:
-        return {d: compute_efficiency(r, llama_host_seconds(r["config"]["layers"], o, s), peak[d])
+        return {d: compute_efficiency(r, llama_host_seconds(r["config"]["layers"], o, s),
+                                      attention.seconds(llama_attention_flops(r["config"]), r["config"]["seq_len"],
+                                                        peak[d], d), peak[d])
                 for d, r in by_dtype.items()}
     with_host = eff = efficiencies(0.0, 0.0)
-    o = s = 0.0
-    i = 0
+    fit = ComputeFit(efficiency=eff, with_host=with_host, layer_overhead_s=0.0, step_overhead_s=0.0, iterations=0,
+                     attention=attention)
     for i in range(1, 201) if tiny else ():
-        o, s = fit_host_overhead(tiny, peak[primary] * eff[primary])
+        o, s = fit_host_overhead(tiny, lambda r: fit.compute_s(r["flops"], r["config"], r["layers"], peak[primary],
+                                                               primary))
         new = efficiencies(o, s)
-        done = abs(new[primary] - eff[primary]) <= 1e-12 * eff[primary]
-        eff = new
+        done = abs(new[primary] - fit.efficiency[primary]) <= 1e-12 * fit.efficiency[primary]
+        fit = replace(fit, efficiency=new, layer_overhead_s=o, step_overhead_s=s, iterations=i)
         if done:
             break
-    return ComputeFit(efficiency=eff, with_host=with_host, layer_overhead_s=o, step_overhead_s=s, iterations=i)
+    return fit
 
 
 def effective_bandwidth_gbps(params: int, seconds: float) -> float:
@@ -296,7 +344,8 @@ def measure_gemms(dev, s: Settings, now) -> list[dict]:
 
 
 def measure_sdpa(dev, s: Settings, now) -> list[dict]:
-    """fwd+bwd of non-causal SDPA; FLOPs as FlopCounterMode counts them: 4·b·h·s²·d forward, twice that backward."""
+    """fwd+bwd of SDPA, whole and causal; FLOPs as FlopCounterMode counts them either way: 4·b·h·s²·d forward,
+    twice that backward."""
     import torch
     import torch.nn.functional as F
     b, h, seq, d = s.sdpa
@@ -305,12 +354,13 @@ def measure_sdpa(dev, s: Settings, now) -> list[dict]:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         q, k, v = (torch.randn(b, h, seq, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         grad = torch.randn(b, h, seq, d, device=dev, dtype=dtype)
-
-        def step():
-            F.scaled_dot_product_attention(q, k, v).backward(grad)
-            q.grad = k.grad = v.grad = None
-        t = _median_seconds(step, now, s.repeats, s.block_s)
-        out.append({"dtype": name, "shape": [b, h, seq, d], "seconds": t, "flops": 3 * 4.0 * b * h * seq * seq * d})
+        for causal in (False, True):
+            def step():
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(grad)
+                q.grad = k.grad = v.grad = None
+            t = _median_seconds(step, now, s.repeats, s.block_s)
+            out.append({"dtype": name, "shape": [b, h, seq, d], "causal": causal, "seconds": t,
+                        "flops": 3 * 4.0 * b * h * seq * seq * d})
     return out
 
 
@@ -716,11 +766,14 @@ def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, 
     L, T, opt = raw["layer"][0]["config"], raw["host"][0]["config"], raw["optimizer"][0]
     how = [f"peak_flops = best median GEMM rate over {len(raw['gemm']) // 2} tokens x h x 4h shapes",
            f"matmul_efficiency = fwd+bwd of LlamaForCausalLM (hidden {L['hidden_size']}, {L['layers']} layers, "
-           f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs), host overhead removed, / the best GEMM, "
+           f"seq {L['seq_len']}, batch {L['batch']}; FlopCounterMode FLOPs), host and attention time removed, / the "
+           "best GEMM, "
            "timed in pairs, per dtype",
+           f"attention_efficiency = whole-matrix SDPA fwd+bwd at {'x'.join(map(str, raw['sdpa'][0]['shape']))} / the "
+           "best GEMM; causal_block = the power-of-two key block whose causal share matches causal / whole SDPA time",
            f"layer_overhead_us, step_overhead_ms = least-squares line of {primary} tiny Llama fwd+bwd time (hidden "
            f"{T['hidden_size']}, seq {T['seq_len']}, at {', '.join(str(r['layers']) for r in raw['host'])} layers) "
-           "less its FLOP time, solved together with matmul_efficiency",
+           "less its compute time, solved together with matmul_efficiency",
            f"memory_bandwidth_gbps = effective: cost.py's bytes per parameter x {opt['params'] / 1e6:.3g} M fp32 "
            f"parameters in {opt['tensors']} tensors / clip_grad_norm_ + AdamW(foreach) step time"]
     if overlap:
@@ -749,7 +802,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
     layer_rate = {r["dtype"]: r["flops"] / r["seconds"] for r in raw["layer"]}
     direct = {d: layer_rate[d] / peak[d] for d in DTYPES}
     # Paired ratios are immune to load that drifts between the GEMM and the layer measurements.
-    compute = fit_compute(raw["layer"], raw["host"], peak, primary)
+    compute = fit_compute(raw["layer"], raw["host"], peak, primary, fit_attention(raw["sdpa"], peak, primary))
+    attention = compute.attention
     samples = [(r["op"], r["bytes"], r["seconds"]) for r in raw["comm"]]
     fit = fit_alpha_beta(samples, n) if samples else None
     fits_by_op = {op: fit_alpha_beta([x for x in samples if x[0] == op], n) for op in COLLECTIVES
@@ -770,6 +824,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
               f"; kept from {base_name}: {', '.join(kept)}")
     profile = {"name": name, "peak_flops": {d: significant(peak[d]) for d in DTYPES},
                "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
+               "attention_efficiency": {d: significant(attention.efficiency[d], 3) for d in DTYPES},
+               "causal_block": attention.causal_block,
                "layer_overhead_us": significant(compute.layer_overhead_s * 1e6, 3),
                "step_overhead_ms": significant(compute.step_overhead_s * 1e3, 3),
                **{term: 0.0 for term in STACK_ONLY_TERMS},  # only generated scripts show these
@@ -784,8 +840,10 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
             profile[op] = link
     L = raw["layer"][0]["config"]
     measured = {
-        "attention_flops": {r["dtype"]: significant(r["flops"] / r["seconds"]) for r in raw["sdpa"]},
+        "attention_flops": {r["dtype"]: significant(r["flops"] / r["seconds"]) for r in raw["sdpa"]
+                            if not r.get("causal")},
         "attention_shape": raw["sdpa"][0]["shape"],
+        "causal_time_ratio": significant(attention.causal_ratio, 3),
         "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
         "matmul_efficiency_with_host": {d: significant(compute.with_host[d], 3) for d in DTYPES},
         "matmul_efficiency_unpaired": {d: significant(direct[d], 3) for d in DTYPES},
@@ -798,7 +856,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
         "host": {**raw["host"][0]["config"], "dtype": primary, "layers": [r["layers"] for r in raw["host"]],
                  "flops": [significant(r["flops"]) for r in raw["host"]],
                  "seconds": [significant(r["seconds"]) for r in raw["host"]],
-                 "fitted_seconds": [significant(compute.predict(r["flops"], r["layers"], peak[primary], primary))
+                 "fitted_seconds": [significant(compute.predict(r["flops"], r["config"], r["layers"], peak[primary],
+                                                                primary))
                                     for r in raw["host"]],
                  "iterations": compute.iterations},
         "optimizer": {"params": opt["params"], "tensors": opt["tensors"], "seconds": significant(opt["seconds"])},
@@ -875,13 +934,18 @@ def profile_yaml(c: Calibration, command: str) -> str:
     overhead_note = (base_note if "overhead_gib" in c.kept else
                      "measured peak RSS less the predicted peak, generated train.py runs (median)" if c.stack
                      else f"peak RSS after imports, {m['backend']} init, one all_reduce (slowest rank)")
-    eff = p["matmul_efficiency"]
+    eff, att = p["matmul_efficiency"], p["attention_efficiency"]
     lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
              f"name: {p['name']}",
              f"peak_flops: {{fp32: {_num(p['peak_flops']['fp32'])}, bf16: {_num(p['peak_flops']['bf16'])}}}"
              "   # per rank, FLOP/s: best median GEMM",
              f"matmul_efficiency: {{fp32: {_num(eff['fp32'])}, bf16: {_num(eff['bf16'])}}}"
-             "   # Llama fwd+bwd FLOP/s, host time removed, / GEMM peak",
+             "   # Llama fwd+bwd matmul FLOP/s, host and attention time removed, / GEMM peak",
+             f"attention_efficiency: {{fp32: {_num(att['fp32'])}, bf16: {_num(att['bf16'])}}}"
+             f"   # SDPA fwd+bwd FLOP/s (whole score matrix) / GEMM peak, shape {m['attention_shape']}",
+             f"causal_block: {p['causal_block']}   # causal SDPA took x{m['causal_time_ratio']} the whole one's time: "
+             "(n + 1) / 2n of the blocks, n = seq / block" if p["causal_block"] else
+             "causal_block: 0   # causal SDPA saved under 10% of the whole one's time: no skipping modelled",
              f"layer_overhead_us: {_num(p['layer_overhead_us'])}   # host time per layer forward (backward = 2): "
              + (stack or f"tiny {host['dtype']} Llamas at {', '.join(map(str, host['layers']))} layers"),
              f"step_overhead_ms: {_num(p['step_overhead_ms'])}   # host time per micro-batch beyond the layers: "
@@ -928,7 +992,8 @@ def format_summary(c: Calibration) -> str:
         out.append(f"  {'GEMM ' + 'x'.join(map(str, r['shape'])):<34} {r['dtype']:>5} {_si(r['seconds'], 's'):>10} "
                    f"{_si(r['flops'] / r['seconds']):>10}")
     for r in raw["sdpa"]:
-        out.append(f"  {'SDPA fwd+bwd ' + 'x'.join(map(str, r['shape'])):<34} {r['dtype']:>5} "
+        what = f"SDPA fwd+bwd {'causal ' if r.get('causal') else ''}{'x'.join(map(str, r['shape']))}"
+        out.append(f"  {what:<34} {r['dtype']:>5} "
                    f"{_si(r['seconds'], 's'):>10} {_si(r['flops'] / r['seconds']):>10}")
     for r in raw["layer"]:
         L = r["config"]
@@ -938,7 +1003,7 @@ def format_summary(c: Calibration) -> str:
                    f"{c.measured['matmul_efficiency_with_host'][r['dtype']]:.3f} with host, "
                    f"{c.measured['matmul_efficiency_unpaired'][r['dtype']]:.3f} vs peak ({_si(r['flops'])}FLOP)")
     cf, primary = c.compute, c.measured["host"]["dtype"]
-    out.append(f"\nhost overhead: time = FLOPs / (peak x efficiency) + 3 x layers x {cf.layer_overhead_s * 1e6:.1f} us "
+    out.append(f"\nhost overhead: time = compute + 3 x layers x {cf.layer_overhead_s * 1e6:.1f} us "
                f"+ {cf.step_overhead_s * 1e3:.2f} ms  ({cf.iterations} rounds)")
     for r, fitted in zip(raw["host"], c.measured["host"]["fitted_seconds"]):
         what = f"tiny Llama h{r['config']['hidden_size']} x{r['layers']} s{r['config']['seq_len']}"

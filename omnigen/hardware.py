@@ -64,6 +64,12 @@ class HardwareProfile:
     reduce_scatter: Link | None = None
     all_reduce: Link | None = None
     all_to_all: Link | None = None
+    # Attention (SDPA forward + backward) where calibration measured it: achieved / peak on FLOPs counted with the
+    # whole score matrix (as FlopCounterMode and MFU count them); None prices attention like the matmuls. A causal
+    # kernel skips the key blocks above the diagonal: with causal_block-wide blocks it computes (n + 1) / 2n of the
+    # scores, n = ceil(context / causal_block); 0 models no skipping.
+    attention_efficiency: float | dict[str, float] | None = None
+    causal_block: int = 0
 
     @property
     def memory_bytes(self) -> int:
@@ -76,6 +82,16 @@ class HardwareProfile:
     def achieved_flops(self, precision: str) -> float:
         return self.peak_flops[precision] * self.efficiency(precision)
 
+    def attention_flops(self, precision: str) -> float:
+        """FLOP/s of attention, scores counted whole."""
+        e = self.attention_efficiency
+        if e is None:
+            return self.achieved_flops(precision)
+        return self.peak_flops[precision] * (e[precision] if isinstance(e, dict) else e)
+
+    def causal_share(self, context: float) -> float:
+        return causal_share(context, self.causal_block)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -87,6 +103,15 @@ class HardwareProfile:
 
 
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def causal_share(context: float, block: int) -> float:
+    """Share of the whole score matrix a causal kernel with block-wide key blocks computes over this context: the
+    blocks on and below the diagonal, (n + 1) / 2n of n x n. No skipping when block is 0."""
+    if block <= 0:
+        return 1.0
+    n = max(1, -(-int(context) // block))
+    return (n + 1) / (2 * n)
 
 
 def builtin_profiles() -> list[str]:

@@ -195,7 +195,7 @@ def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSha
         scored = []
         for c in group_options(spec, graph, g, mesh):
             gc = group_cost(graph, g, c, mesh, shape, hw, spec.cluster.procs_per_node)
-            t = group_time_s(gc, hw, shape.precision)
+            t = group_time_s(gc, hw)
             scored.append((c, t, group_memory_bytes(gc)))
         fronts.append(pareto(scored))
     return [dict(zip((g.name for g in graph.groups), combo)) for combo in itertools.product(*fronts)]
@@ -205,7 +205,7 @@ def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     t = spec.train
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                       grad_accum=grad_accum(spec, mesh.dp), precision=t.precision,
-                      tokens_per_sample=tokens_per_sample(inputs))
+                      tokens_per_sample=tokens_per_sample(inputs), packed_documents=t.pack_documents > 1)
 
 
 def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:

@@ -9,14 +9,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, collective_terms, fit_alpha_beta, fit_compute,
-                               format_summary, overlap_share, profile_yaml, read_base, read_measured, with_stack)
+from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, causal_block, collective_terms, fit_alpha_beta,
+                               fit_attention, fit_compute, format_summary, llama_attention_flops, overlap_share,
+                               profile_yaml, read_base, read_measured, with_stack)
 from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, runs_on, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
 from omnigen.cli import main
 from omnigen.fitting import non_negative_least_squares
 from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
-from omnigen.hardware import Link, load_profile
+from omnigen.hardware import Link, causal_share, load_profile
 from omnigen.spec import spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +81,26 @@ def test_fit_keeps_coefficients_non_negative():
 GEMM_FLOPS = 2.0 * 512 * 256 * 1024
 PEAK = {"fp32": GEMM_FLOPS / 4e-3, "bf16": GEMM_FLOPS / 8e-4}
 EFFICIENCY = {"fp32": 0.6, "bf16": 0.3}
+ATTENTION_EFFICIENCY, CAUSAL_BLOCK = {"fp32": 0.4, "bf16": 0.2}, 256
 LAYER_OVERHEAD_S, STEP_OVERHEAD_S = 150e-6, 2e-3
-LLAMA_FLOPS, TINY_FLOPS = 7e9, (4e6, 10e6)     # tiny: embeddings/head + per layer
+LLAMA_FLOPS, TINY_FLOPS = 7e9, (4e6, 10e6)     # tiny: embeddings/head + per layer, attention included
+SDPA_SHAPE = [1, 8, 1024, 64]
+
+
+def compute_s(flops: float, config: dict, layers: int, dtype: str, efficiency: float | None = None) -> float:
+    """Matmuls at the matmul rate, causal attention at its own: the split cost.py makes."""
+    attention = llama_attention_flops(config, layers)
+    return ((flops - attention) / (PEAK[dtype] * (efficiency or EFFICIENCY[dtype]))
+            + attention * causal_share(config["seq_len"], CAUSAL_BLOCK) / (PEAK[dtype] * ATTENTION_EFFICIENCY[dtype]))
+
+
+def fake_sdpa() -> list[dict]:
+    b, h, seq, d = SDPA_SHAPE
+    flops = 3 * 4.0 * b * h * seq * seq * d
+    return [{"dtype": dt, "shape": SDPA_SHAPE, "causal": causal, "flops": flops,
+             "seconds": flops / (PEAK[dt] * ATTENTION_EFFICIENCY[dt]) * (causal_share(seq, CAUSAL_BLOCK) if causal
+                                                                         else 1.0)}
+            for dt in ("fp32", "bf16") for causal in (False, True)]
 
 
 def fake_host(noise: float = 0.0, efficiency: float = EFFICIENCY["fp32"], layer_s: float = LAYER_OVERHEAD_S,
@@ -91,7 +110,7 @@ def fake_host(noise: float = 0.0, efficiency: float = EFFICIENCY["fp32"], layer_
     out = []
     for i, layers in enumerate((1, 2, 4, 8)):
         flops = TINY_FLOPS[0] + layers * TINY_FLOPS[1]
-        t = flops / (PEAK["fp32"] * efficiency) + 3 * layers * layer_s + step_s
+        t = compute_s(flops, tiny, layers, "fp32", efficiency) + 3 * layers * layer_s + step_s
         out.append({"layers": layers, "flops": flops, "dtype": "fp32", "seconds": t * (1 + noise * (-1) ** i),
                     "config": tiny})
     return out
@@ -103,7 +122,10 @@ def fake_layer(dtype: str, layer_s: float = LAYER_OVERHEAD_S, step_s: float = ST
     config = {"hidden_size": 256, "layers": 2, "heads": 8, "kv_heads": 4, "seq_len": 512, "batch": 1,
               "intermediate_size": 704, "vocab_size": 1024}
     host = 3 * config["layers"] * layer_s + step_s
-    pairs = [[LLAMA_FLOPS / (PEAK[dtype] * f * EFFICIENCY[dtype]) + host, PEAK[dtype] * f] for f in (1.0, 0.8, 1.1)]
+    attention = llama_attention_flops(config)
+    attention_s = compute_s(attention, config, config["layers"], dtype)   # all attention: its time alone
+    pairs = [[(LLAMA_FLOPS - attention) / (PEAK[dtype] * f * EFFICIENCY[dtype]) + attention_s + host, PEAK[dtype] * f]
+             for f in (1.0, 0.8, 1.1)]
     return {"dtype": dtype, "seconds": sorted(t for t, _ in pairs)[1], "flops": LLAMA_FLOPS, "config": config,
             "pairs_by_rank": [pairs, [[t * slow_rank, g] for t, g in pairs]]}
 
@@ -114,8 +136,7 @@ def fake_raw(memory_gib=None, world_size=2) -> dict:
             "rss_gib": 0.41, "rss_gib_by_rank": [0.4, 0.41],
             "gemm": [{"dtype": d, "shape": [512, 256, 1024], "seconds": GEMM_FLOPS / PEAK[d], "flops": GEMM_FLOPS}
                      for d in ("fp32", "bf16")],
-            "sdpa": [{"dtype": d, "shape": [1, 8, 1024, 64], "seconds": 0.1, "flops": 3 * 4.0 * 8 * 1024**2 * 64}
-                     for d in ("fp32", "bf16")],
+            "sdpa": fake_sdpa(),
             "layer": [fake_layer(d) for d in ("fp32", "bf16")],
             "host": fake_host(),
             "optimizer": [{"params": 3_000_000, "tensors": 36, "seconds": 0.03}],
@@ -126,34 +147,49 @@ def fake_raw(memory_gib=None, world_size=2) -> dict:
             if world_size > 1 else []}
 
 
+def attention_fit():
+    return fit_attention(fake_sdpa(), PEAK, "fp32")
+
+
+def test_attention_fit_recovers_efficiency_and_causal_block():
+    fit = attention_fit()
+    assert fit.efficiency == pytest.approx(ATTENTION_EFFICIENCY, rel=1e-9)
+    assert fit.causal_block == CAUSAL_BLOCK and fit.causal_ratio == pytest.approx(5 / 8)   # 4 blocks a side
+    assert causal_block(0.95, 1024) == 0            # a kernel that skips nothing: none modelled
+    assert causal_block(0.5, 4096) == 1             # as fine as the ratio can say
+    assert causal_block(0.75 * 1.03, 1024) == 512   # noise rounds to the nearest power of two
+
+
 def test_compute_fit_recovers_efficiency_and_host_overhead():
     """Both unknowns at once: the tiny models need the efficiency, the real one the host overhead."""
     raw = fake_raw()
-    fit = fit_compute(raw["layer"], raw["host"], PEAK, "fp32")
+    fit = fit_compute(raw["layer"], raw["host"], PEAK, "fp32", attention_fit())
     assert fit.layer_overhead_s == pytest.approx(LAYER_OVERHEAD_S, rel=1e-3)
     assert fit.step_overhead_s == pytest.approx(STEP_OVERHEAD_S, rel=1e-3)
     assert fit.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=1e-3)
     assert fit.efficiency["bf16"] == pytest.approx(EFFICIENCY["bf16"], rel=1e-3)
     assert fit.with_host["fp32"] < fit.efficiency["fp32"]
     for r in raw["host"]:         # the fitted model reproduces the tiny steps it was fitted to
-        assert fit.predict(r["flops"], r["layers"], PEAK["fp32"], "fp32") == pytest.approx(r["seconds"], rel=1e-3)
+        assert fit.predict(r["flops"], r["config"], r["layers"], PEAK["fp32"], "fp32") == pytest.approx(r["seconds"],
+                                                                                                      rel=1e-3)
     # a rank 10% slower on the real Llama sets the efficiency: a step waits for it
-    slow = fit_compute([fake_layer(d, slow_rank=1.1) for d in ("fp32", "bf16")], raw["host"], PEAK, "fp32")
+    slow = fit_compute([fake_layer(d, slow_rank=1.1) for d in ("fp32", "bf16")], raw["host"], PEAK, "fp32",
+                       attention_fit())
     assert slow.efficiency["fp32"] < 0.93 * EFFICIENCY["fp32"]
 
 
 def test_compute_fit_tolerates_noise_and_clamps_at_zero():
     raw = fake_raw()
-    noisy = fit_compute(raw["layer"], fake_host(noise=0.03), PEAK, "fp32")
+    noisy = fit_compute(raw["layer"], fake_host(noise=0.03), PEAK, "fp32", attention_fit())
     assert noisy.layer_overhead_s == pytest.approx(LAYER_OVERHEAD_S, rel=0.15)
     assert noisy.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=0.02)
     # no host overhead at all: nothing negative, the efficiency is the plain paired ratio
     layers = [fake_layer(d, layer_s=0.0, step_s=0.0) for d in ("fp32", "bf16")]
-    none = fit_compute(layers, fake_host(layer_s=0.0, step_s=0.0), PEAK, "fp32")
+    none = fit_compute(layers, fake_host(layer_s=0.0, step_s=0.0), PEAK, "fp32", attention_fit())
     assert none.layer_overhead_s == pytest.approx(0.0, abs=1e-9) and none.step_overhead_s >= 0
     assert none.efficiency["fp32"] == pytest.approx(EFFICIENCY["fp32"], rel=1e-3)
     # tiny steps faster than their FLOPs allow (too-high efficiency elsewhere): clamped, not negative
-    fast = fit_compute(layers, fake_host(efficiency=5.0, layer_s=0.0, step_s=0.0), PEAK, "fp32")
+    fast = fit_compute(layers, fake_host(efficiency=5.0, layer_s=0.0, step_s=0.0), PEAK, "fp32", attention_fit())
     assert fast.layer_overhead_s == 0 and fast.step_overhead_s == 0
 
 
@@ -180,6 +216,8 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     assert hw.peak_flops["fp32"] == pytest.approx(PEAK["fp32"], rel=1e-3)
     assert hw.efficiency("fp32") == pytest.approx(EFFICIENCY["fp32"], rel=1e-2)
     assert hw.efficiency("bf16") == pytest.approx(EFFICIENCY["bf16"], rel=1e-2)
+    assert hw.attention_flops("fp32") == pytest.approx(PEAK["fp32"] * ATTENTION_EFFICIENCY["fp32"], rel=1e-2)
+    assert hw.causal_block == CAUSAL_BLOCK
     assert hw.layer_overhead_us == pytest.approx(150, rel=1e-2)
     assert hw.step_overhead_ms == pytest.approx(2.0, rel=1e-2)
     # cost.py's optimizer term with this bandwidth gives back the measured step
@@ -195,7 +233,8 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     assert "2030-01-02" in hw.source and "torch 2.13.0+cpu" in hw.source and "Test CPU" in hw.source
     assert "kept from cpu: memory_gib, inter_node" in hw.source and "overhead_gib = peak RSS" in hw.source
     measured = read_measured(path)
-    assert measured["attention_flops"]["fp32"] == pytest.approx(3 * 4.0 * 8 * 1024**2 * 64 / 0.1, rel=1e-3)
+    assert measured["attention_flops"]["fp32"] == pytest.approx(PEAK["fp32"] * ATTENTION_EFFICIENCY["fp32"], rel=1e-3)
+    assert measured["causal_time_ratio"] == pytest.approx(5 / 8, rel=1e-3)
     assert set(measured["collectives_us"]) == set(COLLECTIVES)
     assert measured["host"]["layers"] == [1, 2, 4, 8] and measured["overlap"]["both_s"] == 0.15
     assert measured["rss_gib_by_rank"] == [0.4, 0.41]

@@ -67,6 +67,30 @@ def test_compute_host_and_optimizer_terms_by_hand():
     assert e.step_time_s == pytest.approx(e.compute_s + e.host_s + e.optimizer_s)
 
 
+def test_attention_at_its_own_rate_and_causal_share_by_hand():
+    """A calibrated profile prices the score FLOPs apart: at their own rate, and a causal kernel with 64-wide key
+    blocks computes (n + 1) / 2n of them (n = 128 / 64 = 2: 3/4). Encoders and packed documents attend unmasked."""
+    g = model(FOUNDATION)
+    profile = replace(hw(), attention_efficiency={"fp32": 0.25, "bf16": 0.1}, causal_block=64)
+    tokens = 2 * 128
+    matmul, attention = 4 * tokens * 2 * 10 * MB, 4 * tokens * 4 * 256 * 128
+    e = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, SHAPE, profile, procs_per_node=1)
+    assert e.compute_s == pytest.approx(3 * (matmul / 0.5e12 + attention * 3 / 4 / 0.25e12))
+    assert e.mfu == pytest.approx(3 * (matmul + attention) / e.step_time_s / 1e12)   # MFU counts the FLOPs whole
+    packed = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, replace(SHAPE, packed_documents=True),
+                           profile, procs_per_node=1)
+    assert packed.compute_s == pytest.approx(3 * (matmul / 0.5e12 + attention / 0.25e12))
+    vision = group("visual.blocks", "encoder:vision", 4, 10 * MB)
+    shape = TrainShape(128, 1, 1, "fp32", {"encoder:vision": 128.0, "encoder:vision:context": 128.0})
+    c = cost.group_cost(model(vision), vision, GroupChoice(), Mesh(), shape, profile, 1)
+    assert c.forward_s == pytest.approx(4 * 128 * (2 * 10 * MB / 0.5e12 + 4 * 256 * 128 / 0.25e12))
+    full = cost.group_cost(g, FOUNDATION, GroupChoice(activation_checkpointing="full"), Mesh(), SHAPE, profile, 1)
+    assert full.recompute_s == pytest.approx(full.forward_s) and full.compute_s == pytest.approx(4 * full.forward_s)
+    # an uncalibrated profile prices attention like the matmuls, whole
+    plain = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, SHAPE, hw(), procs_per_node=1)
+    assert plain.compute_s == pytest.approx(3 * (matmul + attention) / 0.5e12)
+
+
 def test_fsdp_collectives_by_hand():
     g = model(FOUNDATION)
     mesh = Mesh(dp_shard=4)
@@ -103,7 +127,7 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     assert (frozen.fsdp_hops, frozen.tensors) == (4 * 2 * 3, 0)
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
     assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes; 1 hop each
-    assert cost.group_time_s(sp, profile, "fp32") - cost.group_time_s(sp, hw(), "fp32") == pytest.approx(
+    assert cost.group_time_s(sp, profile) - cost.group_time_s(sp, hw()) == pytest.approx(
         4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
     one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
@@ -245,8 +269,13 @@ def test_activation_checkpointing_terms():
     assert costs["selective"].activations == pytest.approx(cost.SELECTIVE_KEPT * 4 * per_layer)
     assert costs["full"].activations == pytest.approx(4 * 256 * 4 * 256 + per_layer)  # inputs kept, one rebuilt
     assert costs["full"].recompute_flops == costs["full"].forward_flops
-    assert costs["selective"].recompute_flops == pytest.approx(cost.SELECTIVE_RECOMPUTE * costs["none"].forward_flops)
+    attention = 4 * 256 * 4 * 256 * 128  # layers x tokens x FLOPs per token per context token x context
+    assert costs["selective"].recompute_flops == pytest.approx(
+        cost.SELECTIVE_RECOMPUTE * (costs["none"].forward_flops - attention))  # every other matmul, no attention
     assert costs["full"].layer_calls == 8 and costs["none"].layer_calls == 4
+    # the loss: fp32 log-probabilities, their gradient and the logits' gradient, as backward starts; split by SP
+    root = cost.root_cost(g, Mesh(sp=2), SHAPE, hw(), 1)
+    assert root.activations == pytest.approx(3 * 4 * 1000 * 256 / 2)
 
 
 def test_peak_memory_picks_the_higher_phase():

@@ -106,23 +106,24 @@ def run_cases(cases: list[tuple[dict, Any]], args) -> list[dict]:
     not launched again."""
     failed: dict[str, str] = {}
 
+    def key(row: dict) -> str:
+        return f"{row['spec']}_r{row['ranks']}"
+
     def launch(case, i):
         row, spec = case
-        key = f"{row['spec']}_r{row['ranks']}"
         if case is cases[0]:
             print(f"pass {i + 1} of {args.repeats}", flush=True)
-        if spec is None or key in failed:
+        if spec is None or key(row) in failed:
             return None
         try:
-            return bench.run(spec, WORK / key, args.steps, args.warmup, quiet=True)
+            return bench.run(spec, WORK / key(row), args.steps, args.warmup, quiet=True)
         except bench.BenchFailed as e:
-            failed[key] = str(e).splitlines()[0]
+            failed[key(row)] = str(e).splitlines()[0]
             return None
 
     rows = []
     for (row, spec), reports in zip(cases, bench.launch_in_passes(cases, args.repeats, launch)):
-        key = f"{row['spec']}_r{row['ranks']}"
-        rows.append(row if spec is None else {**row, "failed": failed[key]} if key in failed
+        rows.append(row if spec is None else {**row, "failed": failed[key(row)]} if key(row) in failed
                     else finish_row(row, reports))
         r = rows[-1]
         state = r.get("skipped") or r.get("failed") or f"step ratio {r['ratios']['step_time_s']:.2f}, " \

@@ -192,7 +192,7 @@ class AttentionFit:
 def fit_attention(sdpa: list[dict], peak: dict[str, float], primary: str) -> AttentionFit:
     whole = {r["dtype"]: r for r in sdpa if not r.get("causal")}
     causal = {r["dtype"]: r for r in sdpa if r.get("causal")}
-    ratio = causal[primary]["seconds"] / whole[primary]["seconds"] if primary in causal else 1.0
+    ratio = causal[primary]["seconds"] / whole[primary]["seconds"]
     return AttentionFit(efficiency={d: r["flops"] / r["seconds"] / peak[d] for d, r in whole.items()},
                         causal_block=causal_block(ratio, whole[primary]["shape"][2]), causal_ratio=ratio)
 

@@ -143,14 +143,12 @@ def group_attention_flops(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> f
     return shape.tokens(g.role) * sp_share(g.role, mesh) * g.attn_flops_per_token_per_seq * shape.context(g.role)
 
 
-def group_forward_s(g: Group, shape: TrainShape, mesh: Mesh, hw: HardwareProfile) -> tuple[float, float]:
-    """Forward compute time of one member, (matmuls, attention): matmuls at the matmul rate, attention at its own,
-    where a causal kernel (the foundation's, unless documents are packed) skips the blocks above the diagonal."""
-    attention = group_attention_flops(g, shape, mesh)
+def attention_s(g: Group, flops: float, shape: TrainShape, hw: HardwareProfile) -> float:
+    """Time of a group's attention-score FLOPs (counted whole) at the attention rate, where a causal kernel (the
+    foundation's, unless documents are packed) skips the blocks above the diagonal."""
     causal = g.role == "foundation" and not shape.packed_documents
     share = hw.causal_share(shape.context(g.role)) if causal else 1.0
-    return ((group_forward_flops(g, shape, mesh) - attention) / hw.achieved_flops(shape.precision),
-            attention * share / hw.attention_flops(shape.precision))
+    return flops * share / hw.attention_flops(shape.precision)
 
 
 def root_forward_flops(graph: ModelGraph, shape: TrainShape, mesh: Mesh = Mesh()) -> float:
@@ -262,9 +260,11 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     compute_bytes = BYTES[shape.precision]
     to_compute = compute_bytes / 4  # parameters are fp32 masters; collectives and activations use the compute dtype
     forward = group_forward_flops(g, shape, mesh) * g.count
-    matmul_s, attention_s = (t * g.count for t in group_forward_s(g, shape, mesh, hw))
-    matmul = forward - group_attention_flops(g, shape, mesh) * g.count
-    recompute, recompute_s = {"none": (0.0, 0.0), "full": (forward, matmul_s + attention_s),
+    attention = group_attention_flops(g, shape, mesh) * g.count
+    matmul = forward - attention
+    matmul_s = matmul / hw.achieved_flops(shape.precision)
+    forward_s = matmul_s + attention_s(g, attention, shape, hw)
+    recompute, recompute_s = {"none": (0.0, 0.0), "full": (forward, forward_s),
                               "selective": (SELECTIVE_RECOMPUTE * matmul, SELECTIVE_RECOMPUTE * matmul_s)
                               }[choice.activation_checkpointing]
     recomputes = choice.activation_checkpointing != "none"
@@ -321,7 +321,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     if backward_factor(g, choice) == 0:
         activations = per_layer  # no backward through it: nothing is kept beyond the running layer
     return GroupCost(
-        forward_flops=forward, recompute_flops=recompute, forward_s=matmul_s + attention_s, recompute_s=recompute_s,
+        forward_flops=forward, recompute_flops=recompute, forward_s=forward_s, recompute_s=recompute_s,
         backward_factor=backward_factor(g, choice),
         layer_calls=g.count * forwards,
         local_expert_calls=moe_layers(graph, g) * forwards * g.experts // mesh.ep if mesh.ep > 1 else 0,

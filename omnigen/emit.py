@@ -33,13 +33,12 @@ class Paths:
 
 
 def _template_dir() -> str:
-    try:
-        d = resources.files("omnigen.templates")
-        if d.joinpath("train.py.j2").is_file():
-            return str(d)
-    except ModuleNotFoundError:
-        pass
-    return str(Path(__file__).resolve().parent.parent / "templates")  # running from a source checkout
+    # A source checkout's own templates first: an editable install elsewhere (or a second git worktree on
+    # PYTHONPATH) must never render another tree's templates.
+    checkout = Path(__file__).resolve().parent.parent / "templates"
+    if (checkout / "train.py.j2").is_file():
+        return str(checkout)
+    return str(resources.files("omnigen.templates"))
 
 
 def environment() -> jinja2.Environment:

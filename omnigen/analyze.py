@@ -43,7 +43,11 @@ def analyze(spec: Spec) -> ModelGraph:
     # The generated script builds fp32 master weights whatever the checkpoint's dtype (bf16 for most
     # published configs), so analyse that build: param_bytes are what training holds.
     config.dtype = torch.float32
-    return analyze_model(hf.build_meta_model(cls, config), config, cls.__name__)
+    model = hf.build_meta_model(cls, config)
+    hf.check_produces_logits(model, spec)
+    if spec.model.weights is not None:
+        hf.check_weights(model, spec)
+    return analyze_model(model, config, cls.__name__)
 
 
 def analyze_model(model: nn.Module, config, class_name: str) -> ModelGraph:

@@ -105,7 +105,7 @@ def compile_cmd(spec_path, sets, out_dir, check):
 @SPEC
 @SETS
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default generated/<name>/).")
-@click.option("--steps", type=int, help="Override the number of steps.")
+@click.option("--steps", type=click.IntRange(min=1), help="Override the number of steps.")
 @user_errors
 def run(spec_path, sets, out_dir, steps):
     """Compile, launch the script with torchrun on the spec's ranks, and stream its metrics."""
@@ -116,7 +116,7 @@ def run(spec_path, sets, out_dir, steps):
 @main.command()
 @SPEC
 @SETS
-@click.option("--steps", type=int, help="Steps to compare (default: the spec's).")
+@click.option("--steps", type=click.IntRange(min=1), help="Steps to compare (default: the spec's).")
 @click.option("--rtol", type=float, help="Relative loss tolerance (default 1e-5 for fp32, 2e-2 for bf16).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the runs here (default: a temporary folder).")
 @user_errors

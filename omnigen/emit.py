@@ -104,9 +104,9 @@ def diff(files: dict[str, str], out_dir: Path) -> str:
 
 def write(files: dict[str, str], out_dir: Path) -> None:
     """Write every file through a temporary sibling and rename: never a half-written output folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     staged = []
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         for name, text in sorted(files.items()):
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
             with os.fdopen(fd, "w") as f:
@@ -115,6 +115,8 @@ def write(files: dict[str, str], out_dir: Path) -> None:
             staged.append((tmp, out_dir / name))
         for tmp, final in staged:
             os.replace(tmp, final)
+    except OSError as e:  # a file in the way, a read-only folder, a full disk: the user's to fix
+        raise OmnigenError(f"cannot write the output folder {out_dir}: {e.strerror or e}") from None
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):

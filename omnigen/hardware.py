@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -127,12 +128,30 @@ def _read_builtin(name: str, spec: Spec) -> dict[str, Any]:
 
 
 def _read_profile(ref: str, spec: Spec) -> dict[str, Any]:
-    if ref.endswith((".yaml", ".yml")):
-        path = spec.resolve(ref)
-        if not path.is_file():
-            raise SpecError(f"{spec.source}: key 'cluster.hardware': profile file {path} not found")
-        return yaml.safe_load(Path(path).read_text())
-    return _read_builtin(ref, spec)
+    if not ref.endswith((".yaml", ".yml")):
+        return _read_builtin(ref, spec)
+    path = spec.resolve(ref)
+    if not path.is_file():
+        raise SpecError(f"{spec.source}: key 'cluster.hardware': profile file {path} not found")
+    try:
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SpecError(f"{spec.source}: key 'cluster.hardware': {path} is not a readable YAML profile: "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{spec.source}: key 'cluster.hardware': {path} must hold a mapping of profile fields "
+                        f"({', '.join(sorted(HardwareProfile.__dataclass_fields__))})")
+    return data
+
+
+def _check_numbers(value: Any, key: str, where: str) -> None:
+    """Every figure of a profile is a finite, non-negative number (nested in links and per-precision maps)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(v, f"{key}.{k}", where)
+    elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value) or value < 0):
+        raise SpecError(f"{where}: '{key}' must be a finite, non-negative number, got {value!r}")
 
 
 def load_profile(spec: Spec) -> HardwareProfile:
@@ -149,6 +168,9 @@ def load_profile(spec: Spec) -> HardwareProfile:
             raise SpecError(f"{spec.source}: unknown key 'cluster.hardware.{key}'; "
                             f"allowed: profile, {', '.join(sorted(allowed))}")
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
+    for key, value in data.items():
+        if key not in ("name", "source"):
+            _check_numbers(value, f"cluster.hardware.{key}", f"{spec.source}: profile {hw!r}")
     try:
         links = {k: Link(**data[k]) for k in ("intra_node", "inter_node", *COLLECTIVES) if data.get(k) is not None}
         return HardwareProfile(**{**data, **links})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
@@ -17,21 +18,48 @@ def load_config(spec: Spec) -> transformers.PretrainedConfig:
     path = spec.config_path()
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{spec.source}: key 'model.config': {path} is not valid JSON: {e}") from None
-    for key, value in spec.model.overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise SpecError(f"{spec.source}: key 'model.overrides.{key}': '{part}' is not a section of {path.name}")
-            node = node[part]
-        node[leaf] = value
+    if not isinstance(raw, dict):
+        raise SpecError(f"{spec.source}: key 'model.config': {path} holds a JSON {type(raw).__name__}, "
+                        "not a config object ({\"model_type\": ..., ...})")
     model_type = raw.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise SpecError(f"{spec.source}: key 'model.config': {path} has model_type={model_type!r}, "
                         "which this transformers version does not know")
-    return transformers.CONFIG_MAPPING[model_type].from_dict(raw)
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    base = _config_from_dict(config_class, raw, f"{spec.source}: key 'model.config': {path}")
+    for key, value in spec.model.overrides.items():
+        _apply_override(raw, base, key, value, f"{spec.source}: key 'model.overrides.{key}'", path.name)
+    if not spec.model.overrides:
+        return base
+    return _config_from_dict(config_class, raw, f"{spec.source}: key 'model.overrides'")
+
+
+def _config_from_dict(config_class: type, raw: dict[str, Any], where: str) -> transformers.PretrainedConfig:
+    try:
+        return config_class.from_dict(raw)
+    except Exception as e:  # transformers validates configs (heads dividing hidden, ...): the user's to fix
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise SpecError(f"{where}: transformers rejects this {config_class.__name__}: {reason}") from None
+
+
+def _apply_override(raw: dict[str, Any], config: Any, key: str, value: Any, where: str, file_name: str) -> None:
+    """Set raw[key] (dotted), refusing keys the config class does not have: a typo would become a new, unused
+    attribute and the model would silently keep its default."""
+    node, attrs = raw, config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        attrs = getattr(attrs, part, None)
+        if not isinstance(node.setdefault(part, {}), dict) or not isinstance(attrs, transformers.PretrainedConfig):
+            raise SpecError(f"{where}: '{part}' is not a sub-config of {file_name}")
+        node = node[part]
+    known = set(attrs.to_dict()) | set(getattr(type(attrs), "__dataclass_fields__", {}))
+    if leaf not in known:
+        close = difflib.get_close_matches(leaf, sorted(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise SpecError(f"{where}: {type(attrs).__name__} has no attribute '{leaf}'{hint}")
+    node[leaf] = value
 
 
 def model_class_name(spec: Spec, config: transformers.PretrainedConfig) -> str:
@@ -47,7 +75,6 @@ def model_class(spec: Spec, config: transformers.PretrainedConfig) -> type:
     name = model_class_name(spec, config)
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        import difflib
         known = [n for n in dir(transformers) if n.endswith(("ForCausalLM", "ForConditionalGeneration"))]
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -67,3 +94,37 @@ def build_meta_model(cls: type, config: transformers.PretrainedConfig) -> torch.
 def config_to_dict(config: transformers.PretrainedConfig) -> dict[str, Any]:
     """The config as written into generated/<name>/config.json (sorted, only non-default keys, stable bytes)."""
     return json.loads(config.to_json_string(use_diff=True))
+
+
+def check_produces_logits(model: torch.nn.Module, spec: Spec) -> None:
+    """The script trains on `model(**batch).logits`: a bare backbone (LlamaModel) has no output head."""
+    if model.get_output_embeddings() is None:
+        name = type(model).__name__
+        raise SpecError(f"{spec.source}: key 'model.class': {name} has no language-model head, so it produces "
+                        "hidden states, not logits; name the class with the head (e.g. its ...ForCausalLM or "
+                        "...ForConditionalGeneration)")
+
+
+def check_weights(model: torch.nn.Module, spec: Spec) -> None:
+    """Every *.safetensors file readable, and together exactly the model's parameters by name and shape, as the
+    script's load_safetensors requires (rotary buffers may be absent): found now, not when every rank starts."""
+    from safetensors import safe_open
+
+    folder = spec.resolve(spec.model.weights)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:
+            raise SpecError(f"{spec.source}: key 'model.weights': {file} is not a readable safetensors file: "
+                            f"{type(e).__name__}: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"{k} has shape {list(shapes[k])}, the model {list(expected[k])}"
+                for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+    problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
+    problems += [f"missing {k}" for k in sorted(set(expected) - set(shapes)) if "rotary" not in k]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise SpecError(f"{spec.source}: key 'model.weights': the tensors in {folder} do not match "
+                        f"{type(model).__name__}: {'; '.join(problems[:5])}{more}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import emit
 from .analyze import analyze
+from .data import check_jsonl
 from .hardware import HardwareProfile, load_profile
 from .hf import config_to_dict, load_config
 from .inputs import input_recipe
@@ -28,6 +29,8 @@ class Compiled:
 def plan(spec: Spec) -> Compiled:
     graph = analyze(spec)
     config = load_config(spec)
+    if spec.train.data != "synthetic":
+        check_jsonl(spec.resolve(spec.train.data), config.get_text_config().vocab_size, spec.source)
     hw = load_profile(spec)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
     inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every)

@@ -9,18 +9,23 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 
 Auto = Literal["auto"]
+# Finite floats only: `lr: .inf` or `.nan` would train nothing and say nothing.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+MAX_NAME_LENGTH = 100
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: `micro_batch_size: true` or `seq_len: "128"` are refused, not coerced to 1 and 128.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class ModelSpec(_Strict):
@@ -29,7 +34,7 @@ class ModelSpec(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
     # Modules kept frozen (no gradients, no optimizer state): dotted module-path prefixes.
-    freeze: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = Field((), strict=False)  # a YAML list
 
 
 class ClusterSpec(_Strict):
@@ -54,10 +59,10 @@ class TrainSpec(_Strict):
     micro_batch_size: PositiveInt = 1
     global_batch_size: PositiveInt = 2
     steps: PositiveInt = 4
-    lr: PositiveFloat = 1.0e-3
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, ge=0.0)  # max global grad norm; 0 disables clipping
-    seed: int = 0
+    lr: FiniteFloat = Field(1.0e-3, gt=0.0)
+    weight_decay: FiniteFloat = Field(0.0, ge=0.0)
+    grad_clip: FiniteFloat = Field(1.0, ge=0.0)  # max global grad norm; 0 disables clipping
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     data: str = "synthetic"  # or a path to a .jsonl file of {"input_ids": [...]} rows
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
@@ -72,7 +77,7 @@ class ParallelSpec(_Strict):
     activation_checkpointing: Literal["auto", "none", "full", "selective"] = "auto"
     # Share of device memory no plan may use: the caching allocator's fragmentation and what the memory model
     # leaves out. A plan predicted at 99% of the device would not survive its first long batch.
-    memory_headroom: float = Field(0.05, ge=0.0, lt=1.0)
+    memory_headroom: FiniteFloat = Field(0.05, ge=0.0, lt=1.0)
 
 
 class Spec(_Strict):
@@ -85,11 +90,22 @@ class Spec(_Strict):
     source: str = Field("<memory>", exclude=True)
     base_dir: str = Field(".", exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _parallel_auto(cls, raw: Any) -> Any:
+        """`parallel: auto` is every parallel key left to the planner."""
+        if isinstance(raw, dict) and raw.get("parallel") == "auto":
+            return {**raw, "parallel": {}}
+        return raw
+
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError("must be a folder name: letters, digits, '-', '_' or '.'")
+        # The output goes to generated/<name>/: '.', '..', separators or a hidden name would land elsewhere.
+        if (not v or len(v) > MAX_NAME_LENGTH or v.startswith(".")
+                or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in v)):
+            raise ValueError(f"must be a plain folder name of at most {MAX_NAME_LENGTH} characters: ASCII letters, "
+                             "digits, '-', '_' or '.', not starting with '.'")
         return v
 
     def resolve(self, path: str) -> Path:
@@ -110,7 +126,9 @@ def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}): a spec is a UTF-8 YAML file") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -129,6 +147,20 @@ def spec_from_dict(raw: dict[str, Any], source: str = "<memory>", base_dir: str 
     return spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _apply_set(raw: dict[str, Any], item: str, path: Path) -> None:
     """`--set train.seq_len=256`: the value is parsed as YAML (numbers, lists, null, auto stay typed)."""
     key, sep, value = item.partition("=")
@@ -141,7 +173,11 @@ def _apply_set(raw: dict[str, Any], item: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise SpecError(f"{path}: --set {item!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: --set {item!r}: the value is not a YAML scalar or list: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def _fields(model: type[BaseModel]) -> list[str]:

@@ -1,0 +1,56 @@
+"""Training data checked at compile time: a run never starts on rows it cannot read.
+
+A jsonl file holds one {"input_ids": [...]} object per line. Every problem names the file and the line; the
+first few are reported together so one compile shows what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import SpecError
+
+MAX_REPORTED = 5
+
+
+def _row_problem(line: str, vocab_size: int) -> str | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(row, dict) or "input_ids" not in row:
+        return 'expected an object with an "input_ids" list'
+    ids = row["input_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return '"input_ids" must be a list of integer token ids'
+    if len(ids) < 2:  # one token predicts nothing: the loss would divide by zero labels
+        return f'"input_ids" has {len(ids)} token(s); a row needs at least 2 (a token and the one it predicts)'
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+    return None
+
+
+def check_jsonl(path: Path, vocab_size: int, source: str) -> None:
+    """Raise one SpecError listing the first problems (file:line: what), or for an empty file."""
+    where = f"{source}: key 'train.data'"
+    problems, rows = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                rows += 1
+                problem = _row_problem(line, vocab_size)
+                if problem:
+                    problems.append(f"{path}:{number}: {problem}")
+                    if len(problems) == MAX_REPORTED:
+                        break
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{where}: {path} is not UTF-8 text (byte {e.start})") from None
+    if problems:
+        raise SpecError(f"{where}: {len(problems)}{'+' if len(problems) == MAX_REPORTED else ''} bad row(s):\n  "
+                        + "\n  ".join(problems))
+    if rows == 0:
+        raise SpecError(f"{where}: {path} holds no rows")

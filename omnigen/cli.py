@@ -83,7 +83,7 @@ def plan(spec_path, sets, as_json, explain, svg_path):
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff if the files on disk differ.")
 @user_errors
 def compile_cmd(spec_path, sets, out_dir, check):
-    """Write train.py, launch.sh, plan.json and config.json."""
+    """Write train.py, launch.sh, sbatch.sh, plan.json and config.json."""
     from . import emit
     from .pipeline import default_out_dir, plan as run_plan, render
     spec = _load(spec_path, sets)

@@ -1,4 +1,4 @@
-"""Stage 3: render the Plan into generated/<name>/ (train.py, launch.sh, plan.json, config.json).
+"""Stage 3: render the Plan into generated/<name>/ (train.py, launch.sh, sbatch.sh, plan.json, config.json).
 
 The emitter decides nothing: templates read Plan fields. Output bytes are a pure function of the Plan
 and the model config. train.py is parsed with libcst before anything is written, so a template bug is
@@ -80,13 +80,14 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
     try:
         train_py = env.get_template("train.py.j2").render(**context)
         launch_sh = env.get_template("launch.sh.j2").render(**context)
+        sbatch_sh = env.get_template("sbatch.sh.j2").render(**context)
     except jinja2.TemplateError as e:
         raise OmnigenError(f"internal error: a template failed to render for {plan.name}: {e}") from None
     try:
         libcst.parse_module(train_py)
     except libcst.ParserSyntaxError as e:
         raise OmnigenError(f"internal error: the train.py template rendered invalid Python for {plan.name}: {e}") from None
-    return {"train.py": train_py, "launch.sh": launch_sh, "plan.json": canonical_json(plan.to_dict()),
+    return {"train.py": train_py, "launch.sh": launch_sh, "sbatch.sh": sbatch_sh, "plan.json": canonical_json(plan.to_dict()),
             "config.json": canonical_json(config)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import sys
@@ -80,25 +81,123 @@ def plan(spec_path, sets, as_json, explain, svg_path):
 @SPEC
 @SETS
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default generated/<name>/).")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff if the files on disk differ.")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 with a diff if the files on disk are not what "
+                                            "compiling (with your edits merged in) would leave.")
+@click.option("--ours", multiple=True, metavar="UNIT", help="On a conflict keep your version of UNIT (a function, "
+                                                            "class or constant name; 'all' for every conflict).")
+@click.option("--theirs", multiple=True, metavar="UNIT", help="On a conflict take omnigen's version of UNIT ('all').")
 @user_errors
-def compile_cmd(spec_path, sets, out_dir, check):
-    """Write train.py, launch.sh, sbatch.sh, plan.json and config.json."""
+def compile_cmd(spec_path, sets, out_dir, check, ours, theirs):
+    """Write train.py, launch.sh, sbatch.sh, plan.json and config.json, keeping your edits to them: each top-level
+    function, class or constant you changed stays yours unless omnigen changed it too (a conflict: nothing is
+    written until --ours / --theirs decides)."""
     from . import emit
     from .pipeline import default_out_dir, plan as run_plan, render
     spec = _load(spec_path, sets)
     out = Path(out_dir) if out_dir else default_out_dir(spec)
-    files = render(run_plan(spec), out)
+    compiled = run_plan(spec)
+    files = render(compiled, out)
+    resolutions = {**{unit: "ours" for unit in ours}, **{unit: "theirs" for unit in theirs}}
     if check:
-        changes = emit.diff(files, out)
-        if changes:
-            click.echo(changes, nl=False)
-            click.echo(f"omnigen: {out} is out of date with {spec_path}; run `omnigen compile {spec_path}`", err=True)
-            sys.exit(1)
-        click.echo(f"{out}: up to date")
-        return
-    emit.write(files, out)
+        sys.exit(_check(emit.merged(files, out, resolutions), out, spec_path, compiled))
+    result = emit.update(files, out, resolutions)
     click.echo(f"wrote {out}/ ({', '.join(sorted(files))})")
+    for unit in result.kept:
+        click.echo(f"  kept your edit: {unit}")
+
+
+@main.command(name="check")
+@click.argument("paths", metavar="SPEC_OR_FOLDER...", nargs=-1, required=True, type=click.Path(exists=True))
+@user_errors
+def check_cmd(paths):
+    """For CI and pre-commit: `compile --check` every spec given (a folder means each *.yaml in it), printing the plan
+    changes in words and the code diff of each stale one; exit 1 if any is stale or conflicts with your edits."""
+    from . import emit
+    from .pipeline import default_out_dir, plan as run_plan, render
+    specs = [p for path in map(Path, paths) for p in (sorted(path.glob("*.yaml")) if path.is_dir() else [path])]
+    stale = []
+    for spec_path in specs:
+        spec = _load(spec_path, ())
+        out = default_out_dir(spec)
+        compiled = run_plan(spec)
+        if _check(emit.merged(render(compiled, out), out), out, str(spec_path), compiled):
+            stale.append(str(spec_path))
+    click.echo(f"{len(specs) - len(stale)} of {len(specs)} spec(s) up to date"
+               + (f"; stale: {', '.join(stale)}" if stale else ""))
+    sys.exit(1 if stale else 0)
+
+
+def _check(merged, out: Path, spec_path: str, compiled) -> int:
+    from . import emit
+    if merged.conflicts:
+        click.echo(emit.MergeConflict(out, merged.conflicts), err=True)
+        return 1
+    changes = emit.diff(merged.files, out)
+    if changes:
+        click.echo(_plan_changes(emit.read_folder(out, ["plan.json"]).get("plan.json"), compiled))
+        click.echo(changes, nl=False)
+        click.echo(f"omnigen: {out} is out of date with {spec_path}; run `omnigen compile {spec_path}`", err=True)
+        return 1
+    click.echo(f"{out}: up to date" + (f" ({len(merged.kept)} edit(s) of yours kept)" if merged.kept else ""))
+    return 0
+
+
+def _plan_changes(old_json: str | None, compiled) -> str:
+    from .emit import canonical_json
+    from .plan import price_layout
+    from .plan_diff import plan_changes
+    if old_json is None:
+        return "plan: new (nothing to compare with)"
+    old = json.loads(old_json)
+    now = price_layout(compiled.spec, compiled.graph, compiled.hardware, compiled.plan.inputs, old["mesh"],
+                       old["groups"])
+    lines = plan_changes(old, json.loads(canonical_json(compiled.plan.to_dict())), now)
+    return "plan changes:\n" + "".join(f"  {line}\n" for line in lines) if lines else "plan: unchanged"
+
+
+@main.command(name="diff")
+@SPEC
+@SETS
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default generated/<name>/).")
+@click.option("--against", "ref", metavar="REF", help="Compare with the files committed at this git ref instead of "
+                                                      "the ones on disk.")
+@user_errors
+def diff_cmd(spec_path, sets, out_dir, ref):
+    """What recompiling would change: the plan's changes in words (inputs, mesh and why, each group's decisions,
+    the prediction), then the code diff. Writes nothing."""
+    from . import emit
+    from .pipeline import default_out_dir, plan as run_plan, render
+    spec = _load(spec_path, sets)
+    out = Path(out_dir) if out_dir else default_out_dir(spec)
+    compiled = run_plan(spec)
+    files = render(compiled, out)
+    if ref:
+        old = {name: _git_show(out, ref, name) for name in files}
+        old = {name: text for name, text in old.items() if text is not None}
+        new = files
+    else:
+        old, new = emit.read_folder(out, files), emit.merged(files, out).files or files
+    click.echo(_plan_changes(old.get("plan.json"), compiled))
+    for name in sorted(new):
+        if name != "plan.json" and old.get(name) != new[name]:  # the plan's changes are told in words above
+            click.echo("".join(difflib.unified_diff((old.get(name) or "").splitlines(True), new[name].splitlines(True),
+                                                    f"{out / name} ({ref or 'on disk'})", f"{out / name} (omnigen)")),
+                       nl=False)
+
+
+def _git_show(folder: Path, ref: str, name: str) -> str | None:
+    """A file of `folder` as committed at `ref`; None when it did not exist there."""
+    import subprocess
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder if folder.is_dir() else None,
+                         capture_output=True, text=True)
+    if top.returncode != 0:
+        raise OmnigenError(f"--against {ref}: {folder} is not inside a git repository")
+    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=top.stdout.strip(),
+                      capture_output=True).returncode != 0:
+        raise OmnigenError(f"--against {ref}: not a commit of {top.stdout.strip()}")
+    path = (folder.resolve() / name).relative_to(top.stdout.strip())
+    shown = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=top.stdout.strip(), capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
 
 
 @main.command()

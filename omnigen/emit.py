@@ -21,6 +21,7 @@ import jinja2
 import libcst
 
 from .errors import OmnigenError
+from .merge import Conflict, Merged, merge
 from .model_graph import router_aux_loss
 from .plan import Plan
 
@@ -91,6 +92,22 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
             "config.json": canonical_json(config)}
 
 
+LAST_EMITTED = ".omnigen"  # <out>/.omnigen/ keeps what omnigen last wrote: the base of the three-way merge
+
+
+def read_folder(out_dir: Path, names) -> dict[str, str]:
+    return {name: (out_dir / name).read_text() for name in names if (out_dir / name).is_file()}
+
+
+def merged(files: dict[str, str], out_dir: Path, resolutions: dict[str, str] | None = None) -> Merged:
+    """What writing `files` into out_dir gives once the user's edits there are merged in (omnigen/merge.py)."""
+    base = read_folder(out_dir / LAST_EMITTED, files)
+    try:
+        return merge(base, read_folder(out_dir, files), files, resolutions)
+    except libcst.ParserSyntaxError as e:
+        raise OmnigenError(f"{out_dir}: an edited file is not valid Python, so edits cannot be merged: {e}") from None
+
+
 def diff(files: dict[str, str], out_dir: Path) -> str:
     """Unified diff between what is on disk and what would be written ('' when identical)."""
     chunks = []
@@ -103,13 +120,35 @@ def diff(files: dict[str, str], out_dir: Path) -> str:
     return "\n".join(chunks)
 
 
+class MergeConflict(OmnigenError):
+    """Units both the user and omnigen changed: nothing is written until --ours / --theirs settles them."""
+
+    def __init__(self, out_dir: Path, conflicts: list[Conflict]):
+        names = ", ".join(f"{c.file}: {c.key}" for c in conflicts)
+        shown = "".join(c.describe() for c in conflicts)
+        super().__init__(f"{out_dir}: you and omnigen both changed {names}; nothing was written.\n{shown}"
+                         "Keep yours with --ours UNIT, take omnigen's with --theirs UNIT (UNIT 'all' for every one)")
+        self.conflicts = conflicts
+
+
+def update(files: dict[str, str], out_dir: Path, resolutions: dict[str, str] | None = None) -> Merged:
+    """Write `files` into out_dir, keeping the user's edits (raises MergeConflict, writing nothing, when both sides
+    changed a unit), and record them as the new base."""
+    result = merged(files, out_dir, resolutions)
+    if result.conflicts:
+        raise MergeConflict(out_dir, result.conflicts)
+    write({**result.files, **{f"{LAST_EMITTED}/{name}": text for name, text in files.items()}}, out_dir)
+    return result
+
+
 def write(files: dict[str, str], out_dir: Path) -> None:
     """Write every file through a temporary sibling and rename: never a half-written output folder."""
     staged = []
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name, text in sorted(files.items()):
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
+            folder = (out_dir / name).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{Path(name).name}.")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.chmod(tmp, 0o755 if name.endswith(".sh") else 0o644)

@@ -431,6 +431,28 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
             "all_to_all_bytes_max_per_step": sum(g.ep_all_to_all_bytes_max_per_step for g in groups)}
 
 
+def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any], mesh: dict[str, int],
+                 groups: list[dict[str, Any]]) -> str:
+    """An earlier plan's layout (plan.json's mesh and groups) priced under today's inputs, in words: why the planner
+    would not keep it, or what it would cost."""
+    m = Mesh(**mesh)
+    if m.world_size != spec.cluster.world_size:
+        return f"does not span the world ({m.world_size} ranks; the cluster now has {spec.cluster.world_size})"
+    if {g["name"] for g in groups} != {g.name for g in graph.groups}:
+        return "names block groups this model does not have"
+    choices = {g["name"]: GroupChoice(reshard_after_forward=g["reshard_after_forward"], frozen=g["frozen"],
+                                      activation_checkpointing=g["activation_checkpointing"],
+                                      replicate=g["replicate"]) for g in groups}
+    try:
+        shape = train_shape(spec, m, inputs)
+    except PlanError as e:
+        return f"is invalid now: {e}"
+    e = estimate(graph, m, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)
+    if e.peak_memory_bytes > usable_memory_bytes(spec, hw):
+        return f"does not fit now: needs {e.peak_memory_bytes / GIB:.3g} GiB per device, {memory_limit(spec, hw)}"
+    return f"would now take {e.step_time_s:.4g} s/step and {e.peak_memory_bytes / GIB:.3g} GiB"
+
+
 def format_explain(plan: Plan, alternatives: bool = True) -> str:
     p = plan.predicted
     lines = [f"chosen: mesh {plan.mesh}  step {p['step_time_s']:.4g} s  "

@@ -30,7 +30,7 @@ PARAM_ATOL_PER_LR = {"fp32": 0.05, "bf16": 0.5}
 def compile_to(spec: Spec, out_dir: Path) -> Plan:
     """Write the generated files; returns the Plan they render."""
     compiled = make_compiled(spec)
-    emit.write(render(compiled, out_dir), out_dir)
+    emit.update(render(compiled, out_dir), out_dir)  # a hand-edited script keeps its edits
     return compiled.plan
 
 

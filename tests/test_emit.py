@@ -37,10 +37,10 @@ def test_output_is_deterministic_and_standalone(tmp_path):
 def test_check_reports_a_diff_and_writes_nothing(tmp_path):
     spec_path = ROOT / "specs" / "llama_tiny.yaml"
     CliRunner().invoke(main, ["compile", str(spec_path), "-o", str(tmp_path)])
-    (tmp_path / "train.py").write_text((tmp_path / "train.py").read_text().replace("STEPS = 4", "STEPS = 5"))
     before = (tmp_path / "train.py").read_text()
-    result = CliRunner().invoke(main, ["compile", str(spec_path), "-o", str(tmp_path), "--check"])
-    assert result.exit_code == 1 and "-STEPS = 5" in result.output and "+STEPS = 4" in result.output
+    result = CliRunner().invoke(main, ["compile", str(spec_path), "-o", str(tmp_path), "--check",
+                                       "--set", "train.steps=5"])
+    assert result.exit_code == 1 and "-STEPS = 4" in result.output and "+STEPS = 5" in result.output
     assert (tmp_path / "train.py").read_text() == before
 
 

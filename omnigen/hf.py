@@ -31,7 +31,23 @@ def load_config(spec: Spec) -> transformers.PretrainedConfig:
     if model_type not in transformers.CONFIG_MAPPING:
         raise SpecError(f"{spec.source}: key 'model.config': {path} has model_type={model_type!r}, "
                         "which this transformers version does not know")
-    return transformers.CONFIG_MAPPING[model_type].from_dict(raw)
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(_decode_floats(raw))
+    except Exception as e:  # the config class validates its fields: a bad value is the user's to fix
+        raise SpecError(f"{spec.source}: key 'model.config': {path} is not a valid {model_type} config: "
+                        f"{type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def _decode_floats(node: Any) -> Any:
+    """transformers writes non-finite floats as {"__float__": "Infinity"} (JSON has no inf) but does not read them
+    back: decode them, so a config it saved loads again."""
+    if isinstance(node, dict):
+        if node.keys() == {"__float__"} and isinstance(node["__float__"], str):
+            return float(node["__float__"])
+        return {k: _decode_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode_floats(v) for v in node]
+    return node
 
 
 def model_class_name(spec: Spec, config: transformers.PretrainedConfig) -> str:

@@ -96,8 +96,16 @@ class _Analyzer:
             members = list(mod.named_children())
             if len({type(m) for _, m in members}) != 1:
                 continue
-            if all(any(F.is_attention(x) for x in m.modules()) for _, m in members):
+            attends = [any(F.is_attention(x) for x in m.modules()) for _, m in members]
+            if all(attends):
                 groups[path] = [(f"{path}.{n}", m) for n, m in members]
+            elif any(attends):
+                name, layer = members[attends.index(False)]
+                raise SpecError(f"{self.class_name}: the repeated layers at '{path}' ({type(layer).__name__}) are a "
+                                f"hybrid stack: {attends.count(True)} of {len(members)} attend through transformers' "
+                                f"attention interface, the others (e.g. '{path}.{name}') mix tokens another way "
+                                "(linear attention, a state-space or recurrent mixer); omnigen cannot price or "
+                                "parallelise those layers")
             else:
                 self._refuse_foreign_attention(path, members[0])
         if not groups:

@@ -1,12 +1,18 @@
 """Stage 1: Spec -> ModelGraph. Walks the module tree of a meta-device build (no fx, no export: both fail
 on these models) and describes every block: role, kind, parameters, FLOPs and activation bytes per token.
 
-How the tree is read:
-- Repeated layers are the elements of an nn.ModuleList of same-class modules that contain attention
-  (decoder layers, vision blocks, audio encoder layers). Each list is a Group named by its module path.
+How the tree is read (what a module *is* comes from transformers, see the predicates in omnigen/flops.py):
+- Repeated layers are the elements of an nn.ModuleList of same-class modules that each contain an attention: a module
+  whose forward calls transformers' attention interface (decoder layers, vision blocks, audio encoder layers). Each
+  list is a Group named by its module path. A list whose layers attend some other way (a hand-written attention, or
+  linear-attention / state-space layers between interface ones) is refused by name, never priced as something else.
+- Routed experts are modules on transformers' experts interface (use_experts_implementation), or stacked over a
+  declared num_experts; each MoE block records whether the generated EP dispatch can serve them (flops.ep_refusal).
 - The language model ("foundation") is the module holding the input embeddings next to its layer list;
   lm_head / output embeddings are "head"; vision and audio towers are recognised by their module names
   (visual, vision_tower, audio_tower, ...), their mergers / projections by theirs ("projector").
+- A wrapper's own parameters (LLaVA-OneVision's image_newline: held directly by a module that contains towers or
+  the language model) get role "root": they join the root FSDP unit.
 - Everything else with parameters becomes one top-level block. A module that fits none of these is an
   architecture we do not know: SpecError names it instead of guessing.
 Every parameter belongs to exactly one top-level block or layer (tied weights to the first owner, as

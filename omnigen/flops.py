@@ -130,6 +130,8 @@ def ep_refusal(module: nn.Module) -> str:
     missing = [n for n in ("gate_up_proj", "down_proj") if not isinstance(getattr(module, n, None), nn.Parameter)]
     if missing:
         found.append(f"no fused {' / '.join(missing)} parameter")
+    if not isinstance(getattr(module, "num_experts", None), int):
+        found.append("no num_experts attribute")
     if found:
         return f"{cls} has {', '.join(found)}; the generated EP dispatch runs gated, bias-free [E, 2I, H] experts only"
     return ""

@@ -152,7 +152,15 @@ def valid_ep(ep: int, experts: int, mesh: Mesh) -> bool:
 
 def ep_refusal(graph: ModelGraph | None) -> str:
     """"<experts module>: <reason>" when the generated script's EP dispatch cannot serve the model's experts."""
-    return next((g.ep_refusal for g in graph.groups if g.experts and g.ep_refusal), "") if graph else ""
+    if graph is None:
+        return ""
+    moe = [b for b in graph.blocks if b.kind == "moe"]
+    if len({b.experts for b in moe}) > 1:  # the script splits every MoE layer into the same EXPERTS_PER_RANK
+        a = moe[0]
+        b = next(b for b in moe if b.experts != a.experts)
+        return (f"{b.experts_module}: {b.experts} experts where {a.experts_module} has {a.experts}; the generated EP "
+                "dispatch splits every MoE layer into the same number of experts per rank")
+    return next((g.ep_refusal for g in graph.groups if g.experts and g.ep_refusal), "")
 
 
 def with_expert_parallel(spec: Spec, graph: ModelGraph | None, meshes: list[Mesh], fixed_ep: int | None) -> list[Mesh]:

@@ -224,3 +224,19 @@ def test_an_invalid_config_value_is_a_spec_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(SpecError, match="is not a valid nemotron_h config"):
         hf.load_config(spec_from_dict({"name": "t", "model": {"config": str(tmp_path / "config.json")}}))
+
+
+def test_moe_layers_with_different_expert_counts_get_no_ep():
+    from omnigen.model_graph import Block, Group, ModelGraph
+    from omnigen.plan import ep_refusal
+
+    def moe(i, experts):
+        return Block(f"model.layers.{i}.mlp", "foundation", "moe", f"model.layers.{i}", "model.layers", 10, 40, 0.0,
+                     experts=experts, top_k=2, experts_module=f"model.layers.{i}.mlp.experts")
+
+    group = Group("model.layers", "model.layers.*", "foundation", "Layer", ("model.layers.0", "model.layers.1"),
+                  10, 40, 0.0, 0.0, 0.0, experts=8, top_k=2)
+    graph = ModelGraph("X", "x", (moe(0, 8), moe(1, 4)), (group,), 20, 80)
+    assert ep_refusal(graph).startswith("model.layers.1.mlp.experts: 4 experts where model.layers.0.mlp.experts has 8")
+    same = ModelGraph("X", "x", (moe(0, 8), moe(1, 8)), (group,), 20, 80)
+    assert ep_refusal(same) == ""

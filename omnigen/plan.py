@@ -444,7 +444,8 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
         return None
     moe = [b for b in graph.blocks if b.kind == "moe"]
     return {"degree": mesh.ep, "ep_fsdp": mesh.dp_shard * mesh.sp // mesh.ep,
-            "modules": [b.experts_module or f"{b.name}.experts" for b in moe], "num_experts": moe[0].experts, "top_k": moe[0].top_k,
+            "modules": [b.experts_module or f"{b.name}.experts" for b in moe],
+            "num_experts": moe[0].experts, "top_k": moe[0].top_k,
             "all_to_all_bytes_per_step": sum(g.ep_all_to_all_bytes_per_step for g in groups),
             "all_to_all_bytes_max_per_step": sum(g.ep_all_to_all_bytes_max_per_step for g in groups)}
 

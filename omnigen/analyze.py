@@ -1,12 +1,18 @@
 """Stage 1: Spec -> ModelGraph. Walks the module tree of a meta-device build (no fx, no export: both fail
 on these models) and describes every block: role, kind, parameters, FLOPs and activation bytes per token.
 
-How the tree is read:
-- Repeated layers are the elements of an nn.ModuleList of same-class modules that contain attention
-  (decoder layers, vision blocks, audio encoder layers). Each list is a Group named by its module path.
+How the tree is read (what a module *is* comes from transformers, see the predicates in omnigen/flops.py):
+- Repeated layers are the elements of an nn.ModuleList of same-class modules that each contain an attention: a module
+  whose forward calls transformers' attention interface (decoder layers, vision blocks, audio encoder layers). Each
+  list is a Group named by its module path. A list whose layers attend some other way (a hand-written attention, or
+  linear-attention / state-space layers between interface ones) is refused by name, never priced as something else.
+- Routed experts are modules on transformers' experts interface (use_experts_implementation), or stacked over a
+  declared num_experts; each MoE block records whether the generated EP dispatch can serve them (flops.ep_refusal).
 - The language model ("foundation") is the module holding the input embeddings next to its layer list;
   lm_head / output embeddings are "head"; vision and audio towers are recognised by their module names
   (visual, vision_tower, audio_tower, ...), their mergers / projections by theirs ("projector").
+- A wrapper's own parameters (LLaVA-OneVision's image_newline: held directly by a module that contains towers or
+  the language model) get role "root": they join the root FSDP unit.
 - Everything else with parameters becomes one top-level block. A module that fits none of these is an
   architecture we do not know: SpecError names it instead of guessing.
 Every parameter belongs to exactly one top-level block or layer (tied weights to the first owner, as
@@ -47,7 +53,12 @@ def analyze(spec: Spec) -> ModelGraph:
     hf.check_produces_logits(model, spec)
     if spec.model.weights is not None:
         hf.check_weights(model, spec)
-    return analyze_model(model, config, cls.__name__)
+    try:
+        return analyze_model(model, config, cls.__name__)
+    except SpecError:
+        raise
+    except Exception as e:  # transformers refusing a question about this model: a refusal, never a traceback
+        raise SpecError(f"{cls.__name__}: omnigen cannot analyze this model: {type(e).__name__}: {e}") from None
 
 
 def analyze_model(model: nn.Module, config, class_name: str) -> ModelGraph:
@@ -92,16 +103,44 @@ class _Analyzer:
             if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or any(_under(path, g) for g in groups):
                 continue
             members = list(mod.named_children())
-            if len({type(m) for _, m in members}) == 1 and all(any(F.is_attention(x) for x in m.modules())
-                                                               for _, m in members):
+            if len({type(m) for _, m in members}) != 1:
+                continue
+            attends = [any(F.is_attention(x) for x in m.modules()) for _, m in members]
+            if all(attends):
                 groups[path] = [(f"{path}.{n}", m) for n, m in members]
+            elif any(attends):
+                name, layer = members[attends.index(False)]
+                raise SpecError(f"{self.class_name}: the repeated layers at '{path}' ({type(layer).__name__}) are a "
+                                f"hybrid stack: {attends.count(True)} of {len(members)} attend through transformers' "
+                                f"attention interface, the others (e.g. '{path}.{name}') mix tokens another way "
+                                "(linear attention, a state-space or recurrent mixer); omnigen cannot price or "
+                                "parallelise those layers")
+            else:
+                self._refuse_foreign_attention(path, members[0])
         if not groups:
             raise SpecError(f"{self.class_name}: found no repeated transformer layers (an nn.ModuleList of "
                             "same-class modules containing attention); omnigen cannot plan this model")
         return groups
 
+    def _refuse_foreign_attention(self, path: str, member: tuple[str, nn.Module]) -> None:
+        """Repeated layers whose attention bypasses transformers' attention interface would be priced without their
+        attention and could not run under Ulysses: refuse them by name rather than plan them wrong. (The class name
+        only picks what to name in the refusal; it never makes a module count as attention.)"""
+        name, layer = member
+        for sub, m in layer.named_modules():
+            if "Attention" in type(m).__name__ and any(True for _ in m.parameters(recurse=False)) \
+                    and not any(F.is_attention(x) for x in m.modules()):
+                where = f"{path}.{name}.{sub}" if sub else f"{path}.{name}"
+                raise SpecError(f"{self.class_name}: the repeated layers at '{path}' ({type(layer).__name__}) attend "
+                                f"with {type(m).__name__} ('{where}'), whose forward does not call transformers' "
+                                "attention interface (ALL_ATTENTION_FUNCTIONS / eager_attention_forward); omnigen "
+                                "can neither count its attention nor run it under Ulysses")
+
     def _classify_group(self, path: str) -> _Tower:
-        embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        try:
+            embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        except NotImplementedError:
+            embed = None
         if embed is not None and _parent(self.path_of.get(id(embed), "?")) == _parent(path):
             return _Tower("foundation", _parent(path))
         tower = self._encoder_tower(path)
@@ -125,8 +164,8 @@ class _Analyzer:
                     return _Tower("encoder:audio", prefix)
         return None
 
-    def _top_role(self, path: str, module: nn.Module, towers: list[_Tower]) -> str:
-        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+    def _top_role(self, path: str, module: nn.Module, towers: list[_Tower], direct: bool = False) -> str:
+        out = self._output_embeddings()
         last = path.rpartition(".")[2]
         if out is not None and module is out:
             return "head"
@@ -138,11 +177,21 @@ class _Analyzer:
             return "projector"
         if any(t.role == "foundation" and _under(path, t.path) for t in towers):
             return "foundation"
+        if direct:
+            # A wrapper's own parameters (image_newline, learned queries, registers): the module holds towers or
+            # the language model, so it is no tower or head of its own; they join the root unit.
+            return "root"
         if HEAD.search(last):
             return "head"
         raise SpecError(f"{self.class_name}: cannot classify module '{path}' ({type(module).__name__}, "
                         f"{_numel(module):,} parameters): not inside a vision/audio tower or the language model, "
                         "and not named like a projector (merger, multi_modal_projector, proj) or a head (lm_head)")
+
+    def _output_embeddings(self):
+        try:
+            return self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        except NotImplementedError:  # some wrappers leave it unimplemented: then no module is the output embedding
+            return None
 
     # --- the walk ----------------------------------------------------------------------------------------
 
@@ -159,7 +208,7 @@ class _Analyzer:
         tops: list[tuple[str, nn.Module, bool]] = []   # (path, module, direct parameters only)
         self._collect(self.model, "", groups, containers, tops)
         tower_list = list(dict.fromkeys(towers.values()))
-        roles = {p: self._top_role(p, m, tower_list) for p, m, _ in tops if p not in groups}
+        roles = {p: self._top_role(p, m, tower_list, direct) for p, m, direct in tops if p not in groups}
         conv_positions = self._conv_positions(tops, roles, tower_list)
         group_objs = []
         for path, module, direct in tops:
@@ -262,7 +311,12 @@ class _Analyzer:
                      act_bytes_per_token=mean("act_bytes_per_token"), heads=first.heads, kv_heads=first.kv_heads,
                      head_dim=first.head_dim, hidden=first.hidden, experts=max(b.experts for b in layers),
                      top_k=max(b.top_k for b in layers), expert_params=round(experts / n),
-                     tensors=round(mean("tensors")))
+                     tensors=round(mean("tensors")), ep_refusal=self._group_ep_refusal(path, layers))
+
+    def _group_ep_refusal(self, path: str, layers: list[Block]) -> str:
+        moe = [b for b in self.blocks if b.kind == "moe" and b.group == path]
+        bad = next((b for b in moe if b.ep_refusal), None)
+        return f"{bad.experts_module}: {bad.ep_refusal}" if bad else ""
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
         attn_mod = next((m for m in layer.modules() if F.is_attention(m)), None)
@@ -286,7 +340,7 @@ class _Analyzer:
         return block
 
     def _moe_fields(self, moe: nn.Module, path: str) -> dict[str, int]:
-        experts = next(x for x in moe.children() if F.is_experts(x))
+        name, experts = next((n, x) for n, x in moe.named_children() if F.is_experts(x))
         count = getattr(experts, "num_experts", 0) or next(p for p in experts.parameters() if p.ndim == 3).shape[0]
         top_k = F.top_k_of(moe, getattr(self.text_config, "num_experts_per_tok", None))
         if not top_k:
@@ -294,7 +348,9 @@ class _Analyzer:
                             "(no router top_k and no num_experts_per_tok in the config)")
         shared = [n for n, c in moe.named_children() if "shared" in n and not isinstance(c, nn.Linear)]
         n_shared = (getattr(self.text_config, "n_shared_experts", None) or len(shared)) if shared else 0
-        return {"experts": count, "top_k": top_k, "shared_experts": n_shared}
+        where = f"{self.path_of[id(moe)]}.{name}"
+        return {"experts": count, "top_k": top_k, "shared_experts": n_shared, "experts_module": where,
+                "ep_refusal": F.ep_refusal(experts)}
 
     def _layer_part(self, path, child, layer: Block, attn: F.AttentionShape, moe_fields, shape) -> None:
         if not any(True for _ in child.parameters()):
@@ -334,8 +390,9 @@ class _Analyzer:
             raise SpecError(f"{self.class_name}: {total - owned:,} parameters belong to no block: {missing}")
         tower_paths = {t.role: t.path for t in towers}
         for path, role in roles.items():
-            tower_paths.setdefault(role, path)
-        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            if role != "root":
+                tower_paths.setdefault(role, path)
+        out = self._output_embeddings()
         vocab = getattr(out, "out_features", 0) or getattr(self.text_config, "vocab_size", 0) or 0
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,

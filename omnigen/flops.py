@@ -17,6 +17,8 @@ experts kernel) and `aten._scaled_dot_product_flash_attention_for_cpu` (+ backwa
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +29,37 @@ ACTIVATION_NAMES = ("Activation", "GELU", "SiLU", "ReLU", "Tanh", "Sigmoid", "Sw
 
 # --- module predicates ------------------------------------------------------------------------------------
 
+# What a module is comes from transformers, not from its class name:
+# - attention: a module whose forward calls transformers' attention interface. Every attention in transformers 5.x
+#   picks its kernel with `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`
+#   (or indexes ALL_ATTENTION_FUNCTIONS after defaulting to eager_attention_forward), so the forward's bytecode names
+#   one of those globals. Reading `co_names` of the (unwrapped) forward is a static test, once per class: it needs no
+#   forward run (vision/audio towers do not run on meta) and it is what the generated script relies on, since Ulysses
+#   plugs in through that same interface. A layer that merely holds an attention (Pixtral's PixtralAttentionLayer)
+#   does not name it; the inner PixtralAttention does.
+# - routed experts: a module class decorated with `transformers.integrations.moe.use_experts_implementation`. The
+#   decorator replaces `forward` with one shared wrapper that looks up `config._experts_implementation` in its experts
+#   interface (ALL_EXPERTS_FUNCTIONS); every decorated class's forward therefore runs the same code object, which we
+#   get by decorating a probe class. The decorator's layout flags (has_bias, is_transposed, ...) live on the instance.
+#   Fused experts outside that interface (Llama4TextExperts, JetMoe's parallel experts) are recognised by what they
+#   declare instead: an integer `num_experts` and 3-D parameters stacked over exactly that many experts. A Conv1d
+#   weight, a pooling head's probe or a [1, 1, H] class token declares no expert count and is never taken for experts.
+ATTENTION_INTERFACE_NAMES = frozenset({"ALL_ATTENTION_FUNCTIONS", "eager_attention_forward"})
+_CALLS_ATTENTION: dict[type, bool] = {}
+
+
+def calls_attention_interface(cls: type) -> bool:
+    """The class's forward names transformers' attention interface (cached per class)."""
+    hit = _CALLS_ATTENTION.get(cls)
+    if hit is None:
+        forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+        code = getattr(forward, "__code__", None)
+        hit = _CALLS_ATTENTION[cls] = bool(code and ATTENTION_INTERFACE_NAMES & set(code.co_names))
+    return hit
+
+
 def is_attention(module: nn.Module) -> bool:
-    return "Attention" in type(module).__name__ and any(True for _ in module.parameters())
+    return calls_attention_interface(type(module)) and any(True for _ in module.parameters())
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -40,9 +71,70 @@ def is_activation(module: nn.Module) -> bool:
     return any(a in name for a in ACTIVATION_NAMES) and not any(True for _ in module.parameters())
 
 
+@functools.cache
+def _experts_forward_code():
+    """The code object of the forward `use_experts_implementation` installs (shared by every decorated class)."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    class _Probe(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    return use_experts_implementation(_Probe).forward.__code__
+
+
+def experts_interface(module: nn.Module):
+    """The ExpertsInterface the module dispatches through (transformers' ALL_EXPERTS_FUNCTIONS unless the class was
+    decorated with another one), or None when its class is not on the experts interface."""
+    forward = getattr(type(module), "forward", None)
+    if getattr(forward, "__code__", None) is not _experts_forward_code():
+        return None
+    cells = dict(zip(forward.__code__.co_freevars, forward.__closure__ or ()))
+    return cells["experts_interface"].cell_contents if "experts_interface" in cells else None
+
+
+def _stacked_experts(module: nn.Module) -> bool:
+    count = getattr(module, "num_experts", None)
+    three = [p for p in module.parameters(recurse=False) if p.ndim == 3]
+    return (isinstance(count, int) and not isinstance(count, bool) and count > 1 and bool(three)
+            and all(p.shape[0] == count for p in three))
+
+
 def is_experts(module: nn.Module) -> bool:
-    """Fused routed experts (transformers 5.x): 3-D parameters [experts, out, in] owned directly."""
-    return any(p.ndim == 3 for p in module.parameters(recurse=False))
+    """Fused routed experts: on transformers' experts interface, or declaring num_experts over its 3-D parameters."""
+    return experts_interface(module) is not None or _stacked_experts(module)
+
+
+def ep_refusal(module: nn.Module) -> str:
+    """Why the generated script's EP dispatch (templates/ep.py.j2) cannot serve these experts; "" when it can.
+
+    The script registers its dispatch in ALL_EXPERTS_FUNCTIONS and switches the module's
+    config._experts_implementation to it, then runs down(act(gate) * up) per local expert on fused, concatenated,
+    untransposed [E, 2I, H] / [E, H, I] weights without biases or a post-expert norm."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    cls = type(module).__name__
+    interface = experts_interface(module)
+    if interface is None:
+        return (f"{cls} is not on transformers' experts interface (its class is not decorated with "
+                "use_experts_implementation), which is where the generated script plugs in its expert dispatch")
+    if interface is not ALL_EXPERTS_FUNCTIONS:
+        return f"{cls} dispatches through its own experts interface, not transformers' ALL_EXPERTS_FUNCTIONS"
+    layout = {"has_bias": (True, "expert biases"), "is_transposed": (True, "transposed expert weights"),
+              "has_gate": (False, "ungated experts"), "is_concatenated": (False, "interleaved gate/up weights"),
+              "has_post_expert_norm": (True, "a post-expert norm")}
+    found = [what for flag, (bad, what) in layout.items() if getattr(module, flag, not bad) == bad]
+    missing = [n for n in ("gate_up_proj", "down_proj") if not isinstance(getattr(module, n, None), nn.Parameter)]
+    if missing:
+        found.append(f"no fused {' / '.join(missing)} parameter")
+    if not isinstance(getattr(module, "num_experts", None), int):
+        found.append("no num_experts attribute")
+    if found:
+        return f"{cls} has {', '.join(found)}; the generated EP dispatch runs gated, bias-free [E, 2I, H] experts only"
+    return ""
 
 
 def is_router(module: nn.Module) -> bool:
@@ -240,9 +332,12 @@ def _activation_inputs(module: nn.Module) -> float:
 
 def _experts_elements(experts: nn.Module, top_k: int) -> float:
     shapes = [p.shape for p in experts.parameters(recurse=False) if p.ndim == 3]
-    down = shapes[-1]                     # [E, H, I]: the last projection maps I back to H
-    hidden, inner = down[1], down[2]
-    gated = shapes[0][1] == 2 * inner     # gate_up_proj [E, 2I, H]
+    first, down = shapes[0], shapes[-1]   # the last projection maps I back to H
+    if first[2] == down[1]:               # [E, 2I, H] then [E, H, I]
+        hidden, inner, first_out = down[1], down[2], first[1]
+    else:                                 # transposed: [E, H, 2I] then [E, I, H] (Llama4, Aria, gpt-oss)
+        hidden, inner, first_out = down[2], down[1], first[2]
+    gated = first_out == 2 * inner
     return float(top_k * (2 * hidden + (4 if gated else 2) * inner))
 
 

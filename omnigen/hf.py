@@ -38,7 +38,7 @@ def load_config(spec: Spec) -> transformers.PretrainedConfig:
 
 def _config_from_dict(config_class: type, raw: dict[str, Any], where: str) -> transformers.PretrainedConfig:
     try:
-        return config_class.from_dict(raw)
+        return config_class.from_dict(_decode_floats(raw))
     except Exception as e:  # transformers validates configs (heads dividing hidden, ...): the user's to fix
         reason = str(e).strip().splitlines()[-1].strip()
         raise SpecError(f"{where}: transformers rejects this {config_class.__name__}: {reason}") from None
@@ -60,6 +60,18 @@ def _apply_override(raw: dict[str, Any], config: Any, key: str, value: Any, wher
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SpecError(f"{where}: {type(attrs).__name__} has no attribute '{leaf}'{hint}")
     node[leaf] = value
+
+
+def _decode_floats(node: Any) -> Any:
+    """transformers writes non-finite floats as {"__float__": "Infinity"} (JSON has no inf) but does not read them
+    back: decode them, so a config it saved loads again."""
+    if isinstance(node, dict):
+        if node.keys() == {"__float__"} and isinstance(node["__float__"], str):
+            return float(node["__float__"])
+        return {k: _decode_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode_floats(v) for v in node]
+    return node
 
 
 def model_class_name(spec: Spec, config: transformers.PretrainedConfig) -> str:

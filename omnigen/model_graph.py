@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-ROLES = ("encoder:vision", "encoder:audio", "projector", "foundation", "head")
+# "root": a wrapper's own parameters (LLaVA-OneVision's image_newline, learned queries, registers) held by a module
+# that is neither inside a tower nor inside the language model; they join the root FSDP unit with the embeddings.
+ROLES = ("encoder:vision", "encoder:audio", "projector", "foundation", "head", "root")
 KINDS = ("layer", "embedding", "attention", "mlp", "moe", "norm", "head", "other")
 
 
@@ -35,6 +37,8 @@ class Block:
     top_k: int = 0
     shared_experts: int = 0
     tensors: int = 0               # parameter tensors it owns: the optimizer's host work is per tensor
+    experts_module: str = ""       # kind "moe": module path of its routed experts (what EP slices)
+    ep_refusal: str = ""           # kind "moe": why the generated EP dispatch cannot serve those experts ("" if it can)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Group:
     top_k: int = 0
     expert_params: int = 0         # routed-expert parameters per member (the part EP slices)
     tensors: int = 0               # parameter tensors per member
+    ep_refusal: str = ""           # "<experts module>: <reason>" when EP cannot serve this group's experts
 
     @property
     def count(self) -> int:

@@ -150,9 +150,27 @@ def valid_ep(ep: int, experts: int, mesh: Mesh) -> bool:
     return ep == 1 or (experts > 0 and experts % ep == 0 and (mesh.dp_shard * mesh.sp) % ep == 0)
 
 
+def ep_refusal(graph: ModelGraph | None) -> str:
+    """"<experts module>: <reason>" when the generated script's EP dispatch cannot serve the model's experts."""
+    if graph is None:
+        return ""
+    moe = [b for b in graph.blocks if b.kind == "moe"]
+    if len({b.experts for b in moe}) > 1:  # the script splits every MoE layer into the same EXPERTS_PER_RANK
+        a = moe[0]
+        b = next(b for b in moe if b.experts != a.experts)
+        return (f"{b.experts_module}: {b.experts} experts where {a.experts_module} has {a.experts}; the generated EP "
+                "dispatch splits every MoE layer into the same number of experts per rank")
+    return next((g.ep_refusal for g in graph.groups if g.experts and g.ep_refusal), "")
+
+
 def with_expert_parallel(spec: Spec, graph: ModelGraph | None, meshes: list[Mesh], fixed_ep: int | None) -> list[Mesh]:
-    """Each mesh once per ep degree that fits it (only the spec's, when it fixes one)."""
-    experts = num_experts(graph)
+    """Each mesh once per ep degree that fits it (only the spec's, when it fixes one). Experts the generated EP
+    dispatch cannot serve get ep = 1 only (FSDP shards them like dense weights); asking for more is refused."""
+    refusal = ep_refusal(graph)
+    if refusal and fixed_ep not in (None, 1):
+        raise PlanError(f"{spec.source}: parallel.ep={fixed_ep}: expert parallelism cannot serve {refusal}; "
+                        "set parallel.ep to 1 (or auto): FSDP then shards the experts like dense weights")
+    experts = 0 if refusal else num_experts(graph)
     out = [replace(m, ep=ep) for m in meshes for ep in divisors(m.dp_shard * m.sp)
            if valid_ep(ep, experts, m) and fixed_ep in (None, ep)]
     if not out:
@@ -426,7 +444,8 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
         return None
     moe = [b for b in graph.blocks if b.kind == "moe"]
     return {"degree": mesh.ep, "ep_fsdp": mesh.dp_shard * mesh.sp // mesh.ep,
-            "modules": [f"{b.name}.experts" for b in moe], "num_experts": moe[0].experts, "top_k": moe[0].top_k,
+            "modules": [b.experts_module or f"{b.name}.experts" for b in moe],
+            "num_experts": moe[0].experts, "top_k": moe[0].top_k,
             "all_to_all_bytes_per_step": sum(g.ep_all_to_all_bytes_per_step for g in groups),
             "all_to_all_bytes_max_per_step": sum(g.ep_all_to_all_bytes_max_per_step for g in groups)}
 

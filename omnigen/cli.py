@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import sys
@@ -172,32 +171,31 @@ def diff_cmd(spec_path, sets, out_dir, ref):
     compiled = run_plan(spec)
     files = render(compiled, out)
     if ref:
-        old = {name: _git_show(out, ref, name) for name in files}
-        old = {name: text for name, text in old.items() if text is not None}
-        new = files
-    else:
-        old, new = emit.read_folder(out, files), emit.merged(files, out).files or files
+        old, new = _git_files(out, ref, files), files
+    else:  # the files a compile would leave, your edits merged in (omnigen's side where both changed a unit)
+        old, new = emit.read_folder(out, files), {**files, **emit.merged(files, out).files}
     click.echo(_plan_changes(old.get("plan.json"), compiled))
-    for name in sorted(new):
-        if name != "plan.json" and old.get(name) != new[name]:  # the plan's changes are told in words above
-            click.echo("".join(difflib.unified_diff((old.get(name) or "").splitlines(True), new[name].splitlines(True),
-                                                    f"{out / name} ({ref or 'on disk'})", f"{out / name} (omnigen)")),
-                       nl=False)
+    new.pop("plan.json")  # its changes are told in words above
+    click.echo(emit.diff(new, out, old, ref or "on disk"), nl=False)
 
 
-def _git_show(folder: Path, ref: str, name: str) -> str | None:
-    """A file of `folder` as committed at `ref`; None when it did not exist there."""
+def _git_files(folder: Path, ref: str, names) -> dict[str, str]:
+    """The files of `folder` as committed at `ref` (those that existed there)."""
     import subprocess
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder if folder.is_dir() else None,
-                         capture_output=True, text=True)
-    if top.returncode != 0:
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=top, capture_output=True, text=True)
+    top = folder.resolve()
+    while not top.is_dir():
+        top = top.parent
+    found = git("rev-parse", "--show-toplevel")
+    if found.returncode != 0:
         raise OmnigenError(f"--against {ref}: {folder} is not inside a git repository")
-    if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=top.stdout.strip(),
-                      capture_output=True).returncode != 0:
-        raise OmnigenError(f"--against {ref}: not a commit of {top.stdout.strip()}")
-    path = (folder.resolve() / name).relative_to(top.stdout.strip())
-    shown = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=top.stdout.strip(), capture_output=True, text=True)
-    return shown.stdout if shown.returncode == 0 else None
+    top = Path(found.stdout.strip())
+    if git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode != 0:
+        raise OmnigenError(f"--against {ref}: not a commit of {top}")
+    shown = {name: git("show", f"{ref}:{(folder.resolve() / name).relative_to(top)}") for name in names}
+    return {name: r.stdout for name, r in shown.items() if r.returncode == 0}
 
 
 @main.command()

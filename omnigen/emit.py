@@ -108,16 +108,12 @@ def merged(files: dict[str, str], out_dir: Path, resolutions: dict[str, str] | N
         raise OmnigenError(f"{out_dir}: an edited file is not valid Python, so edits cannot be merged: {e}") from None
 
 
-def diff(files: dict[str, str], out_dir: Path) -> str:
-    """Unified diff between what is on disk and what would be written ('' when identical)."""
-    chunks = []
-    for name, text in sorted(files.items()):
-        path = out_dir / name
-        old = path.read_text() if path.is_file() else ""
-        if old != text:
-            chunks.append("".join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
-                                                       f"{path} (on disk)", f"{path} (omnigen)")))
-    return "\n".join(chunks)
+def diff(files: dict[str, str], out_dir: Path, old: dict[str, str] | None = None, old_label: str = "on disk") -> str:
+    """Unified diff from `old` (default: what is on disk) to `files` ('' when identical)."""
+    old = read_folder(out_dir, files) if old is None else old
+    return "".join("".join(difflib.unified_diff(old.get(name, "").splitlines(True), text.splitlines(True),
+                                                f"{out_dir / name} ({old_label})", f"{out_dir / name} (omnigen)"))
+                   for name, text in sorted(files.items()) if old.get(name) != text)
 
 
 class MergeConflict(OmnigenError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import attention as A
 from . import flops as F
 from . import hf
 from .errors import SpecError
@@ -79,6 +80,7 @@ class _Analyzer:
         self.path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.seen: set[int] = set()   # parameters already owned by a block (tied weights count once)
         self.blocks: list[Block] = []
+        self.attention_refused, self.ulysses_seq_limit = "", 0
 
     # --- structure ---------------------------------------------------------------------------------------
 
@@ -258,7 +260,18 @@ class _Analyzer:
                      act_bytes_per_token=mean("act_bytes_per_token"), heads=first.heads, kv_heads=first.kv_heads,
                      head_dim=first.head_dim, hidden=first.hidden, experts=max(b.experts for b in layers),
                      top_k=max(b.top_k for b in layers), expert_params=round(experts / n),
-                     tensors=round(mean("tensors")))
+                     tensors=round(mean("tensors")), attention_spans=self._attention_spans(members, tower.role))
+
+    def _attention_spans(self, members, role: str) -> tuple[tuple[str, int], ...]:
+        """The LLM's attention per layer (omnigen.attention); what cannot be reproduced is kept for the planner."""
+        if role != "foundation":
+            return ()
+        modules = [next(m for m in layer.modules() if F.is_attention(m)) for _, layer in members]
+        config = getattr(modules[0], "config", None) or self.text_config
+        spans, refused = A.layer_attention(config, modules)
+        self.attention_refused = refused and f"{self.class_name} '{_parent(members[0][0])}': {refused}"
+        self.ulysses_seq_limit = A.local_position_limit(config)
+        return spans
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
         attn_mod = next((m for m in layer.modules() if F.is_attention(m)), None)
@@ -336,7 +349,8 @@ class _Analyzer:
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
                           total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,
-                          router_aux_loss=router_aux_loss(self.config.to_dict()) is not None)
+                          router_aux_loss=router_aux_loss(self.config.to_dict()) is not None,
+                          attention_refused=self.attention_refused, ulysses_seq_limit=self.ulysses_seq_limit)
 
 
 # --- the `omnigen analyze` table ------------------------------------------------------------------------------

@@ -123,6 +123,11 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
     fixed = {d: getattr(p, d) for d in MESH_DIMS if getattr(p, d) != "auto"}
     heads, kv_heads = foundation_attention(graph) if graph else (0, 0)
     sps = [d for d in divisors(world) if valid_sp(d, heads, kv_heads)]
+    no_ulysses = ulysses_refusal(spec, graph) if graph else ""
+    if no_ulysses and fixed.get("sp", 1) > 1:
+        raise PlanError(f"{spec.source}: parallel.sp={fixed['sp']}: {no_ulysses}; use sp=1")
+    if no_ulysses:
+        sps = [1]
     if fixed.get("sp", 1) not in sps:
         works = ", ".join(map(str, sps))
         raise PlanError(f"{spec.source}: parallel.sp={fixed['sp']}: Ulysses needs sp to divide the {heads} attention "
@@ -139,6 +144,18 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
                         f"{world} (cluster.nodes={spec.cluster.nodes} x cluster.procs_per_node="
                         f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard x sp must equal {world}")
     return meshes
+
+
+def ulysses_refusal(spec: Spec, graph: ModelGraph) -> str:
+    """Why Ulysses would train a different model than the config describes ("" when it would not)."""
+    if graph.attention_refused:
+        return f"Ulysses attention cannot reproduce {graph.attention_refused}"
+    limit = graph.ulysses_seq_limit
+    if limit and spec.train.seq_len >= limit:
+        return (f"{graph.model_class}'s NoPE layers scale queries by their position counted within the tensor the "
+                f"layer sees (attn_temperature_tuning, floor_scale={limit}); with train.seq_len={spec.train.seq_len} "
+                f">= {limit} each Ulysses rank would count from its own chunk")
+    return ""
 
 
 def num_experts(graph: ModelGraph | None) -> int:
@@ -305,11 +322,24 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     found = foundation_group(graph)
     if (mesh.sp == 1 and not packed) or found is None:
         return None
+    if graph.attention_refused:  # packed rows need omnigen's attention even without SP
+        raise PlanError(f"{spec.source}: train.pack_documents={spec.train.pack_documents}: omnigen's document "
+                        f"attention cannot reproduce {graph.attention_refused}; use pack_documents: 1")
     attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
     return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
+            "local_attention": local_attention(found),
             "seq_len_padded": padded_seq_len(spec.train.seq_len, mesh.sp),
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
+
+
+def local_attention(found) -> dict:
+    """The LLM layers' sliding-window / chunked attention the script must apply: the pattern of each layer (by index
+    in the stack) and each pattern's span. Empty when every layer is plain causal."""
+    if all(kind == "causal" for kind, _ in found.attention_spans):
+        return {}
+    return {"layers": [kind for kind, _ in found.attention_spans],
+            "spans": {kind: span for kind, span in found.attention_spans if kind != "causal"}}
 
 
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:

@@ -1,0 +1,151 @@
+"""Sliding-window, chunked and per-layer attention (config.layer_types) under omnigen's own attention (Ulysses SP,
+packed documents): read from the config at compile time, refused when it cannot be reproduced, and computed exactly
+as transformers' own model computes it."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import local_attention_models as M
+from omnigen import pipeline
+from omnigen.errors import OmnigenError, PlanError
+from omnigen.spec import spec_from_dict
+
+
+def compile_to(tmp_path, config, **spec_kw):
+    folder = M.write(config, tmp_path / "model")
+    compiled = pipeline.plan(spec_from_dict(M.spec_dict("t", folder, **spec_kw), "spec.yaml", str(tmp_path)))
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    for name, text in pipeline.render(compiled, out).items():
+        (out / name).write_text(text)
+    return compiled, out
+
+
+@pytest.mark.parametrize("make,layers,spans", [
+    (M.gemma3, ["sliding_window", "causal"], {"sliding_window": 16}),
+    (M.llama4, ["chunked", "causal"], {"chunked": 32}),
+    (M.mistral, ["sliding_window", "sliding_window"], {"sliding_window": 16}),
+    (M.qwen2, ["causal", "sliding_window"], {"sliding_window": 16}),
+])
+def test_the_plan_carries_each_layers_attention(make, layers, spans, tmp_path):
+    compiled, _ = compile_to(tmp_path, make())
+    assert compiled.plan.sequence_parallel["local_attention"] == {"layers": layers, "spans": spans}
+
+
+def test_plain_causal_models_keep_no_local_attention(tmp_path):
+    compiled, out = compile_to(tmp_path, M.gemma3(layer_types=["full_attention", "full_attention"]))
+    assert compiled.plan.sequence_parallel["local_attention"] == {}
+    assert "banded_attention" not in (out / "train.py").read_text()
+
+
+def gemma2(**kw):
+    return transformers.Gemma2Config(**M.COMMON, num_hidden_layers=2, head_dim=16, sliding_window=16,
+                                     architectures=["Gemma2ForCausalLM"], **kw)
+
+
+def gpt_oss():
+    return transformers.GptOssConfig(**{**M.COMMON, "intermediate_size": 64}, num_hidden_layers=2, head_dim=16,
+                                     sliding_window=16, num_local_experts=4, num_experts_per_tok=2,
+                                     architectures=["GptOssForCausalLM"])
+
+
+@pytest.mark.parametrize("make,reason", [(gemma2, "attn_logit_softcapping=50.0"), (gpt_oss, "attention sinks")])
+@pytest.mark.parametrize("sp,pack", [(2, 1), (1, 3)])
+def test_what_sdpa_cannot_compute_is_refused_at_compile(make, reason, sp, pack, tmp_path):
+    with pytest.raises(PlanError, match=reason) as e:
+        compile_to(tmp_path, make(), sp=sp, pack=pack)
+    assert "model.layers" in str(e.value)  # names the module
+
+
+def test_softcapping_without_omnigens_attention_compiles(tmp_path):
+    """Without SP or packing the model's own attention runs: nothing to refuse."""
+    compiled, _ = compile_to(tmp_path, gemma2(), sp=1)
+    assert compiled.plan.sequence_parallel is None
+
+
+def test_sp_auto_avoids_ulysses_when_it_would_change_the_model(tmp_path):
+    spec = M.spec_dict("t", M.write(gemma2(), tmp_path / "m"), sp=2)
+    spec["parallel"] = {"sp": "auto"}
+    compiled = pipeline.plan(spec_from_dict(spec, "spec.yaml", str(tmp_path)))
+    assert compiled.plan.mesh["sp"] == 1
+
+
+def test_llama4_nope_scaling_refuses_ulysses_past_floor_scale(tmp_path):
+    with pytest.raises(PlanError, match="floor_scale=64"):
+        compile_to(tmp_path, M.llama4(floor_scale=64), seq_len=128)
+    compile_to(tmp_path, M.llama4(floor_scale=256), seq_len=128)
+
+
+def documents(seq_len, lengths):
+    document_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    starts = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)
+    return document_ids[None], (torch.arange(seq_len) - starts[document_ids])[None]
+
+
+@pytest.mark.parametrize("make", [M.gemma3, M.llama4, M.mistral, M.qwen2])
+def test_omnigen_attention_equals_transformers_own(make, tmp_path):
+    """The generated attention (no-SP packed build: the same functions Ulysses calls on the whole sequence) against
+    transformers' eager attention with the model's own masks, on one process, with and without packed documents
+    (transformers detects the packing from position ids). The old attention (plain causal on every layer) fails."""
+    seq_len = 128
+    config = make()
+    _, out = compile_to(tmp_path, config, sp=1, pack=3, seq_len=seq_len)
+    script = runpy.run_path(str(out / "train.py"), run_name="omnigen_script")
+    ours = script["build_model"]()
+    script["apply_sequence_parallel"](ours)
+    reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out),
+                                                               attn_implementation="eager", dtype=torch.float32)
+    reference.load_state_dict(ours.state_dict())
+    reference.config.use_cache = False
+    ids = torch.randint(3, 1024, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    layers = ours.get_submodule(script["DECODER_STACK"]).layers
+    for lengths in ([seq_len], [50, 7, 71]):
+        document_ids, positions = documents(seq_len, lengths)
+        kw = {} if len(lengths) == 1 else {"document_ids": document_ids}
+        want = reference(input_ids=ids, position_ids=positions).logits
+        got = ours(input_ids=ids, position_ids=positions, **kw).logits
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), lengths
+        patterns = [layer.self_attn.attention_pattern for layer in layers]
+        names = script["document_attention"].__globals__
+        check, names["check_attention_kwargs"] = names["check_attention_kwargs"], lambda module, kwargs: None
+        for layer in layers:  # what the script did before: causal everywhere, the window dropped
+            layer.self_attn.attention_pattern = "causal"
+        old = ours(input_ids=ids, position_ids=positions, **kw).logits
+        for layer, pattern in zip(layers, patterns):
+            layer.self_attn.attention_pattern = pattern
+        names["check_attention_kwargs"] = check
+        assert (old - want).abs().max() > 1e-3 * want.abs().max(), lengths
+
+
+def test_banded_masks_equal_transformers_masks(tmp_path):
+    """Index arithmetic against masking_utils' dense masks, packed rows included, for spans that do and do not
+    divide the sequence."""
+    from transformers import masking_utils
+    for make, create in ((lambda s: M.gemma3(window=s), masking_utils.create_sliding_window_causal_mask),
+                         (lambda s: M.llama4(chunk=s), masking_utils.create_chunked_causal_mask)):
+        for span in (5, 16):
+            config = make(span)
+            _, out = compile_to(tmp_path, config, sp=1, pack=3, seq_len=60)
+            script = runpy.run_path(str(out / "train.py"), run_name="omnigen_script")
+            config._attn_implementation = "eager"
+            for lengths in ([60], [20, 3, 37]):
+                document_ids, positions = documents(60, lengths)
+                dense = create(config=config, inputs_embeds=torch.zeros(1, 60, 8), attention_mask=None,
+                               past_key_values=None, position_ids=positions)
+                want = dense[0, 0] == 0  # eager masks are additive: 0 where attention is allowed
+                (pattern, mask), = script["banded_masks"](None if len(lengths) == 1 else document_ids, 60,
+                                                          torch.device("cpu")).items()
+                blocks = mask.shape[2]
+                got = torch.zeros(60, 60, dtype=torch.bool)
+                for b in range(blocks):
+                    for r in range(span):
+                        q = b * span + r
+                        for c in range(2 * span):
+                            k = b * span - span + c
+                            if q < 60 and 0 <= k < 60 and mask[0, 0, b, r, c]:
+                                got[q, k] = True
+                assert torch.equal(got, want), (pattern, span, lengths)

@@ -161,3 +161,50 @@ def test_ulysses_verifies_with_local_attention(make, pack, tmp_path):
     folder = M.write(make(), tmp_path / "model")
     spec = spec_from_dict(M.spec_dict("t", folder, seq_len=128, sp=2, pack=pack), "spec.yaml", str(tmp_path))
     assert runner.verify(spec, steps=3, workdir=str(tmp_path / "run")) == 0
+
+
+def test_cost_prices_windowed_layers_by_their_window():
+    """4 layers, 3 sliding (window 16) and 1 causal, seq 128, a calibrated profile (attention at 0.25e12, causal
+    key blocks of 64: 3/4 of the causal matrix). Under Ulysses banded_attention scores 2 x 16 keys per query on the
+    sliding layers; without Ulysses or packing transformers' SDPA runs them with a dense mask over all 128."""
+    from dataclasses import replace
+    from test_cost import FOUNDATION, SHAPE, hw, model
+    from omnigen import cost
+    from omnigen.cost import GroupChoice, Mesh
+    spans = (("sliding_window", 16),) * 3 + (("causal", 0),)
+    g = replace(FOUNDATION, attention_spans=spans)
+    profile = replace(hw(), attention_efficiency={"fp32": 0.25, "bf16": 0.1}, causal_block=64)
+    per_key = 4 * 256  # attn_flops_per_token_per_seq of the test group
+    for mesh, sliding in ((Mesh(sp=2), 32), (Mesh(), 128)):
+        tokens = 2 * 128 / mesh.sp
+        flops = cost.group_attention_flops(g, SHAPE, mesh)
+        assert flops == pytest.approx(tokens * per_key * (3 * sliding + 128) / 4)
+        want_s = 4 * tokens * per_key * (3 * sliding + 128 * 3 / 4) / 4 / 0.25e12
+        assert cost.attention_s(g, 4 * flops, SHAPE, profile, mesh) == pytest.approx(want_s)
+    # a window as wide as the sequence is plain causal attention
+    wide = replace(FOUNDATION, attention_spans=(("sliding_window", 128),) * 4)
+    assert cost.attention_keys(wide, SHAPE, Mesh(sp=2)) == [(128, True)] * 4
+    # and the whole step gets cheaper with the window than with full attention
+    full = cost.estimate(model(FOUNDATION), Mesh(sp=2), {"model.layers": GroupChoice()}, SHAPE, profile, 2)
+    local = cost.estimate(model(g), Mesh(sp=2), {"model.layers": GroupChoice()}, SHAPE, profile, 2)
+    assert local.compute_s < full.compute_s
+
+
+def test_gemma3_at_128k_plans_sp8_for_memory_and_prices_the_windows(tmp_path):
+    """Gemma3-4B's text shape (34 layers, 5 of 6 sliding over 1,024 tokens) at 128K on 8 x H100: still sp=8,
+    because below it the loss's vocab-wide fp32 tensors (262K vocab) do not fit, but the step is priced ~3x
+    cheaper than the same model with full attention on every layer."""
+    shape = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
+                 max_position_embeddings=131072, architectures=["Gemma3ForCausalLM"])
+    steps = {}
+    for name, extra in (("local", {}), ("full", {"layer_types": ["full_attention"] * 34})):
+        folder = M.write(transformers.Gemma3TextConfig(**shape, **extra), tmp_path / name)
+        spec = spec_from_dict({"name": name, "model": {"config": str(folder)},
+                               "cluster": {"nodes": 1, "procs_per_node": 8, "device": "cuda", "hardware": "h100"},
+                               "train": {"seq_len": 131072, "micro_batch_size": 1, "global_batch_size": 8,
+                                         "steps": 1, "precision": "bf16"}}, "spec.yaml", str(tmp_path))
+        plan = pipeline.plan(spec).plan
+        assert plan.mesh["sp"] == 8 and plan.max_seq_len_by_sp["4"] < 131072
+        steps[name] = plan.predicted["step_time_s"]
+    assert steps["local"] < steps["full"] / 2.5

@@ -316,12 +316,17 @@ def foundation_group(graph: ModelGraph):
     return next((g for g in graph.groups if g.role == "foundation"), None)
 
 
-def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...]) -> dict | None:
+def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...],
+                              inputs: dict[str, Any] | None = None) -> dict | None:
     """What the script needs for Ulysses (sp > 1) or document-aware attention (packed rows); None otherwise."""
     packed = spec.train.pack_documents > 1
     found = foundation_group(graph)
     if (mesh.sp == 1 and not packed) or found is None:
         return None
+    if "token_type_ids" in (inputs or {}).get("model_kwargs", ()):
+        raise PlanError(f"{spec.source}: {graph.model_class} is fed token_type_ids, with which transformers lets "
+                        "the tokens of one image attend to each other both ways; omnigen's Ulysses / packed-document "
+                        "attention is causal: use parallel.sp: 1 and train.pack_documents: 1")
     if graph.attention_refused:  # packed rows need omnigen's attention even without SP
         raise PlanError(f"{spec.source}: train.pack_documents={spec.train.pack_documents}: omnigen's document "
                         f"attention cannot reproduce {graph.attention_refused}; use pack_documents: 1")
@@ -387,7 +392,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
-        inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
+        inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups, inputs), weights=weights,
         expert_parallel=expert_parallel_section(graph, mesh, groups),
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         frozen=frozen_modules(spec, graph),

@@ -208,3 +208,13 @@ def test_gemma3_at_128k_plans_sp8_for_memory_and_prices_the_windows(tmp_path):
         assert plan.mesh["sp"] == 8 and plan.max_seq_len_by_sp["4"] < 131072
         steps[name] = plan.predicted["step_time_s"]
     assert steps["local"] < steps["full"] / 2.5
+
+
+def test_token_type_ids_bidirectional_image_blocks_are_refused(tmp_path):
+    """transformers' Gemma3 lets the tokens of one image attend both ways when fed token_type_ids."""
+    from omnigen import plan as P
+    compiled, _ = compile_to(tmp_path, M.gemma3())
+    mesh = P.Mesh(**{k: v for k, v in compiled.plan.mesh.items()})
+    with pytest.raises(PlanError, match="token_type_ids"):
+        P.sequence_parallel_section(compiled.spec, compiled.graph, mesh, compiled.plan.groups,
+                                    {"model_kwargs": ["input_ids", "token_type_ids"]})

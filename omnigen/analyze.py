@@ -80,7 +80,7 @@ class _Analyzer:
         self.path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.seen: set[int] = set()   # parameters already owned by a block (tied weights count once)
         self.blocks: list[Block] = []
-        self.attention_refused, self.ulysses_seq_limit = "", 0
+        self.attention_refused, self.query_position_scaling = "", {}
 
     # --- structure ---------------------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class _Analyzer:
         config = getattr(modules[0], "config", None) or self.text_config
         spans, refused = A.layer_attention(config, modules)
         self.attention_refused = refused and f"{self.class_name} '{_parent(members[0][0])}': {refused}"
-        self.ulysses_seq_limit = A.local_position_limit(config)
+        self.query_position_scaling = A.query_position_scaling(modules)
         return spans
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
@@ -350,7 +350,8 @@ class _Analyzer:
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
                           total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,
                           router_aux_loss=router_aux_loss(self.config.to_dict()) is not None,
-                          attention_refused=self.attention_refused, ulysses_seq_limit=self.ulysses_seq_limit)
+                          attention_refused=self.attention_refused,
+                          query_position_scaling=self.query_position_scaling)
 
 
 # --- the `omnigen analyze` table ------------------------------------------------------------------------------

@@ -55,12 +55,14 @@ def layer_attention(config, attention_modules: list[nn.Module]) -> tuple[tuple[t
     return tuple(patterns), "; ".join(dict.fromkeys(problems))
 
 
-def local_position_limit(config) -> int:
-    """Llama4's NoPE layers scale queries by 1 + attn_scale * log1p(floor((position + 1) / floor_scale)), counting
-    positions from the start of the tensor the layer sees. Under Ulysses a rank sees only its chunk, so the scale is
-    right only while every position is below floor_scale - 1: the sequence length from which Ulysses would change
-    the model (floor_scale), or 0 when the model scales nothing."""
-    no_rope = getattr(config, "no_rope_layers", None)
-    if not getattr(config, "attn_temperature_tuning", False) or not no_rope or all(no_rope):
-        return 0
-    return int(getattr(config, "floor_scale", 0) or 0)
+def query_position_scaling(attention_modules: list[nn.Module]) -> dict:
+    """Llama4's NoPE layers (attn_temperature_tuning, use_rope False) multiply queries by
+    1 + attn_scale * log1p(floor((position + 1) / floor_scale)), counting positions from the start of the tensor the
+    layer sees: under Ulysses, from the start of each rank's chunk. What the script needs to redo it with positions
+    in the whole sequence: {"layers": [index, ...], "floor_scale": ..., "attn_scale": ...}, or {} when no layer does."""
+    scaled = [(getattr(m, "layer_idx", i), m) for i, m in enumerate(attention_modules)
+              if getattr(m, "attn_temperature_tuning", False) and not getattr(m, "use_rope", True)]
+    if not scaled:
+        return {}
+    first = scaled[0][1]
+    return {"layers": [index for index, _ in scaled], "floor_scale": float(first.floor_scale), "attn_scale": float(first.attn_scale)}

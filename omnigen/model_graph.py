@@ -82,7 +82,9 @@ class ModelGraph:
     router_aux_loss: bool = False  # the config adds the routers' load-balancing loss: its all-reduces cost time
     # Why omnigen's own attention (Ulysses, packed documents) cannot compute the LLM's: softcapping, sinks, ...
     attention_refused: str = ""
-    ulysses_seq_limit: int = 0     # seq_len from which Ulysses would change the model (Llama4's NoPE scaling), 0: none
+    # Llama4's NoPE layers scale queries by their position within the tensor they see (omnigen.attention): Ulysses
+    # must redo it with whole-sequence positions. {"layers": [...], "floor_scale": ..., "attn_scale": ...} or {}.
+    query_position_scaling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -148,14 +148,7 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
 
 def ulysses_refusal(spec: Spec, graph: ModelGraph) -> str:
     """Why Ulysses would train a different model than the config describes ("" when it would not)."""
-    if graph.attention_refused:
-        return f"Ulysses attention cannot reproduce {graph.attention_refused}"
-    limit = graph.ulysses_seq_limit
-    if limit and spec.train.seq_len >= limit:
-        return (f"{graph.model_class}'s NoPE layers scale queries by their position counted within the tensor the "
-                f"layer sees (attn_temperature_tuning, floor_scale={limit}); with train.seq_len={spec.train.seq_len} "
-                f">= {limit} each Ulysses rank would count from its own chunk")
-    return ""
+    return f"Ulysses attention cannot reproduce {graph.attention_refused}" if graph.attention_refused else ""
 
 
 def num_experts(graph: ModelGraph | None) -> int:
@@ -334,6 +327,7 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
             "local_attention": local_attention(found),
+            "query_position_scaling": graph.query_position_scaling if mesh.sp > 1 else {},
             "seq_len_padded": padded_seq_len(spec.train.seq_len, mesh.sp),
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
 

@@ -74,10 +74,13 @@ def test_sp_auto_avoids_ulysses_when_it_would_change_the_model(tmp_path):
     assert compiled.plan.mesh["sp"] == 1
 
 
-def test_llama4_nope_scaling_refuses_ulysses_past_floor_scale(tmp_path):
-    with pytest.raises(PlanError, match="floor_scale=64"):
-        compile_to(tmp_path, M.llama4(floor_scale=64), seq_len=128)
-    compile_to(tmp_path, M.llama4(floor_scale=256), seq_len=128)
+def test_llama4_nope_query_scaling_is_redone_for_whole_sequence_positions(tmp_path):
+    compiled, out = compile_to(tmp_path, M.llama4(floor_scale=16), seq_len=128)
+    assert compiled.plan.sequence_parallel["query_position_scaling"] == {"layers": [1], "floor_scale": 16.0,
+                                                                         "attn_scale": 0.1}
+    assert "rescale_query_positions(query" in (out / "train.py").read_text()
+    compiled, _ = compile_to(tmp_path, M.llama4(), seq_len=128, sp=1, pack=3)  # one process sees the whole row
+    assert compiled.plan.sequence_parallel["query_position_scaling"] == {}
 
 
 def documents(seq_len, lengths):
@@ -152,11 +155,13 @@ def test_banded_masks_equal_transformers_masks(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("make,pack", [(M.gemma3, 1), (M.llama4, 1), (M.mistral, 1), (M.gemma3, 3), (M.llama4, 3)],
+@pytest.mark.parametrize("make,pack", [(M.gemma3, 1), (lambda: M.llama4(floor_scale=16), 1), (M.mistral, 1),
+                                       (M.gemma3, 3), (lambda: M.llama4(floor_scale=16), 3)],
                          ids=["gemma3", "llama4_chunked", "mistral", "gemma3_packed", "llama4_chunked_packed"])
 def test_ulysses_verifies_with_local_attention(make, pack, tmp_path):
     """sp=2 at seq 128, longer than the window (16) and the chunk (32): before, these trained another attention
-    (Gemma3 deviated 3.4e-2, Llama4 1.1e-1 from the single-process reference)."""
+    (Gemma3 deviated 3.4e-2, Llama4 1.1e-1 from the single-process reference). Llama4's floor_scale of 16 makes its
+    NoPE layer's query scale change along the sequence, so each rank must count positions from the row's start."""
     from omnigen import runner
     folder = M.write(make(), tmp_path / "model")
     spec = spec_from_dict(M.spec_dict("t", folder, seq_len=128, sp=2, pack=pack), "spec.yaml", str(tmp_path))

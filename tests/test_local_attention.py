@@ -104,7 +104,7 @@ def test_omnigen_attention_equals_transformers_own(make, tmp_path):
                                                                attn_implementation="eager", dtype=torch.float32)
     reference.load_state_dict(ours.state_dict())
     reference.config.use_cache = False
-    ids = torch.randint(3, 1024, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 1024, (2, seq_len), generator=torch.Generator().manual_seed(0))  # 2 rows: masks broadcast
     layers = ours.get_submodule(script["DECODER_STACK"]).layers
     for lengths in ([seq_len], [50, 7, 71]):
         document_ids, positions = documents(seq_len, lengths)
@@ -142,14 +142,14 @@ def test_banded_masks_equal_transformers_masks(tmp_path):
                 want = dense[0, 0] == 0  # eager masks are additive: 0 where attention is allowed
                 (pattern, mask), = script["banded_masks"](None if len(lengths) == 1 else document_ids, 60,
                                                           torch.device("cpu")).items()
-                blocks = mask.shape[2]
+                blocks = mask.shape[1]
                 got = torch.zeros(60, 60, dtype=torch.bool)
                 for b in range(blocks):
                     for r in range(span):
                         q = b * span + r
                         for c in range(2 * span):
                             k = b * span - span + c
-                            if q < 60 and 0 <= k < 60 and mask[0, 0, b, r, c]:
+                            if q < 60 and 0 <= k < 60 and mask[0, b, 0, r, c]:
                                 got[q, k] = True
                 assert torch.equal(got, want), (pattern, span, lengths)
 

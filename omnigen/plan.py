@@ -346,7 +346,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
-    for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
+    no_ulysses = bool(ulysses_refusal(spec, graph))
+    for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
         t = spec.train
         base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs))  # one micro-batch

@@ -71,7 +71,7 @@ def test_sp_auto_avoids_ulysses_when_it_would_change_the_model(tmp_path):
     spec = M.spec_dict("t", M.write(gemma2(), tmp_path / "m"), sp=2)
     spec["parallel"] = {"sp": "auto"}
     compiled = pipeline.plan(spec_from_dict(spec, "spec.yaml", str(tmp_path)))
-    assert compiled.plan.mesh["sp"] == 1
+    assert compiled.plan.mesh["sp"] == 1 and list(compiled.plan.max_seq_len_by_sp) == ["1"]
 
 
 def test_llama4_nope_query_scaling_is_redone_for_whole_sequence_positions(tmp_path):

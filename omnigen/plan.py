@@ -476,6 +476,12 @@ def format_explain(plan: Plan, alternatives: bool = True) -> str:
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): {placement}, "
                      f"ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
+    local = (plan.sequence_parallel or {}).get("local_attention")
+    if local:
+        counts = {kind: local["layers"].count(kind) for kind in dict.fromkeys(local["layers"])}
+        lines.append("  LLM attention by layer: " + ", ".join(
+            f"{n} x {kind}" + (f" {local['spans'][kind]:,}" if kind in local["spans"] else "")
+            for kind, n in counts.items()))
     if plan.max_seq_len_by_sp:
         lines.append("longest seq_len that fits memory: "
                      + ", ".join(f"sp={k}: {v:,}" for k, v in plan.max_seq_len_by_sp.items()))

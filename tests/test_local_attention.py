@@ -32,8 +32,10 @@ def compile_to(tmp_path, config, **spec_kw):
     (M.qwen2, ["causal", "sliding_window"], {"sliding_window": 16}),
 ])
 def test_the_plan_carries_each_layers_attention(make, layers, spans, tmp_path):
+    from omnigen.plan import format_explain
     compiled, _ = compile_to(tmp_path, make())
     assert compiled.plan.sequence_parallel["local_attention"] == {"layers": layers, "spans": spans}
+    assert "LLM attention by layer: " in format_explain(compiled.plan)
 
 
 def test_plain_causal_models_keep_no_local_attention(tmp_path):

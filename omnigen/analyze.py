@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import attention as A
 from . import flops as F
 from . import hf
 from .errors import SpecError
@@ -94,6 +95,7 @@ class _Analyzer:
         self.path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.seen: set[int] = set()   # parameters already owned by a block (tied weights count once)
         self.blocks: list[Block] = []
+        self.attention_refused, self.query_position_scaling = "", {}
 
     # --- structure ---------------------------------------------------------------------------------------
 
@@ -311,12 +313,24 @@ class _Analyzer:
                      act_bytes_per_token=mean("act_bytes_per_token"), heads=first.heads, kv_heads=first.kv_heads,
                      head_dim=first.head_dim, hidden=first.hidden, experts=max(b.experts for b in layers),
                      top_k=max(b.top_k for b in layers), expert_params=round(experts / n),
-                     tensors=round(mean("tensors")), ep_refusal=self._group_ep_refusal(path, layers))
+                     tensors=round(mean("tensors")), ep_refusal=self._group_ep_refusal(path, layers),
+                     attention_spans=self._attention_spans(members, tower.role))
 
     def _group_ep_refusal(self, path: str, layers: list[Block]) -> str:
         moe = [b for b in self.blocks if b.kind == "moe" and b.group == path]
         bad = next((b for b in moe if b.ep_refusal), None)
         return f"{bad.experts_module}: {bad.ep_refusal}" if bad else ""
+
+    def _attention_spans(self, members, role: str) -> tuple[tuple[str, int], ...]:
+        """The LLM's attention per layer (omnigen.attention); what cannot be reproduced is kept for the planner."""
+        if role != "foundation":
+            return ()
+        modules = [next(m for m in layer.modules() if F.is_attention(m)) for _, layer in members]
+        config = getattr(modules[0], "config", None) or self.text_config
+        spans, refused = A.layer_attention(config, modules)
+        self.attention_refused = refused and f"{self.class_name} '{_parent(members[0][0])}': {refused}"
+        self.query_position_scaling = A.query_position_scaling(modules)
+        return spans
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
         attn_mod = next((m for m in layer.modules() if F.is_attention(m)), None)
@@ -397,7 +411,9 @@ class _Analyzer:
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
                           total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,
-                          router_aux_loss=router_aux_loss(self.config.to_dict()) is not None)
+                          router_aux_loss=router_aux_loss(self.config.to_dict()) is not None,
+                          attention_refused=self.attention_refused,
+                          query_position_scaling=self.query_position_scaling)
 
 
 # --- the `omnigen analyze` table ------------------------------------------------------------------------------

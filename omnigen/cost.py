@@ -139,15 +139,38 @@ def group_forward_flops(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> flo
 
 
 def group_attention_flops(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> float:
-    """The attention scores' share of those FLOPs, the score matrix counted whole."""
-    return shape.tokens(g.role) * sp_share(g.role, mesh) * g.attn_flops_per_token_per_seq * shape.context(g.role)
+    """The attention scores' share of those FLOPs: the score entries the kernel computes, counted whole (a
+    windowed / chunked layer computes about 2 x its span per query, not the whole context; see attention_keys)."""
+    keys = attention_keys(g, shape, mesh)
+    return (shape.tokens(g.role) * sp_share(g.role, mesh) * g.attn_flops_per_token_per_seq
+            * sum(k for k, _ in keys) / len(keys))
 
 
-def attention_s(g: Group, flops: float, shape: TrainShape, hw: HardwareProfile) -> float:
-    """Time of a group's attention-score FLOPs (counted whole) at the attention rate, where a causal kernel (the
-    foundation's, unless documents are packed) skips the blocks above the diagonal."""
-    causal = g.role == "foundation" and not shape.packed_documents
-    share = hw.causal_share(shape.context(g.role)) if causal else 1.0
+def attention_keys(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> list[tuple[float, bool]]:
+    """Per member (one entry for a group of plain layers): the keys each query is scored against, and whether a
+    causal kernel skips the blocks above the diagonal.
+
+    Causal layers score the whole context; the causal kernel (the foundation's, unless documents are packed: their
+    mask is dense) skips above the diagonal. A sliding-window or chunked layer narrower than the context runs
+    omnigen's banded_attention under Ulysses or packing (blocks of span queries against 2 x span keys) and
+    transformers' own SDPA otherwise, whose mask is dense over the whole context."""
+    context = shape.context(g.role)
+    banded = mesh.sp > 1 or shape.packed_documents
+    out = []
+    for kind, span in g.attention_spans or (("causal", 0),):
+        if kind != "causal" and span < context:
+            out.append((-(-context // span) * span * 2 * span / context if banded else context, False))
+        else:
+            out.append((context, g.role == "foundation" and not shape.packed_documents))
+    return out
+
+
+def attention_s(g: Group, flops: float, shape: TrainShape, hw: HardwareProfile, mesh: Mesh = Mesh()) -> float:
+    """Time of a group's attention-score FLOPs (counted whole, as group_attention_flops counts them) at the attention
+    rate, less the blocks a causal kernel skips."""
+    keys = attention_keys(g, shape, mesh)
+    share = sum(k * (hw.causal_share(shape.context(g.role)) if causal else 1.0) for k, causal in keys) / sum(
+        k for k, _ in keys)
     return flops * share / hw.attention_flops(shape.precision)
 
 
@@ -263,7 +286,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     attention = group_attention_flops(g, shape, mesh) * g.count
     matmul = forward - attention
     matmul_s = matmul / hw.achieved_flops(shape.precision)
-    forward_s = matmul_s + attention_s(g, attention, shape, hw)
+    forward_s = matmul_s + attention_s(g, attention, shape, hw, mesh)
     recompute, recompute_s = {"none": (0.0, 0.0), "full": (forward, forward_s),
                               "selective": (SELECTIVE_RECOMPUTE * matmul, SELECTIVE_RECOMPUTE * matmul_s)
                               }[choice.activation_checkpointing]

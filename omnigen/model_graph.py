@@ -64,6 +64,9 @@ class Group:
     expert_params: int = 0         # routed-expert parameters per member (the part EP slices)
     tensors: int = 0               # parameter tensors per member
     ep_refusal: str = ""           # "<experts module>: <reason>" when EP cannot serve this group's experts
+    # The LLM's attention per member, as transformers masks it (omnigen.attention): ("causal", 0),
+    # ("sliding_window", window) or ("chunked", chunk). Empty for encoders (they attend within their items).
+    attention_spans: tuple[tuple[str, int], ...] = ()
 
     @property
     def count(self) -> int:
@@ -82,6 +85,11 @@ class ModelGraph:
     # Roles present and the sub-module that carries each (e.g. {"encoder:vision": "model.visual"}).
     towers: dict[str, str] = field(default_factory=dict)
     router_aux_loss: bool = False  # the config adds the routers' load-balancing loss: its all-reduces cost time
+    # Why omnigen's own attention (Ulysses, packed documents) cannot compute the LLM's: softcapping, sinks, ...
+    attention_refused: str = ""
+    # Llama4's NoPE layers scale queries by their position within the tensor they see (omnigen.attention): Ulysses
+    # must redo it with whole-sequence positions. {"layers": [...], "floor_scale": ..., "attn_scale": ...} or {}.
+    query_position_scaling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,7 +97,9 @@ class ModelGraph:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelGraph":
         return cls(**{**d, "blocks": tuple(Block(**b) for b in d["blocks"]),
-                      "groups": tuple(Group(**{**g, "members": tuple(g["members"])}) for g in d["groups"])})
+                      "groups": tuple(Group(**{**g, "members": tuple(g["members"]),
+                                                "attention_spans": tuple(map(tuple, g.get("attention_spans", ())))})
+                                       for g in d["groups"])})
 
     def graph(self) -> "networkx.DiGraph":
         """Blocks as nodes; `contains` edges from a layer to its parts, `next` edges along the forward order."""

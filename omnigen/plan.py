@@ -123,6 +123,11 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
     fixed = {d: getattr(p, d) for d in MESH_DIMS if getattr(p, d) != "auto"}
     heads, kv_heads = foundation_attention(graph) if graph else (0, 0)
     sps = [d for d in divisors(world) if valid_sp(d, heads, kv_heads)]
+    no_ulysses = ulysses_refusal(spec, graph) if graph else ""
+    if no_ulysses and fixed.get("sp", 1) > 1:
+        raise PlanError(f"{spec.source}: parallel.sp={fixed['sp']}: {no_ulysses}; use sp=1")
+    if no_ulysses:
+        sps = [1]
     if fixed.get("sp", 1) not in sps:
         works = ", ".join(map(str, sps))
         raise PlanError(f"{spec.source}: parallel.sp={fixed['sp']}: Ulysses needs sp to divide the {heads} attention "
@@ -139,6 +144,11 @@ def mesh_candidates(spec: Spec, graph: ModelGraph | None = None) -> list[Mesh]:
                         f"{world} (cluster.nodes={spec.cluster.nodes} x cluster.procs_per_node="
                         f"{spec.cluster.procs_per_node}); dp_replicate x dp_shard x sp must equal {world}")
     return meshes
+
+
+def ulysses_refusal(spec: Spec, graph: ModelGraph) -> str:
+    """Why Ulysses would train a different model than the config describes ("" when it would not)."""
+    return f"Ulysses attention cannot reproduce {graph.attention_refused}" if graph.attention_refused else ""
 
 
 def num_experts(graph: ModelGraph | None) -> int:
@@ -317,17 +327,36 @@ def foundation_group(graph: ModelGraph):
     return next((g for g in graph.groups if g.role == "foundation"), None)
 
 
-def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...]) -> dict | None:
+def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...],
+                              inputs: dict[str, Any] | None = None) -> dict | None:
     """What the script needs for Ulysses (sp > 1) or document-aware attention (packed rows); None otherwise."""
     packed = spec.train.pack_documents > 1
     found = foundation_group(graph)
     if (mesh.sp == 1 and not packed) or found is None:
         return None
+    if "token_type_ids" in (inputs or {}).get("model_kwargs", ()):
+        raise PlanError(f"{spec.source}: {graph.model_class} is fed token_type_ids, with which transformers lets "
+                        "the tokens of one image attend to each other both ways; omnigen's Ulysses / packed-document "
+                        "attention is causal: use parallel.sp: 1 and train.pack_documents: 1")
+    if graph.attention_refused:  # packed rows need omnigen's attention even without SP
+        raise PlanError(f"{spec.source}: train.pack_documents={spec.train.pack_documents}: omnigen's document "
+                        f"attention cannot reproduce {graph.attention_refused}; use pack_documents: 1")
     attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
     return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
+            "local_attention": local_attention(found),
+            "query_position_scaling": graph.query_position_scaling if mesh.sp > 1 else {},
             "seq_len_padded": padded_seq_len(spec.train.seq_len, mesh.sp),
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
+
+
+def local_attention(found) -> dict:
+    """The LLM layers' sliding-window / chunked attention the script must apply: the pattern of each layer (by index
+    in the stack) and each pattern's span. Empty when every layer is plain causal."""
+    if all(kind == "causal" for kind, _ in found.attention_spans):
+        return {}
+    return {"layers": [kind for kind, _ in found.attention_spans],
+            "spans": {kind: span for kind, span in found.attention_spans if kind != "causal"}}
 
 
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
@@ -335,7 +364,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
-    for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads)):
+    no_ulysses = bool(ulysses_refusal(spec, graph))
+    for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
         t = spec.train
         base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs))  # one micro-batch
@@ -375,7 +405,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
-        inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups), weights=weights,
+        inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups, inputs), weights=weights,
         expert_parallel=expert_parallel_section(graph, mesh, groups),
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         frozen=frozen_modules(spec, graph),
@@ -487,6 +517,12 @@ def format_explain(plan: Plan, alternatives: bool = True) -> str:
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): {placement}, "
                      f"ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
+    local = (plan.sequence_parallel or {}).get("local_attention")
+    if local:
+        counts = {kind: local["layers"].count(kind) for kind in dict.fromkeys(local["layers"])}
+        lines.append("  LLM attention by layer: " + ", ".join(
+            f"{n} x {kind}" + (f" {local['spans'][kind]:,}" if kind in local["spans"] else "")
+            for kind, n in counts.items()))
     if plan.max_seq_len_by_sp:
         lines.append("longest seq_len that fits memory: "
                      + ", ".join(f"sp={k}: {v:,}" for k, v in plan.max_seq_len_by_sp.items()))

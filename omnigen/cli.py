@@ -118,7 +118,7 @@ def run(spec_path, sets, out_dir, steps):
 @SETS
 @click.option("--steps", type=int, help="Steps to compare (default: the spec's).")
 @click.option("--rtol", type=float, help="Relative tolerance on every step's loss and gradient norm (default: "
-              "fp32 1e-5 at step 0, 1e-3 after it; see README).")
+              "fp32 1e-5 at step 0, 1e-2 after it; see README).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the runs here (default: a temporary folder).")
 @user_errors
 def verify(spec_path, sets, steps, rtol, workdir):

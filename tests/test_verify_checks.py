@@ -170,6 +170,7 @@ CORRECT = {  # spec, --set overrides, whether the model routes tokens to experts
     "llama_h128_dp2": ("llama_tiny", ("model.overrides.hidden_size=128",), False),  # the case that cried wolf
     "llama_sp2": ("llama_tiny_sp2", (), False),
     "qwen3_moe_ep2": ("qwen3_moe_tiny_ep2", (), True),
+    "qwen2_vl_dp2_sp2_noimage": ("qwen2_vl_tiny_dp2_sp2_noimage", (), False),  # 4 ranks; the widest dense parting
 }
 
 

@@ -214,11 +214,13 @@ def run(spec_path, sets, out_dir, steps):
 @SPEC
 @SETS
 @click.option("--steps", type=click.IntRange(min=1), help="Steps to compare (default: the spec's).")
-@click.option("--rtol", type=float, help="Relative loss tolerance (default 1e-5 for fp32, 2e-2 for bf16).")
+@click.option("--rtol", type=float, help="Relative tolerance on every step's loss and gradient norm (default: "
+              "fp32 1e-5 at step 0, 1e-2 after it; see README).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Keep the runs here (default: a temporary folder).")
 @user_errors
 def verify(spec_path, sets, steps, rtol, workdir):
-    """Prove the parallel script equal to a single-process reference: per-step losses and final parameters."""
+    """Prove the parallel script equal to a single-process reference: per-step losses and gradient norms, and per
+    tensor the initial parameters, the first step's gradients and the parameter updates."""
     from .runner import verify as run_verify
     sys.exit(run_verify(_load(spec_path, sets), steps=steps, rtol=rtol, workdir=workdir))
 

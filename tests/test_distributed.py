@@ -1,7 +1,8 @@
 """Every parallel layout is proven against a single-process reference: same seed, data and global batch.
 
 Each case runs `omnigen verify` for real: the generated script under torchrun (gloo, CPU ranks) and the
-single-process reference, then compares per-step losses (fp32: relative 1e-5) and final parameters.
+single-process reference, then compares per-step losses and gradient norms, the first step's gradients and the
+parameter updates per tensor (runner.compare; tests/test_verify_checks.py shows that planted bugs fail).
 """
 
 import json
@@ -53,20 +54,6 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
     """--nnodes 2 with c10d rendezvous on localhost runs the same generated script."""
     code, metrics = verify("llama_tiny_2node", tmp_path)
     assert code == 0 and len(metrics) == 2
-
-
-def test_verify_fails_on_a_real_mismatch():
-    ref = [{"step": 0, "loss": 2.0, "grad_norm": 1.0}, {"step": 1, "loss": 1.9, "grad_norm": 0.9}]
-    params = {"w": torch.ones(3)}
-
-    def code(metrics=ref, p=params):
-        return runner.report({"reference": (ref, params), "parallel": (metrics, p)}, 2, 1e-5, 1e-5)
-
-    assert code() == 0
-    assert code(metrics=[ref[0], {**ref[1], "loss": 1.9001}]) == 1
-    assert code(metrics=[ref[0], {**ref[1], "grad_norm": 1.8}]) == 1  # a gradient scale bug Adam would hide
-    assert code(p={"w": torch.tensor([1.0, 1.0, 1.001])}) == 1
-    assert code(metrics=ref[:1]) == 1
 
 
 @pytest.mark.parametrize("name", ["llama_tiny_sp2", "qwen2_vl_tiny_dp2_sp2", "qwen25_omni_tiny_sp2",
@@ -134,15 +121,19 @@ def test_expert_parallel_checkpoint_holds_the_full_experts_and_resumes(tmp_path)
     assert ep["degree"] == 2 and ep["ep_fsdp"] == 2
 
     def run(folder, name, *args, ranks=True):
-        args = [*args, "--metrics", str(folder / f"{name}.jsonl"), "--dump-params", str(folder / f"{name}.pt")]
+        args = [*args, "--metrics", str(folder / f"{name}.jsonl"), "--dump-params", str(folder / f"{name}.pt"),
+                "--dump-initial-params", str(folder / f"{name}_initial.pt"),
+                "--dump-grads", str(folder / f"{name}_grads.pt")]
         script = folder / "train.py"
         code = (runner.launch(spec, script, args) if ranks
                 else subprocess.run([sys.executable, str(script), *args], cwd=folder).returncode)
         assert code == 0
-        return runner.read_metrics(folder / f"{name}.jsonl"), torch.load(folder / f"{name}.pt", weights_only=True)
+        dumps = (torch.load(folder / f"{name}{part}.pt", weights_only=True) for part in ("_initial", "_grads", ""))
+        return runner.Run(runner.read_metrics(folder / f"{name}.jsonl"), *dumps)
 
-    ref_metrics, ref_params = run(ref, "straight", "--steps", "3", ranks=False)
-    first_metrics, first_params = run(par, "first", "--steps", "2", "--checkpoint-dir", str(ckpt), "--count-comm-bytes")
+    straight = run(ref, "straight", "--steps", "3", ranks=False)
+    first = run(par, "first", "--steps", "2", "--checkpoint-dir", str(ckpt), "--count-comm-bytes")
+    ref_metrics, ref_params, first_metrics, first_params = straight.metrics, straight.final, first.metrics, first.final
     dcp_to_torch_save(ckpt, tmp_path / "checkpoint.pt")
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert int(saved["steps_done"]) == 2
@@ -154,15 +145,16 @@ def test_expert_parallel_checkpoint_holds_the_full_experts_and_resumes(tmp_path)
     experts = "model.layers.0.mlp.experts.gate_up_proj"
     assert saved["model"][experts].shape[0] == ep["num_experts"] and saved["optim"]["state"][experts]["exp_avg"].abs().sum() > 0
 
-    resumed_metrics, resumed_params = run(par, "resumed", "--steps", "3", "--resume", str(ckpt), "--count-comm-bytes")
-    assert [m["step"] for m in resumed_metrics] == [2]
-    parallel = first_metrics + resumed_metrics
+    resumed = run(par, "resumed", "--steps", "3", "--resume", str(ckpt), "--count-comm-bytes")
+    assert [m["step"] for m in resumed.metrics] == [2]
+    parallel = first_metrics + resumed.metrics
     check_expert_metrics(parallel, ref_metrics, ep, router_aux=True)
-    atol = runner.PARAM_ATOL_PER_LR["fp32"] * spec.train.lr
-    assert runner.report({"reference": (ref_metrics, ref_params), "parallel": (parallel, resumed_params)},
-                         3, runner.LOSS_RTOL["fp32"], atol) == 0
+    # the whole story: first run's start and step-0 gradients, both runs' steps, the resumed run's end
+    stitched = runner.Run(parallel, first.initial, first.grads, resumed.final)
+    assert runner.report(straight, stitched, 3, runner.tolerances("fp32", routed_experts=True)) == 0
 
-    one_process_metrics, _ = run(ref, "resumed", "--steps", "3", "--resume", str(ckpt), ranks=False)
+    one_process_metrics = run(ref, "resumed", "--steps", "3", "--resume", str(ckpt), ranks=False).metrics
     assert [m["step"] for m in one_process_metrics] == [2]
     for key in ("loss", "grad_norm", "aux_loss"):
-        assert one_process_metrics[0][key] == pytest.approx(ref_metrics[2][key], rel=runner.LOSS_RTOL["fp32"])
+        # resumed from a checkpoint 2 steps in: rounding has barely parted the runs at this step
+        assert one_process_metrics[0][key] == pytest.approx(ref_metrics[2][key], rel=runner.TOLERANCES["fp32"].first_step)

@@ -9,8 +9,9 @@ plan:
 predicted: 2.627 s/step, 6236 tokens/s/device, peak 88.2 GiB/device, MFU 36.5%
 
 Run it with launch.sh (torchrun). It needs only torch and transformers; edit it freely.
-Flags: --steps N, --metrics FILE (JSON lines), --dump-params FILE (full final state dict), --checkpoint-dir DIR (DCP),
---resume DIR (continue from such a checkpoint).
+Flags: --steps N, --metrics FILE (JSON lines), --dump-params FILE (full final state dict), --dump-initial-params FILE
+(the same before the first step), --dump-grads FILE (full gradients of the first step, before clipping),
+--checkpoint-dir DIR (DCP), --resume DIR (continue from such a checkpoint).
 """
 
 import argparse
@@ -312,6 +313,8 @@ def train(args):
     rows = read_jsonl(os.path.join(HERE, DATA)) if DATA else None
     metrics_file = open(args.metrics, "w") if args.metrics and rank == 0 else None
     start_step = load_checkpoint(model, optimizer, args.resume) if args.resume else 0
+    if args.dump_initial_params:
+        dump_full_state_dict(model, args.dump_initial_params, rank)
 
     for step in range(start_step, args.steps):
         start = time.perf_counter()
@@ -322,6 +325,8 @@ def train(args):
             loss = loss_sum(model, batch) / label_tokens
             loss.backward()
             step_loss += loss.detach()
+        if args.dump_grads and step == start_step:
+            dump_full_grads(model, args.dump_grads, rank)
         forward_backward_done = time.perf_counter()
         max_norm = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")
         grad_norm = clip_grad_norm(model, max_norm)
@@ -367,6 +372,20 @@ def dump_full_state_dict(model, path, rank):
         torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
 
 
+def dump_full_grads(model, path, rank):
+    """Gather every parameter's full gradient to rank 0 and save {name: gradient}: what `omnigen verify` compares
+    after the first step's backward. Call it on every rank (full_tensor and all_gather are collectives)."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = full(param.grad)
+        if rank == 0:
+            grads[name] = grad.detach().cpu()
+    if rank == 0:
+        torch.save(grads, path)
+
+
 def save_checkpoint(model, optimizer, folder, steps_done):
     """A sharded DCP checkpoint of model, optimizer and the number of steps done: each rank writes its own shards."""
     import torch.distributed.checkpoint as dcp
@@ -394,6 +413,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--metrics", help="also write the per-step JSON lines to this file (rank 0)")
     parser.add_argument("--dump-params", help="save the final full state dict here (rank 0)")
+    parser.add_argument("--dump-initial-params", help="save the full state dict before the first step here (rank 0)")
+    parser.add_argument("--dump-grads", help="save the first step's full gradients, before clipping, here (rank 0)")
     parser.add_argument("--checkpoint-dir", help="save a DCP checkpoint of model and optimizer here at the end")
     parser.add_argument("--resume", help="continue from a --checkpoint-dir folder written with the same plan")
     return parser.parse_args()

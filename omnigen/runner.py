@@ -208,6 +208,17 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
     """Run the parallel script and the single-process reference with the same seed, data and global batch, and
     compare them (see compare); exit status 0 only when every check passes."""
     steps = steps or spec.train.steps
+    pair = run_pair(spec, steps, workdir)
+    if pair is None:
+        return 1
+    reference, parallel, tol = pair
+    if rtol is not None:
+        tol = replace(tol, first_step=rtol, later_steps=rtol)
+    return report(reference, parallel, steps, tol)
+
+
+def run_pair(spec: Spec, steps: int, workdir: str | None = None) -> tuple[Run, Run, Tolerances] | None:
+    """The reference and the parallel run of `spec` (None when either fails), and the tolerances they are held to."""
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"omnigen-verify-{spec.name}-"))
     runs = {}
     for label, s in (("reference", reference_spec(spec)), ("parallel", spec)):
@@ -220,11 +231,9 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
                                  count_comm_bytes=compiled.plan.has_explicit_collectives)
         if runs[label] is None:
             print(f"omnigen verify: the {label} run failed", file=sys.stderr)
-            return 1
+            return None
     tol = tolerances(spec.train.precision, routed_experts=num_experts(compiled.graph) > 0)
-    if rtol is not None:
-        tol = replace(tol, first_step=rtol, later_steps=rtol)
-    return report(runs["reference"], runs["parallel"], steps, tol)
+    return runs["reference"], runs["parallel"], tol
 
 
 def relative(a: float, b: float) -> float:

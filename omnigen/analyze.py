@@ -140,6 +140,14 @@ class _Analyzer:
                         f"{_numel(module):,} parameters): not inside a vision/audio tower or the language model, "
                         "and not named like a projector (merger, multi_modal_projector, proj) or a head (lm_head)")
 
+    def _wrapper_role(self, path: str, module: nn.Module, towers: list[_Tower]) -> str:
+        """A wrapper's own parameters (LLaVA-Next/OneVision's image_newline on the multimodal model) join the root
+        unit with the projector. Local stop-gap until the structure analysis classifies wrapper parameters."""
+        try:
+            return self._top_role(path, module, towers)
+        except SpecError:
+            return "projector"
+
     # --- the walk ----------------------------------------------------------------------------------------
 
     def run(self) -> ModelGraph:
@@ -155,7 +163,8 @@ class _Analyzer:
         tops: list[tuple[str, nn.Module, bool]] = []   # (path, module, direct parameters only)
         self._collect(self.model, "", groups, containers, tops)
         tower_list = list(dict.fromkeys(towers.values()))
-        roles = {p: self._top_role(p, m, tower_list) for p, m, _ in tops if p not in groups}
+        roles = {p: self._wrapper_role(p, m, tower_list) if direct else self._top_role(p, m, tower_list)
+                 for p, m, direct in tops if p not in groups}
         conv_positions = self._conv_positions(tops, roles, tower_list)
         group_objs = []
         for path, module, direct in tops:
@@ -261,7 +270,10 @@ class _Analyzer:
                      tensors=round(mean("tensors")))
 
     def _layer(self, path: str, layer: nn.Module, group: str, role: str) -> Block:
-        attn_mod = next((m for m in layer.modules() if F.is_attention(m)), None)
+        # The first attention module whose heads can be read (Pixtral's PixtralAttentionLayer is a whole layer
+        # named like attention; its PixtralAttention inside carries the heads). Local stop-gap, see the report.
+        attn_mods = [m for m in layer.modules() if F.is_attention(m)]
+        attn_mod = next((m for m in attn_mods if F.attention_shape(m) is not None), attn_mods[0] if attn_mods else None)
         attn = F.attention_shape(attn_mod) if attn_mod is not None else None
         if attn is None:
             raise SpecError(f"{self.class_name}: cannot read heads / head_dim of the attention in '{path}' "

@@ -103,14 +103,29 @@ def _token_id(config: Any, *names: str) -> int | None:
     return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
 
 
-def _feature_call(cls: type, modality: str, item_kwargs: list[str]) -> dict[str, Any]:
+def _feature_call(cls: type, modality: str, item_kwargs: list[str], config: Any = None,
+                  sub_config: Any = None) -> dict[str, Any]:
     """How IdleTowers runs this tower alone: the model's get_<modality>_features with the item's tensors (by the
-    names its signature uses), or, where the model has none (Qwen2-Audio), the tower module on the first tensor."""
+    names its signature uses), or, where the model has none (Qwen2-Audio), the tower module on the first tensor
+    followed by the projector beside it (its parameters must get gradients on every rank alike)."""
     method = getattr(cls, f"get_{modality}_features", None)
     if method is None:
-        return {"tower_call": "module", "feature_args": item_kwargs[:1]}
+        return {"tower_call": "module", "feature_args": item_kwargs[:1],
+                "projector": _projector_beside(cls, config, sub_config)}
     params = list(inspect.signature(method).parameters)
     return {"tower_call": f"get_{modality}_features", "feature_args": [p for p in params if p in item_kwargs]}
+
+
+def _projector_beside(cls: type, config: Any, sub_config: Any) -> str | None:
+    """The name of the projector next to the tower that `sub_config` configures (a sibling module named like a
+    projector), read off the model built on the meta device."""
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    for path, module in model.named_modules():
+        if getattr(module, "config", None) is sub_config or type(getattr(module, "config", None)) is type(sub_config):
+            parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+            return next((n for n, _ in parent.named_children() if "projector" in n or n.endswith("proj")), None)
+    return None
 
 
 def _patch_grid_image(config: Any, vision: Any, target_tokens: int) -> dict[str, Any]:
@@ -245,7 +260,7 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
         "concat_dim": 0,
         "encoder_tokens_per_item": _conv_stride2(window) if window != frames else encoder_tokens,
         "llm_tokens_per_item": llm_tokens,
-        **_feature_call(cls, "audio", item_kwargs),
+        **_feature_call(cls, "audio", item_kwargs, config, audio),
     }
 
 

@@ -182,7 +182,9 @@ def tiny_dict(config_dict: dict[str, Any], mrope: bool = False, read_token_ids: 
     ids = sorted(i for i in _token_ids(raw, set()) if i >= VOCAB)
     _remap_token_ids(raw, {old: VOCAB - len(ids) + rank for rank, old in enumerate(ids)})
     free = VOCAB - len(ids) - 1
-    for name in read_token_ids:  # ids the modeling code reads that the default config lacks
+    starts = [n for n in (*read_token_ids, *raw) if n.endswith("_start_token_id")]
+    wanted = (*read_token_ids, *(n.replace("_start_", "_end_") for n in starts))  # a block's end with its start
+    for name in dict.fromkeys(wanted):  # ids the modeling code reads that the default config lacks
         if name not in raw:
             raw[name], free = free, free - 1
     return raw

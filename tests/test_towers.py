@@ -34,7 +34,10 @@ FAMILIES = {
               "SmolVLMForConditionalGeneration", "Mistral3ForConditionalGeneration",
               "Llama4ForConditionalGeneration"],
     "whisper_audio": ["Qwen2AudioForConditionalGeneration"],
+    "omni": ["Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration"],
 }
+LAYOUT = {"patches": {"image": "patches"}, "crops": {"image": "crops"}, "whisper_audio": {"audio": None},
+          "omni": {"image": "patches", "audio": None}}
 CASES = [(family, name) for family, names in FAMILIES.items() for name in names]
 
 
@@ -63,34 +66,35 @@ def features_count(output, width):
 def test_recipe_token_count_is_what_the_tower_produces(family, name):
     cls, config = tiny(name)
     recipe = input_recipe(config, name, SEQ_LEN)
-    modality = "audio" if family.endswith("audio") else "image"
-    item = recipe[modality]
-    assert item.get("layout", "audio") == {"patches": "patches", "crops": "crops"}.get(family, "audio")
+    assert {m: recipe[m].get("layout") for m in ("image", "audio") if m in recipe} == LAYOUT[family]
     data = data_module(recipe)
     batch = data["collate"]([data["make_sample"](i, SEQ_LEN, 0) for i in range(2)])
     assert set(batch) == set(recipe["model_kwargs"]) | {"shift_labels"}
     torch.manual_seed(0)
     model = cls._from_config(config).train()
-    # The tower alone, called the way IdleTowers calls it.
-    _, features = data[f"{modality}_block"](torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        if item["tower_call"] == "module":
-            tower = next(m for n, m in model.named_modules() if n.endswith(f"{modality}_tower"))
-            out = tower(*(features[a] for a in item["feature_args"]))
-            produced = out.last_hidden_state.shape[1]
-            produced = len(range(produced)) if item["window_frames"] == item["num_frames"] else None
-        else:
-            out = getattr(model, item["tower_call"])(**{a: features[a] for a in item["feature_args"]})
-            produced = features_count(out, config.get_text_config().hidden_size)
-    if produced is not None:
-        assert produced == item["llm_tokens_per_item"], (name, produced, item["llm_tokens_per_item"])
+    for modality in LAYOUT[family]:  # each tower alone, called the way IdleTowers calls it
+        item = recipe[modality]
+        _, features = data[f"{modality}_block"](torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            if item["tower_call"] == "module":
+                tower = next(m for n, m in model.named_modules() if n.endswith(f"{modality}_tower"))
+                out = tower(*(features[a] for a in item["feature_args"]))
+                # A padded window's output covers the padding too: the forward below counts the real tokens.
+                produced = out.last_hidden_state.shape[1] if item["window_frames"] == item["num_frames"] else None
+            else:
+                out = getattr(model, item["tower_call"])(**{a: features[a] for a in item["feature_args"]})
+                produced = features_count(out, config.get_text_config().hidden_size)
+        if produced is not None:
+            assert produced == item["llm_tokens_per_item"], (name, modality, produced, item["llm_tokens_per_item"])
     # The whole model: transformers raises when placeholders and features differ in number.
     labels = batch.pop("shift_labels")
     logits = model(**batch).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
     assert torch.isfinite(loss)
-    assert (batch["input_ids"] == item["token_id"]).sum() == 2 * item["llm_tokens_per_item"]
+    for modality in LAYOUT[family]:
+        item = recipe[modality]
+        assert (batch["input_ids"] == item["token_id"]).sum() == 2 * item["llm_tokens_per_item"]
 
 
 def test_text_range_without_eos_or_pad_in_the_text_config():

@@ -7,14 +7,22 @@ top-level keys ("image", "audio") only when the model has them.
 
 Sample layout (the processor's own wrapping, e.g. Qwen's <|vision_start|><|image_pad|>*N<|vision_end|>):
     text  [start] placeholder*N [end]  (one block per modality present)  text
-Each modality item is sized to about seq_len/8 LLM tokens, so the towers' share of the work stays realistic as
-seq_len grows, and tiny test runs stay tiny.
+Each modality item is sized to about seq_len/8 LLM tokens where the tower takes variable sizes (patch grids,
+Pixtral, audio), so the towers' share of the work stays realistic as seq_len grows, and tiny test runs stay tiny;
+fixed-size towers (CLIP/SigLIP crops) take one image of their image_size.
+
+Towers are recognised by family, from the model's forward / get_*_features signatures and config fields, never
+by model name: flattened patches + image_grid_thw ("patches"), whole crops pixel_values [N, C, H, W] ("crops",
+with image_sizes / pixel_attention_mask / anyres tiles where the signature asks for them), and Whisper-style
+mel features (chunked, or in a fixed window padded and masked). How many LLM tokens an item becomes is config
+arithmetic; tests/test_towers.py checks it against each real tiny tower.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import sys
 from typing import Any
 
@@ -103,29 +111,30 @@ def _token_id(config: Any, *names: str) -> int | None:
     return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
 
 
-def _feature_call(cls: type, modality: str, item_kwargs: list[str], config: Any = None,
-                  sub_config: Any = None) -> dict[str, Any]:
+def _feature_call(cls: type, modality: str, item_kwargs: list[str]) -> dict[str, Any]:
     """How IdleTowers runs this tower alone: the model's get_<modality>_features with the item's tensors (by the
-    names its signature uses), or, where the model has none (Qwen2-Audio), the tower module on the first tensor
-    followed by the projector beside it (its parameters must get gradients on every rank alike)."""
+    names its signature uses), or, where the model has none (Qwen2-Audio), the tower module on the first tensor.
+    When the forward applies the projector outside that call (Llama4, Qwen2-Audio), the dummy applies it too:
+    its parameters must get gradients on idle ranks exactly as on the others."""
     method = getattr(cls, f"get_{modality}_features", None)
     if method is None:
-        return {"tower_call": "module", "feature_args": item_kwargs[:1],
-                "projector": _projector_beside(cls, config, sub_config)}
-    params = list(inspect.signature(method).parameters)
-    return {"tower_call": f"get_{modality}_features", "feature_args": [p for p in params if p in item_kwargs]}
+        call = {"tower_call": "module", "feature_args": item_kwargs[:1]}
+    else:
+        params = list(inspect.signature(method).parameters)
+        call = {"tower_call": f"get_{modality}_features", "feature_args": [p for p in params if p in item_kwargs]}
+    return {**call, "projector": _projector_outside(cls, modality)}
 
 
-def _projector_beside(cls: type, config: Any, sub_config: Any) -> str | None:
-    """The name of the projector next to the tower that `sub_config` configures (a sibling module named like a
-    projector), read off the model built on the meta device."""
-    with torch.device("meta"):
-        model = cls._from_config(config)
-    for path, module in model.named_modules():
-        if getattr(module, "config", None) is sub_config or type(getattr(module, "config", None)) is type(sub_config):
-            parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-            return next((n for n, _ in parent.named_children() if "projector" in n or n.endswith("proj")), None)
-    return None
+def _projector_outside(cls: type, modality: str) -> str | None:
+    """The projector the model's forward applies to this tower's output after get_<modality>_features returns
+    (asked of the modeling source): None when every get_<modality>_features projects itself."""
+    source = inspect.getsource(sys.modules[cls.__module__])
+    getters = re.findall(rf"def get_{modality}_features\(.*?(?=\n    (?:@|def )|\nclass )", source, flags=re.S)
+    if any(re.search(r"self\.\w*(projector|merger|proj)\w*\(", g) for g in getters):
+        return None
+    tower_calls = re.findall(rf"self\.(\w*{'audio' if modality == 'audio' else 'vision|visual'}\w*)\(", source)
+    projectors = re.findall(r"self\.(\w*projector\w*)\(", source)
+    return projectors[0] if projectors and (getters or tower_calls) else None
 
 
 def _patch_grid_image(config: Any, vision: Any, target_tokens: int) -> dict[str, Any]:
@@ -260,7 +269,7 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
         "concat_dim": 0,
         "encoder_tokens_per_item": _conv_stride2(window) if window != frames else encoder_tokens,
         "llm_tokens_per_item": llm_tokens,
-        **_feature_call(cls, "audio", item_kwargs, config, audio),
+        **_feature_call(cls, "audio", item_kwargs),
     }
 
 

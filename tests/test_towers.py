@@ -129,6 +129,7 @@ def test_zoo_configs_are_tiny_and_consistent(name):
 # One real verify per family: torchrun at dp_shard=2 against the single-process reference. Every other sample
 # carries no image/audio, so one rank runs its tower on IdleTowers' dummy item in some micro-batch.
 VERIFY = ["Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration", "Idefics3ForConditionalGeneration",
+          "Llama4ForConditionalGeneration",
           "Qwen2AudioForConditionalGeneration"]
 
 

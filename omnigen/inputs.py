@@ -247,15 +247,16 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
     audio = config.audio_config
     tower = _meta_tower(class_name, audio)
     chunked = getattr(audio, "n_window", None) is not None
+    # Whisper-style towers without chunking take a fixed window of 2 x max_source_positions frames (Qwen2-Audio
+    # checks it): the clip is padded to it and feature_attention_mask marks the real frames. A clip is at most
+    # that window long.
+    fixed = not chunked and getattr(audio, "max_source_positions", None)
+    window = 2 * audio.max_source_positions if fixed else None
     frames = 1
-    while _audio_lengths(frames, audio, tower)[1] < target_tokens:  # fewest mel frames giving the target tokens
+    while _audio_lengths(frames, audio, tower)[1] < target_tokens and frames != window:  # fewest frames for the target
         frames += 1
     encoder_tokens, llm_tokens = _audio_lengths(frames, audio, tower)
-    # Whisper-style towers without chunking take a fixed window of 2 x max_source_positions frames (Qwen2-Audio
-    # checks it): the clip is padded to it and feature_attention_mask marks the real frames.
-    window = frames if chunked or not getattr(audio, "max_source_positions", None) else 2 * audio.max_source_positions
-    if window < frames:
-        raise SpecError(f"{class_name}: an audio clip of {frames} frames does not fit the tower's window of {window}")
+    window = window or frames
     item_kwargs = ["input_features", "feature_attention_mask"]
     return {
         "token_id": _token_id(config, "audio_token_id", "audio_token_index"),

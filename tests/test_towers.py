@@ -153,3 +153,13 @@ def test_tower_family_verifies_at_dp_shard_2(name, tmp_path):
     metrics = runner.read_metrics(tmp_path / "run" / "parallel" / "metrics.jsonl")
     assert code == 0 and len(metrics) == 2
     assert json.loads((tmp_path / "run" / "parallel" / "plan.json").read_text())["mesh"]["dp_shard"] == 2
+
+
+def test_a_fixed_audio_window_caps_the_clip():
+    """Qwen2-Audio's tower takes exactly 2 x max_source_positions frames: a long sequence's clip fills that window
+    (750 LLM tokens at the released 1500 positions) instead of asking for more frames than the tower takes."""
+    config = transformers.Qwen2AudioConfig()
+    audio = input_recipe(config, "Qwen2AudioForConditionalGeneration", 8192)["audio"]
+    assert audio["num_frames"] == audio["window_frames"] == 3000 and audio["llm_tokens_per_item"] == 750
+    short = input_recipe(config, "Qwen2AudioForConditionalGeneration", 256)["audio"]
+    assert short["window_frames"] == 3000 and short["num_frames"] < 3000 and short["llm_tokens_per_item"] == 32

@@ -7,16 +7,26 @@ top-level keys ("image", "audio") only when the model has them.
 
 Sample layout (the processor's own wrapping, e.g. Qwen's <|vision_start|><|image_pad|>*N<|vision_end|>):
     text  [start] placeholder*N [end]  (one block per modality present)  text
-Each modality item is sized to about seq_len/8 LLM tokens, so the towers' share of the work stays realistic as
-seq_len grows, and tiny test runs stay tiny.
+Each modality item is sized to about seq_len/8 LLM tokens where the tower takes variable sizes (patch grids,
+Pixtral, audio), so the towers' share of the work stays realistic as seq_len grows, and tiny test runs stay tiny;
+fixed-size towers (CLIP/SigLIP crops) take one image of their image_size.
+
+Towers are recognised by family, from the model's forward / get_*_features signatures and config fields, never
+by model name: flattened patches + image_grid_thw ("patches"), whole crops pixel_values [N, C, H, W] ("crops",
+with image_sizes / pixel_attention_mask / anyres tiles where the signature asks for them), and Whisper-style
+mel features (chunked, or in a fixed window padded and masked). How many LLM tokens an item becomes is config
+arithmetic; tests/test_towers.py checks it against each real tiny tower.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+import re
+import sys
+from typing import Any
 
+import torch
 import transformers
 
 from .errors import SpecError
@@ -25,8 +35,8 @@ TEXT_SHARE_PER_ITEM = 8   # each modality item takes ~seq_len / 8 LLM tokens
 MIN_TEXT_TOKENS = 2       # at least one text token before the modality blocks and one after
 MM_TOKEN_TYPE = {"image": 1, "video": 2, "audio": 3}  # transformers' ProcessorMixin.create_mm_token_type_ids
 
-# Vision towers that take flattened patches + a (t, h, w) grid and merge spatial_merge_size**2 patches per token.
-PATCH_VISION_TOWERS = ("qwen2_vl_vision", "qwen2_5_omni_vision_encoder", "qwen3_omni_moe_vision_encoder")
+IMAGE_START_NAMES = ("vision_start_token_id", "image_start_token_id", "boi_token_index", "boi_token_id")
+IMAGE_END_NAMES = ("vision_end_token_id", "image_end_token_id", "eoi_token_index", "eoi_token_id")
 
 
 def _conv_stride2(n: int) -> int:
@@ -34,26 +44,40 @@ def _conv_stride2(n: int) -> int:
     return (n - 1) // 2 + 1
 
 
-def _qwen2_5_omni_audio_lengths(frames: int, audio_config: Any) -> tuple[int, int]:
-    # One stride-2 conv before the encoder layers, then a stride-2 average pool before the projection
-    # (Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths).
+def _pooled(n: int) -> int:
+    """Length after a kernel-2, stride-2 average pool."""
+    return (n - 2) // 2 + 1
+
+
+def _meta_tower(class_name: str, sub_config: Any) -> torch.nn.Module | None:
+    """The tower that `sub_config` configures, built on the meta device (no memory, milliseconds): the class in the
+    model's own modeling module whose config_class is the sub-config's. None when the module holds no such class."""
+    module = sys.modules[getattr(transformers, class_name).__module__]
+    tower_cls = next((obj for obj in vars(module).values()
+                      if isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
+                      and obj.config_class is type(sub_config)), None)
+    with torch.device("meta"):
+        try:
+            if tower_cls is not None:
+                return tower_cls._from_config(sub_config)
+            return transformers.AutoModel.from_config(sub_config)  # a tower from another module (CLIP in LLaVA)
+        except Exception:  # noqa: BLE001 - a tower that does not build alone is probed no further
+            return None
+
+
+def _audio_lengths(frames: int, audio_config: Any, tower: torch.nn.Module | None) -> tuple[int, int]:
+    """(encoder tokens, LLM tokens) for `frames` mel frames, from the tower's stem as its config and modules say."""
+    if getattr(audio_config, "downsample_hidden_size", None) is not None and getattr(audio_config, "n_window", None):
+        # Conv2d stem: three stride-2 convs per chunk of 2*n_window frames; transformers hard-codes 13 tokens per
+        # full chunk (_get_feat_extract_output_lengths), exact for the released n_window=50. No pooling afterwards.
+        chunk = 2 * audio_config.n_window
+        rest = frames % chunk
+        tokens = (frames // chunk) * 13 + (_conv_stride2(_conv_stride2(_conv_stride2(rest))) if rest else 0)
+        return tokens, tokens
+    # Whisper-style conv1d stem (stride 1, then stride 2), then a stride-2 average pool when the tower has one.
     encoder_tokens = _conv_stride2(frames)
-    return encoder_tokens, (encoder_tokens - 2) // 2 + 1
-
-
-def _qwen3_omni_audio_lengths(frames: int, audio_config: Any) -> tuple[int, int]:
-    # Three stride-2 convs per chunk of 2*n_window frames; transformers hard-codes 13 tokens per full chunk
-    # (_get_feat_extract_output_lengths), which is exact for the released n_window=50. No pooling afterwards.
-    chunk = 2 * audio_config.n_window
-    rest = frames % chunk
-    tokens = (frames // chunk) * 13 + (_conv_stride2(_conv_stride2(_conv_stride2(rest))) if rest else 0)
-    return tokens, tokens
-
-
-AUDIO_TOWERS: dict[str, Callable[[int, Any], tuple[int, int]]] = {
-    "qwen2_5_omni_audio_encoder": _qwen2_5_omni_audio_lengths,
-    "qwen3_omni_moe_audio_encoder": _qwen3_omni_audio_lengths,
-}
+    pools = tower is not None and isinstance(getattr(tower, "avg_pooler", None), torch.nn.AvgPool1d)
+    return encoder_tokens, _pooled(encoder_tokens) if pools else encoder_tokens
 
 
 def _special_token_ids(node: Any) -> set[int]:
@@ -77,8 +101,9 @@ def _text_range(config: transformers.PretrainedConfig) -> dict[str, int]:
     if low >= high:
         raise SpecError(f"no token range free of special ids in a vocabulary of {vocab}: specials {sorted(specials)}")
     text = config.get_text_config()
-    pad = next((v for v in (text.pad_token_id, getattr(config, "pad_token_id", None), text.eos_token_id)
-                if isinstance(v, int)), 0)
+    candidates = (getattr(text, "pad_token_id", None), getattr(config, "pad_token_id", None),
+                  getattr(text, "eos_token_id", None), getattr(config, "eos_token_id", None))
+    pad = next((v for v in candidates if isinstance(v, int) and 0 <= v < vocab), 0)
     return {"vocab_size": vocab, "token_low": low, "token_high": high, "pad_token_id": pad}
 
 
@@ -86,59 +111,179 @@ def _token_id(config: Any, *names: str) -> int | None:
     return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
 
 
-def _image_recipe(config: Any, target_tokens: int) -> dict[str, Any]:
-    vision = config.vision_config
-    if vision.model_type not in PATCH_VISION_TOWERS:
-        raise SpecError(f"omnigen has no input recipe for vision tower {vision.model_type!r}; "
-                        f"supported: {', '.join(PATCH_VISION_TOWERS)}")
+def _feature_call(cls: type, modality: str, item_kwargs: list[str]) -> dict[str, Any]:
+    """How IdleTowers runs this tower alone: the model's get_<modality>_features with the item's tensors (by the
+    names its signature uses), or, where the model has none (Qwen2-Audio), the tower module on the first tensor.
+    When the forward applies the projector outside that call (Llama4, Qwen2-Audio), the dummy applies it too:
+    its parameters must get gradients on idle ranks exactly as on the others."""
+    method = getattr(cls, f"get_{modality}_features", None)
+    if method is None:
+        call = {"tower_call": "module", "feature_args": item_kwargs[:1]}
+    else:
+        params = list(inspect.signature(method).parameters)
+        call = {"tower_call": f"get_{modality}_features", "feature_args": [p for p in params if p in item_kwargs]}
+    return {**call, "projector": _projector_outside(cls, modality)}
+
+
+def _projector_outside(cls: type, modality: str) -> str | None:
+    """The projector the model's forward applies to this tower's output after get_<modality>_features returns
+    (asked of the modeling source): None when every get_<modality>_features projects itself."""
+    source = inspect.getsource(sys.modules[cls.__module__])
+    getters = re.findall(rf"def get_{modality}_features\(.*?(?=\n    (?:@|def )|\nclass )", source, flags=re.S)
+    if any(re.search(r"self\.\w*(projector|merger|proj)\w*\(", g) for g in getters):
+        return None
+    tower_calls = re.findall(rf"self\.(\w*{'audio' if modality == 'audio' else 'vision|visual'}\w*)\(", source)
+    projectors = re.findall(r"self\.(\w*projector\w*)\(", source)
+    return projectors[0] if projectors and (getters or tower_calls) else None
+
+
+def _patch_grid_image(config: Any, vision: Any, target_tokens: int) -> dict[str, Any]:
+    """Qwen2-VL-style towers (Qwen2/2.5/3-VL, the Omni thinkers, GLM-4V): flattened patches of
+    in_channels x temporal_patch_size x patch_size**2 values and a (t, h, w) grid; spatial_merge_size**2 patches
+    merge into one LLM token."""
     merge = vision.spatial_merge_size
     side = max(1, math.isqrt(target_tokens))  # merged tokens per side of a square, single-frame image
     grid = [1, side * merge, side * merge]
     patches = math.prod(grid)
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     return {
-        "token_id": _token_id(config, "image_token_id", "image_token_index"),
-        "start_token_id": _token_id(config, "vision_start_token_id"),
-        "end_token_id": _token_id(config, "vision_end_token_id"),
+        "layout": "patches",
         "grid_thw": grid,
         "patch_dim": patch_dim,
         "pixel_values_shape": [patches, patch_dim],
+        "item_kwargs": ["pixel_values", "image_grid_thw"],
+        "concat_dim": 0,
         "encoder_tokens_per_item": patches,            # patches through the vision blocks
         "llm_tokens_per_item": patches // merge ** 2,  # after the patch merger
     }
 
 
-def _audio_recipe(config: Any, target_tokens: int) -> dict[str, Any]:
-    audio = config.audio_config
-    lengths = AUDIO_TOWERS.get(audio.model_type)
-    if lengths is None:
-        raise SpecError(f"omnigen has no input recipe for audio tower {audio.model_type!r}; "
-                        f"supported: {', '.join(AUDIO_TOWERS)}")
-    frames = 1
-    while lengths(frames, audio)[1] < target_tokens:  # fewest mel frames giving the target LLM tokens
-        frames += 1
-    encoder_tokens, llm_tokens = lengths(frames, audio)
+def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_name: str) -> dict[str, Any]:
+    """CLIP-style towers (LLaVA, LLaVA-Next/OneVision, Gemma3's SigLIP, InternVL, Idefics3/SmolVLM, Mistral3's
+    Pixtral, Llama4): pixel_values of whole crops [channels, height, width]. The LLM tokens per image follow from
+    the tower's patch grid and what the model does after it, all read from config fields and signatures:
+    a class token kept or dropped (vision_feature_select_strategy), pixel shuffle / downsampling
+    (pixel_shuffle_ratio, downsample_ratio, scale_factor), a patch merger (spatial_merge_size), a pooled fixed count
+    (mm_tokens_per_image), and anyres tiling with image_newline (image_grid_pinpoints)."""
+    patch = _side(vision.patch_size)
+    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", 3)
+    image_args = set(inspect.signature(getattr(cls, "get_image_features")).parameters)
+    forward_args = set(inspect.signature(cls.forward).parameters)
+    merge = getattr(config, "spatial_merge_size", None) or 1
+    if "image_sizes" in image_args and not getattr(config, "image_grid_pinpoints", None):
+        # Variable-size images (Pixtral): a square image sized to the target, at most the tower's image_size.
+        per_side = max(1, min(math.isqrt(target_tokens), _side(vision.image_size) // (patch * merge)))
+        size = per_side * patch * merge
+    else:
+        size = _side(vision.image_size)
+    side = size // patch
+    positions = side * side
+    if "vision_feature_select_strategy" in image_args:
+        tower = _meta_tower(class_name, vision)
+        has_class_token = tower is not None and any(
+            n.split(".")[-1] in ("class_embedding", "cls_token") for n, _ in tower.named_parameters())
+        positions += int(has_class_token)
+        if getattr(config, "vision_feature_select_strategy", "default") == "default":
+            positions -= 1  # transformers drops the first position (the class token, where there is one)
+    encoder_tokens = positions
+    tokens = positions // merge ** 2
+    for ratio in (getattr(vision, "pixel_shuffle_ratio", None), getattr(config, "downsample_ratio", None)):
+        if ratio:
+            tokens = round(tokens * ratio ** 2)
+    if getattr(config, "scale_factor", None) and "pixel_attention_mask" in forward_args:
+        tokens //= config.scale_factor ** 2
+    if getattr(config, "mm_tokens_per_image", None):
+        tokens = config.mm_tokens_per_image  # pooled to a fixed count (Gemma3)
+    shape = [1, channels, size, size]
+    item = {"layout": "crops", "image_size": [size, size], "concat_dim": 0,
+            "item_kwargs": ["pixel_values"], "image_sizes": None, "pixel_attention_mask": False}
+    if getattr(config, "image_grid_pinpoints", None):
+        # anyres: the base view plus one tile (an image of exactly the base size picks the 1 x 1 grid); the tile's
+        # feature rows each end in image_newline.
+        if [size, size] not in [list(p) for p in config.image_grid_pinpoints]:
+            raise SpecError(f"{class_name}: image_grid_pinpoints holds no {size}x{size} resolution, which "
+                            "omnigen's synthetic anyres image uses")
+        grid_side = math.isqrt(tokens)
+        shape = [1, 2, channels, size, size]
+        encoder_tokens *= 2
+        tokens = tokens + grid_side * (grid_side + 1)
+    if "image_sizes" in image_args or ("image_sizes" in forward_args and getattr(config, "image_grid_pinpoints", None)):
+        item["image_sizes"] = [size, size]
+        item["item_kwargs"].append("image_sizes")
+    if "pixel_attention_mask" in image_args:
+        # pixel_values [batch, images, channels, h, w]: a batch's images go side by side in one row (dim 1).
+        shape = [1, 1, channels, size, size]
+        item.update(pixel_attention_mask=True, concat_dim=1)
+        item["item_kwargs"].append("pixel_attention_mask")
+    item.update(pixel_values_shape=shape, encoder_tokens_per_item=encoder_tokens, llm_tokens_per_item=tokens)
+    return item
+
+
+def _side(value: Any) -> int:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _image_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -> dict[str, Any]:
+    vision = config.vision_config
+    forward_args = set(inspect.signature(cls.forward).parameters)
+    if "image_grid_thw" in forward_args and getattr(vision, "spatial_merge_size", None):
+        item = _patch_grid_image(config, vision, target_tokens)
+    elif getattr(cls, "get_image_features", None) is not None and getattr(vision, "patch_size", None):
+        item = _crops_image(config, vision, target_tokens, cls, class_name)
+    else:
+        raise SpecError(f"omnigen has no input recipe for vision tower {vision.model_type!r} of {class_name}: "
+                        "it takes neither flattened patches with image_grid_thw nor whole crops through "
+                        "get_image_features")
     return {
-        "token_id": _token_id(config, "audio_token_id", "audio_token_index"),
-        "start_token_id": _token_id(config, "audio_start_token_id"),
-        "end_token_id": _token_id(config, "audio_end_token_id"),
-        "num_mel_bins": audio.num_mel_bins,
-        "num_frames": frames,
-        "input_features_shape": [audio.num_mel_bins, frames],
-        "encoder_tokens_per_item": encoder_tokens,  # frames after the conv stem, through the encoder layers
-        "llm_tokens_per_item": llm_tokens,
+        "token_id": _token_id(config, "image_token_id", "image_token_index"),
+        "start_token_id": _token_id(config, *IMAGE_START_NAMES),
+        "end_token_id": _token_id(config, *IMAGE_END_NAMES),
+        **item,
+        **_feature_call(cls, "image", item["item_kwargs"]),
     }
 
 
-def _modalities(config: Any, forward_args: set[str], seq_len: int) -> dict[str, dict[str, Any]]:
+def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -> dict[str, Any]:
+    audio = config.audio_config
+    tower = _meta_tower(class_name, audio)
+    chunked = getattr(audio, "n_window", None) is not None
+    # Whisper-style towers without chunking take a fixed window of 2 x max_source_positions frames (Qwen2-Audio
+    # checks it): the clip is padded to it and feature_attention_mask marks the real frames. A clip is at most
+    # that window long.
+    fixed = not chunked and getattr(audio, "max_source_positions", None)
+    window = 2 * audio.max_source_positions if fixed else None
+    frames = 1
+    while _audio_lengths(frames, audio, tower)[1] < target_tokens and frames != window:  # fewest frames for the target
+        frames += 1
+    encoder_tokens, llm_tokens = _audio_lengths(frames, audio, tower)
+    window = window or frames
+    item_kwargs = ["input_features", "feature_attention_mask"]
+    return {
+        "token_id": _token_id(config, "audio_token_id", "audio_token_index"),
+        "start_token_id": _token_id(config, "audio_start_token_id", "audio_bos_token_id"),
+        "end_token_id": _token_id(config, "audio_end_token_id", "audio_eos_token_id"),
+        "num_mel_bins": audio.num_mel_bins,
+        "num_frames": frames,
+        "window_frames": window,
+        "input_features_shape": [audio.num_mel_bins, window],
+        "item_kwargs": item_kwargs,
+        "concat_dim": 0,
+        "encoder_tokens_per_item": _conv_stride2(window) if window != frames else encoder_tokens,
+        "llm_tokens_per_item": llm_tokens,
+        **_feature_call(cls, "audio", item_kwargs),
+    }
+
+
+def _modalities(config: Any, cls: type, class_name: str, seq_len: int) -> dict[str, dict[str, Any]]:
+    forward_args = set(inspect.signature(cls.forward).parameters)
     target = max(1, seq_len // TEXT_SHARE_PER_ITEM)
     found = {}
     if getattr(config, "vision_config", None) is not None and "pixel_values" in forward_args:
-        found["image"] = _image_recipe(config, target)
+        found["image"] = _image_recipe(config, target, cls, class_name)
     if getattr(config, "audio_config", None) is not None and "input_features" in forward_args:
         if "feature_attention_mask" not in forward_args:
             raise SpecError("omnigen's audio recipe passes feature_attention_mask, which this model does not take")
-        found["audio"] = _audio_recipe(config, target)
+        found["audio"] = _audio_recipe(config, target, cls, class_name)
     for name, item in found.items():
         if item["token_id"] is None:
             raise SpecError(f"the model config has a {name} tower but no {name} placeholder token id")
@@ -151,10 +296,8 @@ def _modalities(config: Any, forward_args: set[str], seq_len: int) -> dict[str, 
 def _model_kwargs(modalities: dict[str, Any], forward_args: set[str]) -> list[str]:
     """The forward kwargs collate emits for a batch in which every modality is present."""
     kwargs = {"input_ids", "attention_mask"}
-    if "image" in modalities:
-        kwargs |= {"pixel_values", "image_grid_thw"}
-    if "audio" in modalities:
-        kwargs |= {"input_features", "feature_attention_mask"}
+    for item in modalities.values():
+        kwargs |= set(item["item_kwargs"])
     if modalities and "mm_token_type_ids" in forward_args:  # M-RoPE needs it to find the image tokens
         kwargs.add("mm_token_type_ids")
     return sorted(kwargs)
@@ -174,7 +317,7 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
     per document and attention stays inside it."""
     cls = getattr(transformers, class_name)
     forward_args = set(inspect.signature(cls.forward).parameters)
-    modalities = _modalities(config, forward_args, seq_len)
+    modalities = _modalities(config, cls, class_name, seq_len)
     for name, item in modalities.items():
         item["every"] = (every or {}).get(name, 1)  # sample i carries this modality iff i % every == 0
     if documents_per_sample > 1 and modalities:

@@ -117,6 +117,7 @@ def windows(tokens: int, seq_len: int) -> int:
 # --- writing (`omnigen data tokenize`) ---------------------------------------------------------------------
 
 def _texts_jsonl(path: Path, key: str) -> Iterator[tuple[int, str]]:
+    """(bytes of the line, text) per row; DataError naming file:line for a row that cannot be read."""
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -142,7 +143,7 @@ def _texts_jsonl(path: Path, key: str) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path}:{number}: no {key!r} key (found {keys}); choose the key with --text-key")
             if not isinstance(row[key], str):
                 raise DataError(f"{path}:{number}: {key!r} must be a string, got {type(row[key]).__name__}")
-            yield number, row[key]
+            yield len(line.encode("utf-8")), row[key]
 
 
 def _texts_parquet(path: Path, key: str) -> Iterator[tuple[int, str]]:
@@ -163,7 +164,7 @@ def _texts_parquet(path: Path, key: str) -> Iterator[tuple[int, str]]:
             number += 1
             if not isinstance(value, str):
                 raise DataError(f"{path}: row {number}: {key!r} must be a string, got {type(value).__name__}")
-            yield number, value
+            yield 0, value  # progress counts a parquet file whole when it is done
 
 
 def texts(path: Path, key: str) -> Iterator[tuple[int, str]]:
@@ -254,7 +255,7 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
                disable=not progress, file=sys.stderr)
     try:
         for path in inputs:
-            done = 0
+            done, counted = 0, 0
             batch: list[str] = []
 
             def flush_batch():
@@ -266,16 +267,16 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
                     max_id = max(max_id, max(ids))
                 batch.clear()
 
-            for _, text in texts(path, text_key):
+            for nbytes, text in texts(path, text_key):
                 batch.append(text)
-                done += len(text.encode("utf-8"))
+                done += nbytes
                 if len(batch) == batch_size:
                     flush_batch()
                     bar.update(done)
-                    done = 0
+                    counted, done = counted + done, 0
             if batch:
                 flush_batch()
-            bar.update(done)
+            bar.update(path.stat().st_size - counted)
         writer.close()
         if not writer.tokens:
             raise DataError(f"{', '.join(map(str, inputs))}: no documents to tokenize")

@@ -175,24 +175,42 @@ def test_compile_checks_the_shards(tmp_path):
     compile_refused(tmp_path, empty, "empty/index.json", "no such file")
 
 
-def test_samples_are_windows_of_the_stream(tmp_path):
-    """Sample i is a seq_len + 1 window at a multiple of seq_len, each window once per epoch, every epoch
-    shuffled differently; a window crossing a shard file reads both."""
-    data = tmp_path / "data"
-    write_random(data, tokens=64 * 50 + 1, vocab_size=VOCAB, shard_tokens=1000)
-    out = tmp_path / "out"
-    assert CliRunner().invoke(main, ["compile", str(shard_spec(tmp_path, data)), "-o", str(out)]).exit_code == 0
+def token_shards_class(tmp_path, data, name, **train):
+    """The generated script's TokenShards, compiled for a spec reading `data`."""
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["compile", str(shard_spec(tmp_path, data, **train)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
     namespace = {"__name__": "train_module", "__file__": str(out / "train.py")}
     exec(compile((out / "train.py").read_text(), str(out / "train.py"), "exec"), namespace)
-    shards = namespace["TokenShards"](str(data))
-    _, tokens, _ = stream(data)
+    return namespace["TokenShards"]
+
+
+def test_samples_are_windows_of_the_stream(tmp_path):
+    """Sample i is a seq_len + 1 window at a multiple of seq_len, each window once per epoch, every epoch
+    shuffled differently; a window crossing a shard file reads both; remapping the files changes nothing."""
+    data = tmp_path / "data"
+    write_random(data, tokens=64 * 50 + 1, vocab_size=VOCAB, document_length=37, shard_tokens=1000)
+    shards = token_shards_class(tmp_path, data, "plain")(str(data))
+    _, tokens, doc_starts = stream(data)
     assert shards.windows == 50
-    starts = [shards.window_start(i) for i in range(100)]
-    assert sorted(starts[:50]) == sorted(starts[50:]) == list(range(0, 64 * 50, 64)) and starts[:50] != starts[50:]
-    for i in (0, 7, 49, 63):
+    starts = [shards.window_start(i) for i in range(600)]
+    assert sorted(starts[:50]) == sorted(starts[50:100]) == list(range(0, 64 * 50, 64)) and starts[:50] != starts[50:100]
+    for i in range(600):  # past REMAP_EVERY reads, so the maps are dropped and made again on the way
         s = shards.sample(i)
         w = tokens[starts[i]: starts[i] + 65]
         assert s["input_ids"].tolist() == w[:-1] and s["shift_labels"].tolist() == w[1:]
+        assert "document_ids" not in s  # not packed: plain causal over the window
+    assert shards.reads == 600 and len(shards.maps) <= 4
+
+    packed = token_shards_class(tmp_path, data, "packed", pack_documents=2)(str(data))
+    for i in range(60):  # documents from documents.bin: ids, positions restarting, a document's EOS predicts nothing
+        s, start = packed.sample(i), starts[i]
+        doc = [max(d for d, b in enumerate(doc_starts) if b <= start + t) for t in range(65)]
+        first = [max(doc_starts[d], start) for d in doc]
+        assert s["document_ids"].tolist() == [d - doc[0] for d in doc[:-1]]
+        assert s["position_ids"].tolist() == [start + t - first[t] for t in range(64)]
+        w = tokens[start: start + 65]
+        assert s["shift_labels"].tolist() == [-100 if doc[t + 1] != doc[t] else w[t + 1] for t in range(64)]
 
 
 @pytest.mark.distributed

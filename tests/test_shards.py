@@ -202,6 +202,12 @@ def test_samples_are_windows_of_the_stream(tmp_path):
         assert "document_ids" not in s  # not packed: plain causal over the window
     assert shards.reads == 600 and len(shards.maps) <= 4
 
+    wide = tmp_path / "wide"  # a vocabulary past 65,536 ids is stored as uint32 and read back the same
+    write_random(wide, tokens=3000, vocab_size=70_000, shard_tokens=1000)
+    index, wide_tokens, _ = stream(wide)
+    assert index["dtype"] == "uint32" and max(wide_tokens) > 65_535
+    assert shards.__class__(str(wide)).tokens(900, 1200).tolist() == wide_tokens[900:2100]
+
     packed = token_shards_class(tmp_path, data, "packed", pack_documents=2)(str(data))
     for i in range(60):  # documents from documents.bin: ids, positions restarting, a document's EOS predicts nothing
         s, start = packed.sample(i), starts[i]

@@ -248,7 +248,9 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)  # the folder is incomplete until the new index lands
     writer = _ShardWriter(out, dtype, shard_tokens)
-    starts = array.array("q")
+    starts, documents = array.array("q"), 0  # document offsets go to disk as they come: memory stays flat
+    starts_tmp = out / (DOCUMENT_STARTS + ".tmp")
+    starts_file = open(starts_tmp, "wb")
     max_id = 0
     from tqdm import tqdm
     bar = tqdm(total=sum(p.stat().st_size for p in inputs), unit="B", unit_scale=True, desc="tokenize",
@@ -259,13 +261,18 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
             batch: list[str] = []
 
             def flush_batch():
-                nonlocal max_id
+                nonlocal max_id, documents
                 for ids in tok(batch, add_special_tokens=False)["input_ids"]:
                     ids = list(ids) + [eos]
                     starts.append(writer.tokens)
                     writer.append(ids)
                     max_id = max(max_id, max(ids))
                 batch.clear()
+                documents += len(starts)
+                if sys.byteorder != "little":
+                    starts.byteswap()
+                starts.tofile(starts_file)
+                del starts[:]
 
             for nbytes, text in texts(path, text_key):
                 batch.append(text)
@@ -280,9 +287,12 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
         writer.close()
         if not writer.tokens:
             raise DataError(f"{', '.join(map(str, inputs))}: no documents to tokenize")
-        write_atomic(out / DOCUMENT_STARTS, starts)
+        starts_file.flush()
+        os.fsync(starts_file.fileno())
+        starts_file.close()
+        os.replace(starts_tmp, out / DOCUMENT_STARTS)
         index = {
-            "format": FORMAT, "version": VERSION, "dtype": dtype, "tokens": writer.tokens, "documents": len(starts),
+            "format": FORMAT, "version": VERSION, "dtype": dtype, "tokens": writer.tokens, "documents": documents,
             "document_starts": DOCUMENT_STARTS, "vocab_size": vocab_size, "max_token_id": max_id, "eos_token_id": eos,
             "tokenizer": {"path": str(tokenizer_folder.resolve()), "class": type(tok).__name__,
                           "name_or_path": getattr(tok, "name_or_path", None)},
@@ -292,7 +302,8 @@ def tokenize(inputs: list[Path], out: Path, tokenizer_folder: Path, text_key: st
         write_atomic(out / INDEX, (json.dumps(index, indent=2) + "\n").encode())
         return index
     except BaseException:
-        for f in writer.written:
+        starts_file.close()
+        for f in [*writer.written, starts_tmp]:
             f.unlink(missing_ok=True)
         raise
     finally:

@@ -119,6 +119,7 @@ def test_tokenize_refuses_bad_input(tmp_path, tokenizer_dir, case, words):
     for word in words:
         assert word in result.output, (word, result.output)
     assert not (tmp_path / "out" / "index.json").exists() and not list((tmp_path / "out").glob("tokens_*"))
+    assert not list((tmp_path / "out").glob("*.tmp"))
 
 
 def shard_spec(tmp_path, data, **train):

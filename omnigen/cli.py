@@ -269,5 +269,28 @@ def calibrate_cmd(device, ranks, base, out_path, quick, stack):
         sys.exit(1)
 
 
+@main.group()
+def data():
+    """Prepare training data: tokenize text into the token shards `train.data` may name."""
+
+
+@data.command(name="tokenize")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Shard folder to write (index.json, tokens_NNNNN.bin, documents.bin).")
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(),
+              help="A HuggingFace tokenizer folder (AutoTokenizer.from_pretrained; no hub access).")
+@click.option("--text-key", default="text", show_default=True, help="The key (jsonl) or column (parquet) holding the text.")
+@click.option("--shard-tokens", type=int, default=None, help="Tokens per shard file (default 100,000,000).")
+@user_errors
+def tokenize_cmd(inputs, out_dir, tokenizer_dir, text_key, shard_tokens):
+    """Tokenize jsonl (or, with pyarrow, parquet) text into token shards, an EOS after every document."""
+    from .shards import DEFAULT_SHARD_TOKENS, tokenize
+    index = tokenize([Path(p) for p in inputs], Path(out_dir), Path(tokenizer_dir), text_key,
+                     shard_tokens or DEFAULT_SHARD_TOKENS)
+    click.echo(f"wrote {out_dir}: {index['tokens']:,} tokens ({index['dtype']}) in {len(index['shards'])} shard(s), "
+               f"{index['documents']:,} documents, max token id {index['max_token_id']} (vocab {index['vocab_size']})")
+
+
 if __name__ == "__main__":
     main()

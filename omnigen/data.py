@@ -54,3 +54,24 @@ def check_jsonl(path: Path, vocab_size: int, source: str) -> None:
                         + "\n  ".join(problems))
     if rows == 0:
         raise SpecError(f"{where}: {path} holds no rows")
+
+
+def check_shards(folder: Path, vocab_size: int, seq_len: int, global_batch_size: int, source: str) -> None:
+    """A token-shard folder (omnigen/shards.py) a run can read: the index and every file it names intact, every
+    token id inside the model's vocabulary, and at least one global batch of seq_len windows."""
+    from .shards import DataError, read_index, windows
+
+    where = f"{source}: key 'train.data'"
+    try:
+        index = read_index(folder)
+    except DataError as e:
+        raise SpecError(f"{where}: {e}") from None
+    path = folder / "index.json"
+    if index.max_token_id >= vocab_size:
+        raise SpecError(f"{where}: {path}: token id {index.max_token_id} (the shards' largest) is outside the model's "
+                        f"vocabulary [0, {vocab_size}); tokenized with {index.raw.get('tokenizer')!r}, "
+                        f"vocab_size {index.vocab_size}")
+    have = windows(index.tokens, seq_len)
+    if have < global_batch_size:
+        raise SpecError(f"{where}: {path}: {index.tokens} tokens give {have} window(s) of seq_len={seq_len} "
+                        f"(+1 token for the last label), fewer than one global batch of {global_batch_size}")

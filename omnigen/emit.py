@@ -31,6 +31,7 @@ class Paths:
     """Files the script reads at run time, relative to the output folder (None when unused)."""
     data: str | None = None
     weights: str | None = None
+    data_format: str | None = None  # None (synthetic), "jsonl" or "token_shards"
 
 
 def _template_dir() -> str:
@@ -77,6 +78,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
+        "token_shards": paths.data_format == "token_shards",
     }
     try:
         train_py = env.get_template("train.py.j2").render(**context)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import emit
 from .analyze import analyze
-from .data import check_jsonl
+from .data import check_jsonl, check_shards
 from .hardware import HardwareProfile, load_profile
 from .hf import config_to_dict, load_config
 from .inputs import input_recipe
@@ -29,13 +29,24 @@ class Compiled:
 def plan(spec: Spec) -> Compiled:
     graph = analyze(spec)
     config = load_config(spec)
-    if spec.train.data != "synthetic":
-        check_jsonl(spec.resolve(spec.train.data), config.get_text_config().vocab_size, spec.source)
+    vocab_size = config.get_text_config().vocab_size
+    if data_format(spec) == "jsonl":
+        check_jsonl(spec.resolve(spec.train.data), vocab_size, spec.source)
+    elif data_format(spec) == "token_shards":
+        t = spec.train
+        check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
     hw = load_profile(spec)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
     inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
+
+
+def data_format(spec: Spec) -> str | None:
+    """None (synthetic samples), "jsonl" or "token_shards" (a folder omnigen data tokenize wrote)."""
+    if spec.train.data == "synthetic":
+        return None
+    return "token_shards" if spec.resolve(spec.train.data).is_dir() else "jsonl"
 
 
 def default_out_dir(spec: Spec) -> Path:
@@ -49,5 +60,6 @@ def render(compiled: Compiled, out_dir: Path) -> dict[str, str]:
     spec = compiled.spec
     rel = lambda p: os.path.relpath(spec.resolve(p), out_dir.resolve())  # noqa: E731  (paths stay portable)
     paths = emit.Paths(data=None if spec.train.data == "synthetic" else rel(spec.train.data),
-                       weights=None if spec.model.weights is None else rel(spec.model.weights))
+                       weights=None if spec.model.weights is None else rel(spec.model.weights),
+                       data_format=data_format(spec))
     return emit.render(compiled.plan, compiled.config, spec.to_dict(), paths)

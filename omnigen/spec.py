@@ -64,7 +64,7 @@ class TrainSpec(_Strict):
     grad_clip: FiniteFloat = Field(1.0, ge=0.0)  # max global grad norm; 0 disables clipping
     seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
-    data: str = "synthetic"  # or a path to a .jsonl file of {"input_ids": [...]} rows
+    data: str = "synthetic"  # or a .jsonl file of {"input_ids": [...]} rows, or a token-shard folder
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
     synthetic: SyntheticSpec = SyntheticSpec()
 
@@ -226,9 +226,9 @@ def _check_files(spec: Spec) -> None:
             raise SpecError(f"{spec.source}: key 'model.weights': no *.safetensors files in {w}")
     if spec.train.data != "synthetic":
         d = spec.resolve(spec.train.data)
-        if not d.is_file() or d.suffix != ".jsonl":
-            raise SpecError(f"{spec.source}: key 'train.data': expected 'synthetic' or an existing .jsonl file, "
-                            f"got {spec.train.data!r}")
+        if not (d.is_file() and d.suffix == ".jsonl" or d.is_dir()):
+            raise SpecError(f"{spec.source}: key 'train.data': expected 'synthetic', an existing .jsonl file or a "
+                            f"token-shard folder (omnigen data tokenize), got {spec.train.data!r}")
     mb, gb = spec.train.micro_batch_size, spec.train.global_batch_size
     if gb % mb:
         raise SpecError(f"{spec.source}: key 'train.global_batch_size': {gb} is not a multiple of "

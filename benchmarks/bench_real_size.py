@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import transformers  # noqa: E402
-from transformers.models.auto import modeling_auto  # noqa: E402
 
 from omnigen.analyze import analyze  # noqa: E402
 from omnigen.errors import OmnigenError  # noqa: E402
@@ -37,38 +36,9 @@ from omnigen.hf import load_config  # noqa: E402
 from omnigen.inputs import input_recipe  # noqa: E402
 from omnigen.plan import make_plan  # noqa: E402
 from omnigen.spec import spec_from_dict  # noqa: E402
+from omnigen.zoo import model_classes  # noqa: E402
 
 TARGET_S = 10.0
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-AUDIO_WORDS = ("audio", "speech", "asr", "omni", "voxtral", "phi4_multimodal", "transcribe", "whisper")
-
-
-def _moe(model_type: str) -> bool:
-    try:
-        text = transformers.CONFIG_MAPPING[model_type]().get_text_config()
-    except Exception:  # a config class without usable defaults, or several text configs: not a plain causal LM
-        return False
-    return any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1 for k in EXPERT_COUNT_KEYS)
-
-
-def model_classes() -> list[tuple[str, str, str]]:
-    """(kind, model_type, class name), deduplicated by class name."""
-    image = dict(modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-    multimodal = dict(modeling_auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
-    causal = dict(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    out: dict[str, tuple[str, str, str]] = {}
-    for mt, cls in image.items():
-        out.setdefault(cls, ("image-text", mt, cls))
-    for mt, cls in multimodal.items():
-        if mt not in image and any(w in mt for w in AUDIO_WORDS):
-            out.setdefault(cls, ("audio-text", mt, cls))
-    # A causal-LM class can sit under its composite model type and its text one (llama4 / llama4_text): try the text one.
-    for mt, cls in sorted(causal.items(), key=lambda kv: not kv[0].endswith("_text")):
-        if cls not in out and (any(w in mt for w in ("phi4_multimodal",)) or _moe(mt)):
-            out.setdefault(cls, ("moe-lm" if _moe(mt) else "audio-text", mt, cls))
-    return sorted(out.values(), key=lambda r: (r[0], r[2]))
-
-
 def spec_for(model_type: str, class_name: str, folder: Path):
     config = transformers.CONFIG_MAPPING[model_type]()
     (folder / "config.json").write_text(config.to_json_string(use_diff=False))
@@ -146,7 +116,8 @@ def main() -> int:
     args = ap.parse_args()
     transformers.logging.set_verbosity_error()
     rows = []
-    classes = [c for c in model_classes() if not args.only or c[1] in args.only or c[2] in args.only]
+    classes = [(c.kind, c.model_type, c.name) for c in model_classes()
+               if not args.only or c.model_type in args.only or c.name in args.only]
     floor = None
     if args.cli:  # what no `omnigen plan` process can go under on this machine, right now
         start = time.perf_counter()

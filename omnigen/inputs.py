@@ -274,16 +274,28 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
     }
 
 
+def _read_tower(recipe: Any, tower: str, config: Any, target: int, cls: type, class_name: str) -> dict[str, Any]:
+    """A tower's recipe, or a refusal naming the config field a family's recipe reads and this tower lacks."""
+    try:
+        return recipe(config, target, cls, class_name)
+    except AttributeError as e:
+        sub = type(getattr(config, f"{tower}_config")).__name__
+        missing = getattr(e, "name", None) or str(e)
+        raise SpecError(f"{class_name}: no input recipe for its {tower} tower: {sub} has no '{missing}', which the "
+                        f"recipe for towers taking {'these inputs' if tower == 'audio' else 'pixel_values'} "
+                        "reads") from None
+
+
 def _modalities(config: Any, cls: type, class_name: str, seq_len: int) -> dict[str, dict[str, Any]]:
     forward_args = set(inspect.signature(cls.forward).parameters)
     target = max(1, seq_len // TEXT_SHARE_PER_ITEM)
     found = {}
     if getattr(config, "vision_config", None) is not None and "pixel_values" in forward_args:
-        found["image"] = _image_recipe(config, target, cls, class_name)
+        found["image"] = _read_tower(_image_recipe, "vision", config, target, cls, class_name)
     if getattr(config, "audio_config", None) is not None and "input_features" in forward_args:
         if "feature_attention_mask" not in forward_args:
             raise SpecError("omnigen's audio recipe passes feature_attention_mask, which this model does not take")
-        found["audio"] = _audio_recipe(config, target, cls, class_name)
+        found["audio"] = _read_tower(_audio_recipe, "audio", config, target, cls, class_name)
     for name, item in found.items():
         if item["token_id"] is None:
             raise SpecError(f"the model config has a {name} tower but no {name} placeholder token id")

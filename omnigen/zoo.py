@@ -19,6 +19,7 @@ keeping the constraints between them valid:
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 import inspect
 import json
 import re
@@ -225,3 +226,59 @@ def write_tiny(cls: type, folder: str | Path, **spec: Any) -> dict[str, Any]:
         model["class"] = cls.__name__
     return {"name": f"{folder.name}", "model": model, **spec}
 
+
+
+# --- the families the supported-models suite covers ------------------------------------------------------------
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    kind: str        # image-text | audio-text | any-to-any | moe-lm
+    model_type: str  # the config's model_type the class is built from
+    name: str        # the transformers model class
+    moe: bool        # its language model routes tokens to experts (EP applies)
+
+
+def _default_config(model_type: str) -> transformers.PretrainedConfig | None:
+    try:
+        return transformers.CONFIG_MAPPING[model_type]()
+    except Exception:  # a config class without usable defaults
+        return None
+
+
+def _routes_to_experts(config: transformers.PretrainedConfig | None) -> bool:
+    try:
+        text = config.get_text_config()
+    except Exception:  # several text configs, or none: not one language model
+        return False
+    return any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1 for k in EXPERT_COUNT_KEYS)
+
+
+def _multimodal_kind(config: transformers.PretrainedConfig | None) -> str:
+    audio = config is not None and any("audio" in k or "speech" in k for k in config.to_dict()
+                                       if k.endswith("_config"))
+    return "audio-text" if audio else "any-to-any"
+
+
+def model_classes() -> list[ModelClass]:
+    """transformers' own families, from its auto mappings: every image-text-to-text class, every other multimodal LM
+    (audio-text-to-text, any-to-any), and every causal LM whose default config routes tokens to experts. A class
+    listed under a composite and a text model type (llama4 / llama4_text) is built from the text one."""
+    from transformers.models.auto import modeling_auto as auto
+
+    image = dict(auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    found: dict[str, ModelClass] = {}
+    for model_type, name in image.items():
+        found.setdefault(name, ModelClass("image-text", model_type, name,
+                                          _routes_to_experts(_default_config(model_type))))
+    for model_type, name in auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.items():
+        if model_type not in image:
+            config = _default_config(model_type)
+            found.setdefault(name, ModelClass(_multimodal_kind(config), model_type, name, _routes_to_experts(config)))
+    causal = sorted(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items(), key=lambda kv: not kv[0].endswith("_text"))
+    for model_type, name in causal:
+        if name not in found and _routes_to_experts(_default_config(model_type)):
+            found[name] = ModelClass("moe-lm", model_type, name, True)
+    return sorted(found.values(), key=lambda c: (c.kind, c.name))

@@ -46,8 +46,8 @@ def spec_for(class_name: str, layout: str, folder: Path):
     return spec_from_dict(raw, "<supported_models>", str(folder))
 
 
-def one_line(message: str) -> str:
-    first = str(message).strip().splitlines()[0]
+def one_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return re.sub(r"^<supported_models>: ", "", first)[:160]
 
 
@@ -131,12 +131,12 @@ def main() -> int:
         outcome = {k: (run_case(model.name, k, model.moe, verify) if k in layouts
                        else {"result": "n/a", "detail": "not run"}) for k in LAYOUTS}
         results.append({"class": model.name, "kind": model.kind, "layouts": outcome})
+        if args.json:  # as it goes: a long run that stops keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"{model.name:<50} " + "  ".join(f"{k}: {cell(o):<9}" for k, o in outcome.items())
               + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     markdown = table(results)
     print("\n" + markdown)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
     if args.write:
         write(markdown)
     return 1 if any(o["result"] in ("crash", "FAIL") for r in results for o in r["layouts"].values()) else 0

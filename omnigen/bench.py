@@ -183,8 +183,8 @@ def fastest(reports: list[dict[str, Any]]) -> dict[str, Any]:
 def write_report(report: dict[str, Any], path: Path) -> None:
     try:
         emit.write({path.name: json.dumps(report, indent=2) + "\n"}, path.parent)
-    except OSError as e:
-        raise OmnigenError(f"--report {path}: cannot write there: {e.strerror or e}") from None
+    except emit.WriteError as e:
+        raise OmnigenError(f"--report {path}: cannot write there: {e.reason}") from None
 
 
 def bench(spec: Spec, out_dir: str | None, steps: int, warmup: int, report_path: str | None, echo=print) -> int:

@@ -139,6 +139,12 @@ def update(files: dict[str, str], out_dir: Path, resolutions: dict[str, str] | N
     return result
 
 
+class WriteError(OmnigenError):
+    def __init__(self, folder: Path, reason: str):
+        super().__init__(f"cannot write the output folder {folder}: {reason}")
+        self.reason = reason
+
+
 def write(files: dict[str, str], out_dir: Path) -> None:
     """Write every file through a temporary sibling and rename: never a half-written output folder."""
     staged = []
@@ -154,7 +160,7 @@ def write(files: dict[str, str], out_dir: Path) -> None:
         for tmp, final in staged:
             os.replace(tmp, final)
     except OSError as e:  # a file in the way, a read-only folder, a full disk: the user's to fix
-        raise OmnigenError(f"cannot write the output folder {out_dir}: {e.strerror or e}") from None
+        raise WriteError(out_dir, e.strerror or str(e)) from None
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):

@@ -328,5 +328,5 @@ def write_svg(path: str | Path, svg: str) -> None:
     path = Path(path)
     try:
         emit.write({path.name: svg}, path.parent)
-    except OSError as e:
-        raise OmnigenError(f"--svg {path}: cannot write there: {e.strerror or e}") from None
+    except emit.WriteError as e:
+        raise OmnigenError(f"--svg {path}: cannot write there: {e.reason}") from None

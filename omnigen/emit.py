@@ -124,7 +124,10 @@ class MergeConflict(OmnigenError):
     def __init__(self, out_dir: Path, conflicts: list[Conflict]):
         names = ", ".join(f"{c.file}: {c.key}" for c in conflicts)
         shown = "".join(c.describe() for c in conflicts)
-        super().__init__(f"{out_dir}: you and omnigen both changed {names}; nothing was written.\n{shown}"
+        unknown = "" if (out_dir / LAST_EMITTED).is_dir() else (
+            f" ({out_dir / LAST_EMITTED} is missing, so omnigen cannot tell your edits from its own older output: "
+            "every difference counts as both)")
+        super().__init__(f"{out_dir}: you and omnigen both changed {names}{unknown}; nothing was written.\n{shown}"
                          "Keep yours with --ours UNIT, take omnigen's with --theirs UNIT (UNIT 'all' for every one)")
         self.conflicts = conflicts
 

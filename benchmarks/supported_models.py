@@ -1,7 +1,8 @@
 """The supported-models table: every image-text-to-text, audio-text-to-text, any-to-any and MoE causal-LM class
 transformers ships, built tiny by code (omnigen.zoo) and verified in each layout the model allows.
 
-python benchmarks/supported_models.py [--only NAME ...] [--layouts fsdp,sp,ep] [--json FILE] [--write]
+python benchmarks/supported_models.py [--only NAME ...] [--verify NAME ...] [--layouts fsdp,sp,ep] [--json FILE]
+                                      [--reuse FILE] [--write]
 
 Per class and layout (FSDP dp_shard=2; Ulysses sp=2; expert parallel ep=2 over dp_shard=2, for MoE foundations):
 compile, then `omnigen verify` on 2 CPU ranks for 3 steps. A cell is the worst per-tensor deviation of the step-0
@@ -119,12 +120,17 @@ def main() -> int:
                                                     "'compiles'), which takes seconds instead of minutes")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of fsdp,sp,ep")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--reuse", help="a --json file of an earlier run: classes outside --only keep its results, so "
+                                        "the table can be rewritten after rerunning a few")
     parser.add_argument("--write", action="store_true", help="write docs/supported_models.md and the README table")
     args = parser.parse_args()
     layouts = args.layouts.split(",")
+    earlier = {r["class"]: r["layouts"] for r in json.loads(Path(args.reuse).read_text())} if args.reuse else {}
     results = []
     for model in zoo.model_classes():
         if args.only and model.name not in args.only:
+            if model.name in earlier:
+                results.append({"class": model.name, "kind": model.kind, "layouts": earlier[model.name]})
             continue
         start = time.perf_counter()
         verify = args.verify is None or model.name in args.verify

@@ -341,7 +341,11 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     if graph.attention_refused:  # packed rows need omnigen's attention even without SP
         raise PlanError(f"{spec.source}: train.pack_documents={spec.train.pack_documents}: omnigen's document "
                         f"attention cannot reproduce {graph.attention_refused}; use pack_documents: 1")
-    attention = next(b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention")
+    attention = next((b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention"), None)
+    if attention is None:  # the script hands each layer's attention module its SP group by name
+        raise PlanError(f"{spec.source}: {graph.model_class}: the layers of '{found.name}' hold no attention module "
+                        "as a direct child (it sits deeper, e.g. in a list of attentions), which omnigen's Ulysses "
+                        "and packed-document attention need; use parallel.sp: 1 and train.pack_documents: 1")
     return {"degree": mesh.sp, "layers": found.name,
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
             "local_attention": local_attention(found),

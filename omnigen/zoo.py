@@ -114,6 +114,10 @@ def _shrink_node(node: dict[str, Any], mrope: bool) -> None:
                        ("v_head_dim", 16), ("downsample_hidden_size", 16), ("output_dim", WIDTH)):
         if isinstance(node.get(key), int) and node[key] > value:
             node[key] = value
+    if isinstance(node.get("qk_rope_head_dim"), int):  # MLA: derived dims the defaults carry at the full size
+        node["qk_head_dim"] = node.get("qk_nope_head_dim", 0) + node["qk_rope_head_dim"]
+        if isinstance(node.get("head_dim"), int):  # the rotary width (DeepSeek-V3 sets it to the rope part)
+            node["head_dim"] = node["qk_rope_head_dim"]
     if node.get("pixel_shuffle_ratio"):  # Llama4: the adapter's input is the shuffled width, hidden / ratio**2
         node["intermediate_size"] = int(WIDTH / node["pixel_shuffle_ratio"] ** 2)
     if isinstance(node.get("max_source_positions"), int) and not node.get("n_window"):
@@ -256,10 +260,14 @@ def _routes_to_experts(config: transformers.PretrainedConfig | None) -> bool:
     return any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1 for k in EXPERT_COUNT_KEYS)
 
 
-def _multimodal_kind(config: transformers.PretrainedConfig | None) -> str:
-    audio = config is not None and any("audio" in k or "speech" in k for k in config.to_dict()
-                                       if k.endswith("_config"))
-    return "audio-text" if audio else "any-to-any"
+AUDIO_INPUTS = ("input_features", "input_values", "audio_values", "input_audio_embeds")
+
+
+def _multimodal_kind(name: str) -> str:
+    """audio-text when the model's forward takes audio (features or waveform), else any-to-any."""
+    forward = getattr(getattr(transformers, name, None), "forward", None)
+    takes = set(inspect.signature(forward).parameters) if forward else set()
+    return "audio-text" if takes & set(AUDIO_INPUTS) else "any-to-any"
 
 
 def model_classes() -> list[ModelClass]:
@@ -276,7 +284,7 @@ def model_classes() -> list[ModelClass]:
     for model_type, name in auto.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES.items():
         if model_type not in image:
             config = _default_config(model_type)
-            found.setdefault(name, ModelClass(_multimodal_kind(config), model_type, name, _routes_to_experts(config)))
+            found.setdefault(name, ModelClass(_multimodal_kind(name), model_type, name, _routes_to_experts(config)))
     causal = sorted(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items(), key=lambda kv: not kv[0].endswith("_text"))
     for model_type, name in causal:
         if name not in found and _routes_to_experts(_default_config(model_type)):

@@ -24,7 +24,7 @@ SERVED = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration
           "LlavaOnevisionForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
           "Idefics3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
           "Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration",
-          "MixtralForCausalLM", "OlmoeForCausalLM", "GraniteMoeForCausalLM", "Qwen3MoeForCausalLM"}
+          "MixtralForCausalLM", "OlmoeForCausalLM", "GraniteMoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"}
 VERIFIED_IN_CI = [("MixtralForCausalLM", "ep"), ("LlavaForConditionalGeneration", "sp")]
 
 

@@ -143,6 +143,8 @@ def main() -> int:
               + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     markdown = table(results)
     print("\n" + markdown)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     if args.write:
         write(markdown)
     return 1 if any(o["result"] in ("crash", "FAIL") for r in results for o in r["layouts"].values()) else 0

@@ -34,6 +34,15 @@ def _load(spec_path, sets):
     return load_spec(spec_path, sets)
 
 
+def _compile(spec_path, sets, out_dir):
+    """(output folder, the compiled stages, the files omnigen would write there) for compile, check and diff."""
+    from .pipeline import default_out_dir, plan as run_plan, render
+    spec = _load(spec_path, sets)
+    out = Path(out_dir) if out_dir else default_out_dir(spec)
+    compiled = run_plan(spec)
+    return out, compiled, render(compiled, out)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="omnigen")
 def main():
@@ -91,11 +100,7 @@ def compile_cmd(spec_path, sets, out_dir, check, ours, theirs):
     function, class or constant you changed stays yours unless omnigen changed it too (a conflict: nothing is
     written until --ours / --theirs decides)."""
     from . import emit
-    from .pipeline import default_out_dir, plan as run_plan, render
-    spec = _load(spec_path, sets)
-    out = Path(out_dir) if out_dir else default_out_dir(spec)
-    compiled = run_plan(spec)
-    files = render(compiled, out)
+    out, compiled, files = _compile(spec_path, sets, out_dir)
     resolutions = {**{unit: "ours" for unit in ours}, **{unit: "theirs" for unit in theirs}}
     if check:
         sys.exit(_check(emit.merged(files, out, resolutions), out, spec_path, compiled))
@@ -112,14 +117,11 @@ def check_cmd(paths):
     """For CI and pre-commit: `compile --check` every spec given (a folder means each *.yaml in it), printing the plan
     changes in words and the code diff of each stale one; exit 1 if any is stale or conflicts with your edits."""
     from . import emit
-    from .pipeline import default_out_dir, plan as run_plan, render
     specs = [p for path in map(Path, paths) for p in (sorted(path.glob("*.yaml")) if path.is_dir() else [path])]
     stale = []
     for spec_path in specs:
-        spec = _load(spec_path, ())
-        out = default_out_dir(spec)
-        compiled = run_plan(spec)
-        if _check(emit.merged(render(compiled, out), out), out, str(spec_path), compiled):
+        out, compiled, files = _compile(spec_path, (), None)
+        if _check(emit.merged(files, out), out, str(spec_path), compiled):
             stale.append(str(spec_path))
     click.echo(f"{len(specs) - len(stale)} of {len(specs)} spec(s) up to date"
                + (f"; stale: {', '.join(stale)}" if stale else ""))
@@ -165,11 +167,7 @@ def diff_cmd(spec_path, sets, out_dir, ref):
     """What recompiling would change: the plan's changes in words (inputs, mesh and why, each group's decisions,
     the prediction), then the code diff. Writes nothing."""
     from . import emit
-    from .pipeline import default_out_dir, plan as run_plan, render
-    spec = _load(spec_path, sets)
-    out = Path(out_dir) if out_dir else default_out_dir(spec)
-    compiled = run_plan(spec)
-    files = render(compiled, out)
+    out, compiled, files = _compile(spec_path, sets, out_dir)
     if ref:
         old, new = _git_files(out, ref, files), files
     else:  # the files a compile would leave, your edits merged in (omnigen's side where both changed a unit)

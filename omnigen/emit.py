@@ -38,7 +38,7 @@ def _template_dir() -> str:
     # A source checkout's own templates first: an editable install elsewhere (or a second git worktree on
     # PYTHONPATH) must never render another tree's templates.
     checkout = Path(__file__).resolve().parent.parent / "templates"
-    if (checkout / "train.py.j2").is_file():
+    if (checkout / "sections").is_dir():
         return str(checkout)
     return str(resources.files("omnigen.templates"))
 
@@ -65,6 +65,47 @@ def mesh_summary(plan: Plan) -> str:
     return f"{dims or 'single process'} (world size {plan.world_size})"
 
 
+def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
+    """The sections of train.py (templates/sections/), in the script's order: the ones this plan needs."""
+    parallel, sp, multimodal = context["parallel"], plan.sequence_parallel, context["multimodal"]
+    wanted = {
+        "header": True, "data": True, "distributed": True,
+        "comm_bytes": context["explicit_comm"],
+        "sequence_parallel": sp is not None,
+        "expert_parallel": plan.expert_parallel is not None,
+        "idle_towers": multimodal and parallel,
+        "router_aux": context["router_aux"] is not None,
+        "model": True, "activation_checkpointing": True,
+        "fsdp": parallel, "single_process": not parallel,
+        "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "loop": True, "main": True,
+    }
+    return [name for name, used in wanted.items() if used]
+
+
+HOOKS = ("setup", "batches", "step_record", "flags", "to_checkpoint", "from_checkpoint", "full_grad")
+
+
+def render_train_py(env: jinja2.Environment, plan: Plan, context: dict[str, Any]) -> str:
+    """train.py: every section's functions, joined. A section joins train() and its helpers only through hooks,
+    macros named in HOOKS that other sections place (e.g. `setup` lines run in section order inside train()),
+    and may provide a function in place of another section's default (`provides`)."""
+    names = sections(plan, context)
+    templates = [env.get_template(f"sections/{name}.py.j2") for name in names]
+    # First pass: what each section provides and hooks, read off its macros (its body is rendered again below).
+    modules = [t.make_module({**context, "hooks": lambda point: [], "provided": set(), "sections": names,
+                              "setup_order": []}) for t in templates]
+    provided = {f for m in modules for f in getattr(m, "provides", ())}
+
+    def hooks(point: str) -> list[str]:
+        assert point in HOOKS, point
+        return [code for m in modules if hasattr(m, point) and (code := str(getattr(m, point)()).strip())]
+
+    setup_order = [name.replace("_", " ") for name, m in zip(names, modules) if hasattr(m, "setup")]
+    full = {**context, "hooks": hooks, "provided": provided, "sections": names, "setup_order": setup_order}
+    bodies = [t.render(full).strip("\n") for t in templates]
+    return "\n\n\n".join(body for body in bodies if body) + "\n"
+
+
 def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:
     """All output files as {name: text}."""
     env = environment()
@@ -78,10 +119,10 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
-        "token_shards": paths.data_format == "token_shards",
+        "token_shards": paths.data_format == "token_shards", "data_format": paths.data_format,
     }
     try:
-        train_py = env.get_template("train.py.j2").render(**context)
+        train_py = render_train_py(env, plan, context)
         launch_sh = env.get_template("launch.sh.j2").render(**context)
         sbatch_sh = env.get_template("sbatch.sh.j2").render(**context)
     except jinja2.TemplateError as e:

@@ -39,6 +39,8 @@ class GroupPlan:
     ep: int = 1                      # expert-parallel degree of this group's routed experts
     ep_all_to_all_bytes_per_step: int = 0  # bytes one rank sends in token dispatch per step, balanced router
     ep_all_to_all_bytes_max_per_step: int = 0  # the same for the most skewed router possible
+    why_placement: str = ""          # the plan's reasons, in words (comments in the script): what the nearest
+    why_checkpointing: str = ""      # other placement / activation checkpointing would cost
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,9 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
     assert best is not None
     mesh = best.mesh
     shape = train_shape(spec, mesh, inputs)
-    groups = tuple(group_plan(graph, g, best.choices[g.name], mesh, shape) for g in graph.groups)
+    reasons = group_reasons(spec, graph, hw, best, shape)
+    groups = tuple(replace(group_plan(graph, g, best.choices[g.name], mesh, shape), **reasons[g.name])
+                   for g in graph.groups)
     return Plan(
         name=spec.name, omnigen_version=__version__, model_class=graph.model_class,
         total_params=graph.total_params,
@@ -419,6 +423,47 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
                             "predicted": c.estimate.summary() if c else None}
                            for c, reason in ranked[1:]),
     )
+
+
+def alternatives_of(choice: GroupChoice, parallel: bool) -> dict[str, tuple[str, GroupChoice]]:
+    """The nearest other choices for one group, named: the other placement, and other activation checkpointing."""
+    others = {}
+    if parallel and choice.replicate:
+        others["why_placement"] = ("FSDP", replace(choice, replicate=False, reshard_after_forward=True))
+    elif parallel:
+        flipped = not choice.reshard_after_forward
+        others["why_placement"] = ("resharding after forward" if flipped else "keeping it unsharded after forward",
+                                   replace(choice, reshard_after_forward=flipped))
+    ac = "selective" if choice.activation_checkpointing == "none" else "none"
+    others["why_checkpointing"] = (f"{ac} activation checkpointing".replace("none ", "no "),
+                                   replace(choice, activation_checkpointing=ac))
+    return others
+
+
+def size_words(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:+.3g} GiB" if abs(n_bytes) >= GIB else f"{n_bytes / 2**20:+.3g} MiB"
+
+
+def group_reasons(spec: Spec, graph: ModelGraph, hw: HardwareProfile, best: Candidate,
+                  shape: TrainShape) -> dict[str, dict[str, str]]:
+    """Why each group got its placement and its activation checkpointing, in words: what the nearest alternative
+    would cost in predicted step time and peak memory (comments in the generated script)."""
+    limit = usable_memory_bytes(spec, hw)
+    chosen_e = best.estimate
+    headroom = f"peak {chosen_e.peak_memory_bytes / GIB:.3g} of {limit / GIB:.3g} GiB usable"
+    reasons = {}
+    for g in graph.groups:
+        reasons[g.name] = {}
+        for field_name, (label, alt) in alternatives_of(best.choices[g.name], best.mesh.world_size > 1).items():
+            e = estimate(graph, best.mesh, {**best.choices, g.name: alt}, shape, hw, spec.cluster.procs_per_node,
+                         spec.model.freeze)
+            if e.peak_memory_bytes > limit:
+                reasons[g.name][field_name] = f"{label} would not fit ({e.peak_memory_bytes / GIB:.3g} GiB; {headroom})"
+            else:
+                reasons[g.name][field_name] = (
+                    f"{label} would take {(e.step_time_s - chosen_e.step_time_s) * 1e3:+.3g} ms/step for "
+                    f"{size_words(e.peak_memory_bytes - chosen_e.peak_memory_bytes)} ({headroom})")
+    return reasons
 
 
 def chosen(plan: Plan) -> tuple[Mesh, dict[str, GroupChoice]]:

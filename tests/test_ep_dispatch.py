@@ -179,8 +179,9 @@ def test_router_aux_loss_is_transformers_aux_loss(spec_name, tmp_path):
     input_ids = torch.randint(3, 1000, (2, 40))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 29:] = 0  # a padded row: transformers leaves padding out of the loss, and so must we
-    router_logits = script["RouterLogits"](model)
-    ours = router_logits.forward(model, {"input_ids": input_ids, "attention_mask": attention_mask})
     hf = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
-    assert ours.aux_loss is None and len(router_logits.logits) == config.num_hidden_layers
-    assert router_logits.aux_loss(attention_mask).item() == pytest.approx(hf.aux_loss.item(), rel=1e-6)
+    router_logits = script["RouterLogits"](model)  # from here on the model's output carries our aux_loss
+    ours = model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+    assert ours.router_logits is None, "the hooks turn transformers' own router-logit pooling off"
+    assert len(router_logits.logits) == config.num_hidden_layers
+    assert ours.aux_loss.item() == pytest.approx(hf.aux_loss.item(), rel=1e-6)

@@ -190,13 +190,15 @@ def check_out_free(out: Path) -> None:
 def write_pretrained(model, out: Path) -> None:
     """save_pretrained into a temporary sibling, renamed to `out` at the end: never a half-written folder."""
     check_out_free(out)
+    out = out.resolve()  # "." or "hf/" have a parent to stage in and a name
+    staged = out.parent / f".{out.name}.partial-{os.getpid()}"  # mkdir, not mkdtemp: the umask's mode, not 0700
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        shutil.rmtree(staged, ignore_errors=True)  # left by a killed export that had this pid
+        staged.mkdir(parents=True)
     except OSError as e:
         raise ExportError(f"output folder {out}: {e.strerror or e}") from None
     try:
-        model.save_pretrained(staged, safe_serialization=True)
+        model.save_pretrained(staged)  # transformers 5 writes safetensors only
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staged, out)

@@ -65,6 +65,10 @@ def test_from_pretrained_gives_exactly_the_trained_parameters(case, runs, tmp_pa
     if case == "dense_tied":
         assert "newest of 1 complete step folder(s)" in result.output
 
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "hf").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not a temp folder's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "plain"]  # nothing staged left behind
+
     cls = model_class(compiled)
     model = cls.from_pretrained(tmp_path / "hf")
     state = model.state_dict()

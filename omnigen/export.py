@@ -228,7 +228,8 @@ def export(checkpoint: Path, out: Path, source: Path, sets: tuple[str, ...] = ()
 
 
 def describe(result: Exported, out: Path) -> str:
-    steps = "" if result.steps_done is None else f", {result.steps_done} steps done"
+    n = result.steps_done
+    steps = "" if n is None else f", {n} step{'' if n == 1 else 's'} done"
     how = "" if result.chosen_because == "named" else f" ({result.chosen_because})"
     return (f"read {result.checkpoint}{how}{steps}: {result.tensors} model tensors "
             f"({'/'.join(result.checkpoint_dtypes)})\n"

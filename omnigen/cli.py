@@ -1,4 +1,4 @@
-"""`omnigen` command line: analyze, plan, compile, run, verify, bench, calibrate."""
+"""`omnigen` command line: analyze, plan, compile, run, verify, bench, calibrate, export."""
 
 from __future__ import annotations
 
@@ -265,6 +265,25 @@ def calibrate_cmd(device, ranks, base, out_path, quick, stack):
     except CalibrationFailed as e:
         click.echo(f"omnigen: calibrate: {e}", err=True)
         sys.exit(1)
+
+
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--from", "source", required=True, type=click.Path(), metavar="COMPILED",
+              help="The folder `omnigen compile` wrote for the script that saved the checkpoint (generated/<name>/: "
+                   "plan.json names the model class, config.json the config), or its spec.")
+@SETS
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Dtype of the written weights (the checkpoint holds the fp32 masters).")
+@user_errors
+def export_cmd(checkpoint, out_dir, source, sets, dtype):
+    """Turn a generated script's DCP checkpoint into a HuggingFace folder (safetensors + config.json) that
+    transformers.<ModelClass>.from_pretrained(OUT) loads. CHECKPOINT: a step folder, a DCP folder, or a run's
+    --checkpoint-dir folder (its newest complete step_NNNNNNNN is taken). OUT must not exist or be empty."""
+    from .export import describe, export
+    out = Path(out_dir)
+    click.echo(describe(export(Path(checkpoint), out, Path(source), tuple(sets), dtype), out))
 
 
 @main.group()

@@ -88,6 +88,11 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         sbatch_sh = env.get_template("sbatch.sh.j2").render(**context)
     except jinja2.TemplateError as e:
         raise OmnigenError(f"internal error: a template failed to render for {plan.name}: {e}") from None
+    if context["chat_data"] and "class ChatManifest" not in train_py:
+        # train.py.j2 must include chat_data.py.j2 and read rows through ChatManifest; a script that read the
+        # manifest as {"input_ids": [...]} rows would fail on its first batch.
+        raise OmnigenError(f"internal error: the train.py template does not include chat_data.py.j2, so {plan.name}'s "
+                           "chat manifest cannot be read")
     try:
         libcst.parse_module(train_py)
     except libcst.ParserSyntaxError as e:

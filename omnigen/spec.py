@@ -66,7 +66,7 @@ class TrainSpec(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     data: str = "synthetic"  # or a .jsonl file of {"input_ids": [...]} rows, or a token-shard folder
     # A folder AutoProcessor loads (tokenizer, chat template, image/audio processors): train.data is then a chat
-    # manifest, {"messages": [...]} rows in transformers' chat format (docs/chat_data.md).
+    # manifest, {"messages": [...]} rows in transformers' chat format (README: "Image, audio and chat data").
     processor: str | None = None
     # A chat-manifest row longer than seq_len: "truncate" cuts the text past seq_len (never an image or audio clip),
     # "drop" skips the row (its sample is the next row that fits).

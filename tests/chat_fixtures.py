@@ -9,12 +9,12 @@ import wave
 from pathlib import Path
 
 import transformers
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
 from omnigen import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("what colour shape is this sound the a it red green blue square circle triangle low high tone "
+WORDS = ("USER ASSISTANT user assistant what colour shape is this sound the a it red green blue square circle triangle low high tone "
          "describe picture hello world").split()
 PUNCTUATION = list("?.,!:")
 
@@ -57,6 +57,7 @@ def llava(folder: Path) -> dict:
     vision, text = config["vision_config"], config["text_config"]
     tok = word_tokenizer({"<s>": text["bos_token_id"], "</s>": text["eos_token_id"],
                           "<image>": config["image_token_index"]}, text["vocab_size"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", text["bos_token_id"])])
     side = vision["image_size"]
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": side},
                                                       crop_size={"height": side, "width": side})

@@ -19,6 +19,8 @@ def _row_problem(line: str, vocab_size: int) -> str | None:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         return f"not valid JSON ({e.msg} at column {e.colno})"
+    if isinstance(row, dict) and "messages" in row and "input_ids" not in row:
+        return 'a chat row ("messages"): name the processor folder that reads it in train.processor'
     if not isinstance(row, dict) or "input_ids" not in row:
         return 'expected an object with an "input_ids" list'
     ids = row["input_ids"]

@@ -31,7 +31,8 @@ class Paths:
     """Files the script reads at run time, relative to the output folder (None when unused)."""
     data: str | None = None
     weights: str | None = None
-    data_format: str | None = None  # None (synthetic), "jsonl" or "token_shards"
+    data_format: str | None = None  # None (synthetic), "jsonl", "chat" or "token_shards"
+    processor: str | None = None  # the processor folder a chat manifest is read through
 
 
 def _template_dir() -> str:
@@ -120,6 +121,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
         "token_shards": paths.data_format == "token_shards", "data_format": paths.data_format,
+        "chat_data": paths.data_format == "chat", "processor_path": repr(paths.processor),
     }
     try:
         train_py = render_train_py(env, plan, context)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import emit
 from .analyze import analyze
+from .chat_data import check_chat_manifest
 from .data import check_jsonl, check_shards
 from .hardware import HardwareProfile, load_profile
 from .hf import config_to_dict, load_config
@@ -38,14 +39,20 @@ def plan(spec: Spec) -> Compiled:
     hw = load_profile(spec)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
     inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every)
+    if data_format(spec) == "chat":
+        t = spec.train
+        check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 
 
 def data_format(spec: Spec) -> str | None:
-    """None (synthetic samples), "jsonl" or "token_shards" (a folder omnigen data tokenize wrote)."""
+    """None (synthetic samples), "jsonl", "chat" (a manifest read through train.processor) or "token_shards" (a
+    folder omnigen data tokenize wrote)."""
     if spec.train.data == "synthetic":
         return None
+    if spec.train.processor is not None:
+        return "chat"
     return "token_shards" if spec.resolve(spec.train.data).is_dir() else "jsonl"
 
 
@@ -61,5 +68,6 @@ def render(compiled: Compiled, out_dir: Path) -> dict[str, str]:
     rel = lambda p: os.path.relpath(spec.resolve(p), out_dir.resolve())  # noqa: E731  (paths stay portable)
     paths = emit.Paths(data=None if spec.train.data == "synthetic" else rel(spec.train.data),
                        weights=None if spec.model.weights is None else rel(spec.model.weights),
-                       data_format=data_format(spec))
+                       data_format=data_format(spec),
+                       processor=None if spec.train.processor is None else rel(spec.train.processor))
     return emit.render(compiled.plan, compiled.config, spec.to_dict(), paths)

@@ -65,6 +65,12 @@ class TrainSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["fp32", "bf16"] = "fp32"
     data: str = "synthetic"  # or a .jsonl file of {"input_ids": [...]} rows, or a token-shard folder
+    # A folder AutoProcessor loads (tokenizer, chat template, image/audio processors): train.data is then a chat
+    # manifest, {"messages": [...]} rows in transformers' chat format (README: "Image, audio and chat data").
+    processor: str | None = None
+    # A chat-manifest row longer than seq_len: "truncate" cuts the text past seq_len (never an image or audio clip),
+    # "drop" skips the row (its sample is the next row that fits).
+    long_samples: Literal["truncate", "drop"] = "truncate"
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
     synthetic: SyntheticSpec = SyntheticSpec()
 
@@ -224,6 +230,11 @@ def _check_files(spec: Spec) -> None:
         w = spec.resolve(spec.model.weights)
         if not w.is_dir() or not any(w.glob("*.safetensors")):
             raise SpecError(f"{spec.source}: key 'model.weights': no *.safetensors files in {w}")
+    if spec.train.processor is not None:
+        _check_chat_files(spec)
+    elif spec.train.long_samples != "truncate":
+        raise SpecError(f"{spec.source}: key 'train.long_samples': applies to chat manifests (train.processor); "
+                        f"other data is cut to seq_len")
     if spec.train.data != "synthetic":
         d = spec.resolve(spec.train.data)
         if not (d.is_file() and d.suffix == ".jsonl" or d.is_dir()):
@@ -233,3 +244,18 @@ def _check_files(spec: Spec) -> None:
     if gb % mb:
         raise SpecError(f"{spec.source}: key 'train.global_batch_size': {gb} is not a multiple of "
                         f"train.micro_batch_size={mb}")
+
+
+def _check_chat_files(spec: Spec) -> None:
+    """train.processor names a folder, and train.data the .jsonl chat manifest it reads."""
+    p = spec.resolve(spec.train.processor)
+    if not p.is_dir():
+        raise SpecError(f"{spec.source}: key 'train.processor': no folder {p} (a processor folder as save_pretrained "
+                        "writes it: tokenizer files, chat_template.jinja, the image/audio processor's config)")
+    d = spec.resolve(spec.train.data)
+    if not (d.is_file() and d.suffix == ".jsonl"):
+        raise SpecError(f"{spec.source}: key 'train.data': with train.processor set, train.data is a .jsonl chat "
+                        f"manifest ({{\"messages\": [...]}} rows), got {spec.train.data!r}")
+    if spec.train.pack_documents > 1:
+        raise SpecError(f"{spec.source}: key 'train.pack_documents': chat manifests are not packed yet "
+                        "(use pack_documents: 1)")

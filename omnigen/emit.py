@@ -78,7 +78,8 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         "router_aux": context["router_aux"] is not None,
         "model": True, "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
-        "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "loop": True, "main": True,
+        "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "guards": True, "loop": True,
+        "main": True,
     }
     return [name for name, used in wanted.items() if used]
 

@@ -73,6 +73,32 @@ class TrainSpec(_Strict):
     long_samples: Literal["truncate", "drop"] = "truncate"
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
     synthetic: SyntheticSpec = SyntheticSpec()
+    # Learning-rate schedule: linear warmup over warmup_steps, then constant, or cosine / linear decay to min_lr at
+    # `steps`. Defaults keep the constant lr and torch's AdamW betas and eps: a spec that sets none trains as before.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: FiniteFloat = Field(0.0, ge=0.0)
+    betas: list[FiniteFloat] = Field([0.9, 0.999], min_length=2, max_length=2)
+    eps: FiniteFloat = Field(1.0e-8, gt=0.0)
+    # Under --checkpoint-dir: a checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT); the newest
+    # keep_checkpoints are kept.
+    checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: PositiveInt = 3
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each AdamW beta must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> "TrainSpec":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
 
 
 class ParallelSpec(_Strict):

@@ -1,6 +1,6 @@
 """Chat manifests read through the model's own processor: the reader the generated script holds
 (templates/chat_data.py.j2) on real transformers processors built here, the compile-time check of every row, and
-(where train.py.j2 includes the reader) a 2-rank verify on a manifest."""
+a 2-rank verify on a manifest."""
 
 import ast
 import ast
@@ -24,7 +24,6 @@ from omnigen.spec import load_spec
 
 pytest.importorskip("PIL", reason="images need Pillow: pip install -e '.[media]'")
 IGNORE = -100
-TEMPLATE_INCLUDES_READER = "chat_data.py.j2" in (ROOT / "templates" / "train.py.j2").read_text()
 
 
 class Qwen2VLImageOnlyProcessor(transformers.ProcessorMixin):
@@ -294,24 +293,20 @@ def test_compile_refuses_bad_manifests(llava_dir, tmp_path, case):
     compile_refused(folder, *words, sets=sets)
 
 
-def test_compile_accepts_a_good_manifest_or_says_the_template_lacks_the_reader(llava_dir, tmp_path):
+def test_compile_accepts_a_good_manifest(llava_dir, tmp_path):
     result = CliRunner().invoke(main, ["compile", str(llava_dir / "spec.yaml"), "-o", str(tmp_path / "out")])
-    if TEMPLATE_INCLUDES_READER:
-        assert result.exit_code == 0, result.output
-        text = (tmp_path / "out" / "train.py").read_text()
-        assert "class ChatManifest" in text and "rows = ChatManifest(" in text and "rows.sample(i)" in text
-        assert "PROCESSOR = " in text
-        tree = ast.parse(text)  # standalone: torch, transformers, the standard library, and Pillow to decode images
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert imported <= {"argparse", "functools", "json", "os", "resource", "sys", "time", "torch", "transformers",
-                            "safetensors", "PIL"}, imported
-    else:
-        assert result.exit_code == 2 and "does not include chat_data.py.j2" in result.output, result.output
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "train.py").read_text()
+    assert "class ChatManifest" in text and "return ChatManifest(" in text and "data.sample(i)" in text
+    assert "PROCESSOR = " in text
+    tree = ast.parse(text)  # standalone: torch, transformers, the standard library, and Pillow to decode images
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"argparse", "functools", "json", "math", "os", "re", "resource", "shutil", "signal", "sys",
+                        "time", "torch", "transformers", "safetensors", "PIL"}, imported
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(not TEMPLATE_INCLUDES_READER, reason="train.py.j2 does not include chat_data.py.j2 yet")
 def test_verify_on_manifests(llava_dir, audio_dir):
     """dp_shard=2 on a LLaVA image manifest and a Qwen2-Audio audio manifest equals the single process."""
     for folder in (llava_dir, audio_dir):

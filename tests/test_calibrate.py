@@ -9,15 +9,17 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, causal_block, collective_terms, fit_alpha_beta,
-                               fit_attention, fit_compute, format_summary, llama_attention_flops, overlap_share,
-                               profile_yaml, read_base, read_measured, with_stack)
+from omnigen.calibrate import format_summary, read_measured
+from omnigen.calibrate_fit import (Fit, causal_block, collective_terms, fit_alpha_beta, fit_attention, fit_compute,
+                                   llama_attention_flops, overlap_share)
+from omnigen.calibrate_profile import analyse, profile_yaml, read_base, with_stack
 from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, runs_on, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
+from omnigen.calibrate_worker import _slowest
 from omnigen.cli import main
 from omnigen.fitting import non_negative_least_squares
 from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
-from omnigen.hardware import Link, causal_share, load_profile
+from omnigen.hardware import COLLECTIVES, Link, causal_share, load_profile
 from omnigen.spec import spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]

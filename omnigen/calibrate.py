@@ -20,11 +20,13 @@ from .calibrate_profile import (Calibration, analyse, format_bytes, profile_yaml
 from .calibrate_stack import describe, fit_stack
 from .calibrate_worker import CalibrationFailed, run_workers
 from .errors import OmnigenError
+from .machine import cached_profile_path
 
 __all__ = ["calibrate", "CalibrationFailed", "read_measured"]
 
 
-def check_args(device: str, ranks: int | None, base: str | None, out: str | None) -> tuple[int, str, Path]:
+def check_args(device: str, ranks: int | None, base: str | None, out: str | None,
+               cache: bool = False) -> tuple[int, str, Path]:
     """Validate before measuring anything: (ranks, base, output path)."""
     if device not in ("cpu", "cuda"):
         raise OmnigenError(f"--device: {device!r} is not one of cpu, cuda")
@@ -39,7 +41,10 @@ def check_args(device: str, ranks: int | None, base: str | None, out: str | None
     ranks = 2 if ranks is None else ranks
     if ranks < 1:
         raise OmnigenError(f"--ranks: must be at least 1 (2 or more to measure communication), got {ranks}")
-    path = Path(out or f"{device}_measured.yaml")
+    if cache and (out or device != "cpu"):
+        raise OmnigenError("--cache: writes this machine's CPU fit where `omnigen plan`, `run` and `bench` look for "
+                           "it; it takes neither -o nor --device cuda")
+    path = cached_profile_path(ranks) if cache else Path(out or f"{device}_measured.yaml")
     if path.suffix not in (".yaml", ".yml"):
         raise OmnigenError(f"-o: {path} must end in .yaml or .yml (specs load `hardware: <file>.yaml`)")
     if path.is_dir():
@@ -123,8 +128,9 @@ def _si(x: float, unit: str = "") -> str:
 
 
 def calibrate(device: str = "cpu", ranks: int | None = None, base: str | None = None, out: str | None = None,
-              quick: bool = False, stack: bool = True, echo: Callable[[str], None] = print) -> Calibration:
-    ranks, base_name, path = check_args(device, ranks, base, out)
+              quick: bool = False, stack: bool = True, cache: bool = False,
+              echo: Callable[[str], None] = print) -> Calibration:
+    ranks, base_name, path = check_args(device, ranks, base, out, cache)
     base_data = read_base(base_name)
     started = time.perf_counter()
     raw = run_workers(device, ranks, quick, echo)
@@ -136,5 +142,7 @@ def calibrate(device: str = "cpu", ranks: int | None = None, base: str | None = 
                + ("" if stack else " --no-stack"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile_yaml(c, command))
-    echo(f"\nwrote {path} ({time.perf_counter() - started:.0f} s); use it with `cluster: {{hardware: {path}}}`")
+    use = ("`omnigen plan`, `run` and `bench` price specs naming the built-in cpu profile on "
+           f"{ranks} ranks with it" if cache else f"use it with `cluster: {{hardware: {path}}}`")
+    echo(f"\nwrote {path} ({time.perf_counter() - started:.0f} s); {use}")
     return c

@@ -103,6 +103,14 @@ def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, 
     return "; ".join(how)
 
 
+def measured_on(raw: dict[str, Any], device: str) -> str:
+    """The machine, as the profile's `measured_on` names it: the figures hold for this CPU or GPU and rank count."""
+    n = raw["world_size"]
+    if device == "cuda":
+        return f"{n} x {raw['device_name']}"
+    return f"{raw['device_name']}, {cpu_cores()} cores, {n} CPU rank{'s' if n > 1 else ''}"
+
+
 def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, Any], name: str,
             quick: bool, today: str | None = None) -> Calibration:
     """Turn the worker's measurements into a profile (pure: no torch, no I/O)."""
@@ -132,7 +140,8 @@ def analyse(raw: dict[str, Any], device: str, base_name: str, base: dict[str, An
               f"{raw['threads']} thread(s), measured concurrently, slowest rank; "
               f"{_how(raw, primary, fit, overlap, rss)}"
               f"; kept from {base_name}: {', '.join(kept)}")
-    profile = {"name": name, "peak_flops": {d: significant(peak[d]) for d in DTYPES},
+    profile = {"name": name, "measured_on": measured_on(raw, device),
+               "peak_flops": {d: significant(peak[d]) for d in DTYPES},
                "matmul_efficiency": {d: significant(compute.efficiency[d], 3) for d in DTYPES},
                "attention_efficiency": {d: significant(attention.efficiency[d], 3) for d in DTYPES},
                "causal_block": attention.causal_block,
@@ -247,6 +256,7 @@ def profile_yaml(c: Calibration, command: str) -> str:
     eff, att = p["matmul_efficiency"], p["attention_efficiency"]
     lines = [f"# Measured by `{command}`. Regenerate rather than edit; `source` says what was measured.",
              f"name: {p['name']}",
+             f"measured_on: {json.dumps(p['measured_on'])}   # the machine these figures fit",
              f"peak_flops: {{fp32: {_num(p['peak_flops']['fp32'])}, bf16: {_num(p['peak_flops']['bf16'])}}}"
              "   # per rank, FLOP/s: best median GEMM",
              f"matmul_efficiency: {{fp32: {_num(eff['fp32'])}, bf16: {_num(eff['bf16'])}}}"

@@ -23,7 +23,7 @@ import libcst
 from .errors import OmnigenError
 from .merge import Conflict, Merged, merge
 from .model_graph import router_aux_loss
-from .plan import Plan
+from .plan import Plan, hardware_provenance
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
         "token_shards": paths.data_format == "token_shards",
+        # where the prediction's figures come from: fitted on which machine, or uncalibrated and how to calibrate
+        "hardware_provenance": hardware_provenance(plan),
     }
     try:
         train_py = env.get_template("train.py.j2").render(**context)

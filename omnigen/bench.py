@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from . import emit
 from .errors import OmnigenError
 from .pipeline import default_out_dir
-from .plan import Plan
+from .plan import Plan, hardware_provenance
 from .spec import Spec
 from .svg import nbytes, seconds, time_terms
 
@@ -118,7 +118,8 @@ def build_report(plan: Plan, spec: Spec, records: list[dict], steps: int, warmup
     return {"spec": plan.name, "spec_path": spec.source, "omnigen_version": plan.omnigen_version,
             "mesh": plan.mesh, "world_size": plan.world_size, "nodes": plan.cluster["nodes"],
             "procs_per_node": plan.cluster["procs_per_node"], "device": plan.cluster["device"],
-            "hardware": plan.cluster["hardware"], "memory_capacity_bytes": memory_capacity_bytes,
+            "hardware": plan.cluster["hardware"], "hardware_provenance": hardware_provenance(plan),
+            "memory_capacity_bytes": memory_capacity_bytes,
             "train": {k: plan.train[k] for k in ("seq_len", "micro_batch_size", "global_batch_size", "grad_accum",
                                                   "precision") if k in plan.train},
             "steps": steps, "warmup": warmup, "steps_measured": measured["steps_measured"],
@@ -131,7 +132,11 @@ def headline(report: dict[str, Any]) -> str:
     dims = " x ".join(f"{d}={n}" for d, n in report["mesh"].items() if n > 1) or "single process"
     return (f"bench {report['spec']}: mesh {dims} ({report['world_size']} ranks = {report['nodes']} node(s) x "
             f"{report['procs_per_node']}), hardware profile {report['hardware']}; {report['steps']} steps, first "
-            f"{report['warmup']} warm-up, medians over {report['steps_measured']}")
+            f"{report['warmup']} warm-up, medians over {report['steps_measured']}\npredicted with the "
+            f"{report['hardware_provenance']}" + (f" (this machine's fit {report['hardware_fit']}; the spec's "
+                                                  f"{report['compiled_hardware']} profile, uncalibrated, predicted "
+                                                  f"{seconds(report['compiled_predicted_step_time_s'])})"
+                                                  if report.get("hardware_fit") else ""))
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -145,9 +150,11 @@ def run(spec: Spec, out_dir: Path, steps: int, warmup: int, quiet: bool = False)
     """Compile into out_dir, run on the spec's ranks, and return the report (PlanError etc. for bad input,
     BenchFailed when the run does not finish)."""
     from .hardware import load_profile
-    from .runner import compile_to, launch, read_metrics
+    from .machine import priced_here
+    from .runner import compile_into, launch, read_metrics
     check_steps(steps, warmup)
-    plan = compile_to(spec, out_dir)
+    compiled = compile_into(spec, out_dir)
+    here = priced_here(spec, compiled.graph, compiled.plan)
     metrics, log = out_dir / "metrics.jsonl", out_dir / "bench.log"
     metrics.unlink(missing_ok=True)  # never read a previous run's records
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -158,8 +165,13 @@ def run(spec: Spec, out_dir: Path, steps: int, warmup: int, quiet: bool = False)
         raise BenchFailed(f"the run exited {code} with {len(records)} of {steps} metric records (log: {log})\n{tail}",
                           code or 1)
     # Every step was recorded: the figures stand even if a rank then died on the way out; the caller says so.
-    return {**build_report(plan, spec, records, steps, warmup, load_profile(spec).memory_bytes),
-            "run_exit_code": code, "log": str(log)}
+    # Priced with this machine's fit where the spec names the placeholder `cpu` profile (omnigen.machine).
+    report = build_report(here.plan if here else compiled.plan, spec, records, steps, warmup,
+                          load_profile(spec).memory_bytes)
+    if here:
+        report.update(hardware_fit=str(here.path), compiled_hardware=compiled.plan.cluster["hardware"],
+                      compiled_predicted_step_time_s=compiled.plan.predicted["step_time_s"])
+    return {**report, "run_exit_code": code, "log": str(log)}
 
 
 def launch_in_passes(jobs: Sequence[Any], passes: int,

@@ -72,6 +72,7 @@ def analyze(spec_path, sets, as_json):
 def plan(spec_path, sets, as_json, explain, svg_path):
     """Choose the device mesh and per-group placement, with predicted cost."""
     from .emit import canonical_json
+    from .machine import describe as describe_here, priced_here
     from .pipeline import plan as run_plan
     from .plan import format_explain
     compiled = run_plan(_load(spec_path, sets))
@@ -82,7 +83,8 @@ def plan(spec_path, sets, as_json, explain, svg_path):
     if as_json:
         click.echo(canonical_json(compiled.plan.to_dict()), nl=False)
     else:
-        click.echo(format_explain(compiled.plan, alternatives=explain))
+        here = describe_here(compiled.spec, priced_here(compiled.spec, compiled.graph, compiled.plan))
+        click.echo(format_explain(compiled.plan, alternatives=explain, here=here))
 
 
 @main.command(name="compile")
@@ -254,14 +256,17 @@ def bench_cmd(spec_path, sets, out_dir, steps, warmup, report_path):
 @click.option("--quick", is_flag=True, help="Fewer shapes, sizes, repeats and runs: about a minute on 2 CPU cores.")
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="Refit the host terms on runs of omnigen's generated train.py (tiny Llama and MoE models).")
+@click.option("--cache", is_flag=True, help="Write to this machine's cache instead of -o: `omnigen plan`, `run` and "
+                                            "`bench` then price specs naming the built-in cpu profile with it.")
 @user_errors
-def calibrate_cmd(device, ranks, base, out_path, quick, stack):
+def calibrate_cmd(device, ranks, base, out_path, quick, stack, cache):
     """Measure this machine (GEMM FLOP/s and layer efficiency per dtype, host overhead per layer, micro-batch,
     collective and parameter tensor, optimizer memory bandwidth, compute/communication overlap, collective latency
     and bandwidth, memory baseline) and write a hardware profile for `cluster.hardware`."""
     from .calibrate import CalibrationFailed, calibrate as run_calibrate
     try:
-        run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, stack=stack, echo=click.echo)
+        run_calibrate(device=device, ranks=ranks, base=base, out=out_path, quick=quick, stack=stack, cache=cache,
+                      echo=click.echo)
     except CalibrationFailed as e:
         click.echo(f"omnigen: calibrate: {e}", err=True)
         sys.exit(1)

@@ -23,7 +23,7 @@ import libcst
 from .errors import OmnigenError
 from .merge import Conflict, Merged, merge
 from .model_graph import router_aux_loss
-from .plan import Plan
+from .plan import Plan, hardware_provenance
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
         "token_shards": paths.data_format == "token_shards", "data_format": paths.data_format,
         "chat_data": paths.data_format == "chat", "processor_path": repr(paths.processor),
+        # where the prediction's figures come from: fitted on which machine, or uncalibrated and how to calibrate
+        "hardware_provenance": hardware_provenance(plan),
     }
     try:
         train_py = render_train_py(env, plan, context)

@@ -71,6 +71,9 @@ class HardwareProfile:
     # scores, n = ceil(context / causal_block); 0 models no skipping.
     attention_efficiency: float | dict[str, float] | None = None
     causal_block: int = 0
+    # The machine `omnigen calibrate` fitted the figures on ("AMD EPYC, 2 cores, 2 CPU ranks"); empty for figures
+    # nobody measured (datasheets, published MFU, placeholders). The plan and the script's header say which it is.
+    measured_on: str = ""
 
     @property
     def memory_bytes(self) -> int:
@@ -113,6 +116,18 @@ def causal_share(context: float, block: int) -> float:
         return 1.0
     n = max(1, -(-int(context) // block))
     return (n + 1) / (2 * n)
+
+
+def provenance(name: str, measured_on: str, device: str) -> str:
+    """Where a profile's figures come from, in one line (`omnigen plan`, `run`, `bench`; the script's header)."""
+    if measured_on:
+        return f"cost profile {name}: fitted by `omnigen calibrate` on {measured_on}"
+    calibrate = f"omnigen calibrate{' --device cuda' if device == 'cuda' else ''} --ranks N -o FILE.yaml"
+    return (f"cost profile {name}: uncalibrated, not measured on any machine (`{calibrate}`, then "
+            "cluster.hardware: FILE.yaml, fits one)")
+
+
+TEXT_FIELDS = ("name", "source", "measured_on")
 
 
 def builtin_profiles() -> list[str]:
@@ -169,8 +184,10 @@ def load_profile(spec: Spec) -> HardwareProfile:
                             f"allowed: profile, {', '.join(sorted(allowed))}")
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and isinstance(value, dict) else value
     for key, value in data.items():
-        if key not in ("name", "source"):
+        if key not in TEXT_FIELDS:
             _check_numbers(value, f"cluster.hardware.{key}", f"{spec.source}: profile {hw!r}")
+        elif not isinstance(value, str):
+            raise SpecError(f"{spec.source}: profile {hw!r}: 'cluster.hardware.{key}' must be text, got {value!r}")
     try:
         links = {k: Link(**data[k]) for k in ("intra_node", "inter_node", *COLLECTIVES) if data.get(k) is not None}
         return HardwareProfile(**{**data, **links})

@@ -15,7 +15,7 @@ from . import __version__
 from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
                    group_memory_bytes, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
-from .hardware import GIB, HardwareProfile
+from .hardware import GIB, HardwareProfile, provenance
 from .model_graph import ModelGraph
 from .spec import Spec
 
@@ -49,7 +49,7 @@ class Plan:
     omnigen_version: str
     model_class: str
     total_params: int
-    cluster: dict[str, Any]          # nodes, procs_per_node, world_size, device, hardware
+    cluster: dict[str, Any]          # nodes, procs_per_node, world_size, device, hardware, hardware_measured_on
     train: dict[str, Any]            # the spec's train section + grad_accum
     mesh: dict[str, int]             # named dims in mesh order; their product is the world size
     groups: tuple[GroupPlan, ...]
@@ -408,7 +408,8 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         name=spec.name, omnigen_version=__version__, model_class=graph.model_class,
         total_params=graph.total_params,
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
-                 "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name},
+                 "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
+                 "hardware_measured_on": hw.measured_on},
         train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
@@ -551,11 +552,20 @@ def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dic
     return f"would now take {e.step_time_s:.4g} s/step and {e.peak_memory_bytes / GIB:.3g} GiB"
 
 
-def format_explain(plan: Plan, alternatives: bool = True) -> str:
+def hardware_provenance(plan: Plan) -> str:
+    """hardware.provenance of the profile the plan was priced with ("" measured_on: a plan.json from before it)."""
+    c = plan.cluster
+    return provenance(c["hardware"], c.get("hardware_measured_on", ""), c["device"])
+
+
+def format_explain(plan: Plan, alternatives: bool = True, here: str = "") -> str:
+    """The plan in words; `here` (machine.describe) is the same layout priced on this machine, under the
+    prediction's profile."""
     p = plan.predicted
     lines = [f"chosen: mesh {plan.mesh}  step {p['step_time_s']:.4g} s  "
              f"{p['tokens_per_s_per_device']:.4g} tokens/s/device  peak {p['peak_memory_bytes'] / GIB:.2f} GiB  "
-             f"MFU {p['mfu']:.1%}"]
+             f"MFU {p['mfu']:.1%}",
+             f"  {hardware_provenance(plan)}", *([here] if here else [])]
     for g in plan.groups:
         sp = {"ulysses": f", Ulysses SP ({g.sp_all_to_all_bytes_per_step:,} all-to-all bytes/step/rank)",
               "replicated": ", replicated across SP ranks", "none": ""}[g.sequence_parallel]

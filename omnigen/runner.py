@@ -16,16 +16,21 @@ import torch
 
 from . import emit
 from .errors import OmnigenError
-from .pipeline import default_out_dir, plan as make_compiled, render
+from .pipeline import Compiled, default_out_dir, plan as make_compiled, render
 from .plan import Plan, num_experts
 from .spec import Spec, spec_from_dict
 
 
-def compile_to(spec: Spec, out_dir: Path) -> Plan:
-    """Write the generated files; returns the Plan they render."""
+def compile_into(spec: Spec, out_dir: Path) -> Compiled:
+    """Write the generated files; returns the compiled stages they render."""
     compiled = make_compiled(spec)
     emit.update(render(compiled, out_dir), out_dir)  # a hand-edited script keeps its edits
-    return compiled.plan
+    return compiled
+
+
+def compile_to(spec: Spec, out_dir: Path) -> Plan:
+    """Write the generated files; returns the Plan they render."""
+    return compile_into(spec, out_dir).plan
 
 
 def _free_port() -> int:
@@ -63,9 +68,12 @@ def launch(spec: Spec, script: Path, args: list[str], log: Path | None = None) -
 
 
 def compile_and_run(spec: Spec, out_dir: str | None, steps: int | None) -> int:
+    from .machine import describe, priced_here
     from .plan import format_explain
     out = Path(out_dir) if out_dir else default_out_dir(spec)
-    print(format_explain(compile_to(spec, out), alternatives=False), flush=True)
+    compiled = compile_into(spec, out)
+    here = describe(spec, priced_here(spec, compiled.graph, compiled.plan))
+    print(format_explain(compiled.plan, alternatives=False, here=here), flush=True)
     return launch(spec, out / "train.py", ["--steps", str(steps)] if steps else [])
 
 

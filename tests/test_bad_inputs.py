@@ -79,6 +79,8 @@ def test_malformed_hardware_profile_file(tmp_path):
 def test_hardware_figure_that_is_not_a_number(tmp_path):
     body = spec_body(cluster={"hardware": {"profile": "h100", "memory_gib": "lots"}})
     refused(tmp_path, write(tmp_path, body), "'cluster.hardware.memory_gib'", "'lots'")
+    body = spec_body(cluster={"hardware": {"profile": "cpu", "measured_on": 2}})
+    refused(tmp_path, write(tmp_path, body), "'cluster.hardware.measured_on' must be text", "2")
 
 
 def test_set_value_that_is_not_yaml(tmp_path):

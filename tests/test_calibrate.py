@@ -9,15 +9,18 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from omnigen.calibrate import (COLLECTIVES, Fit, _slowest, analyse, causal_block, collective_terms, fit_alpha_beta,
-                               fit_attention, fit_compute, format_summary, llama_attention_flops, overlap_share,
-                               profile_yaml, read_base, read_measured, with_stack)
+from omnigen.calibrate import format_summary, read_measured
+from omnigen.calibrate_fit import (Fit, causal_block, collective_terms, fit_alpha_beta, fit_attention, fit_compute,
+                                   llama_attention_flops, overlap_share)
+from omnigen.calibrate_measure import cpu_cores
+from omnigen.calibrate_profile import analyse, profile_yaml, read_base, with_stack
 from omnigen.calibrate_stack import HOST_TERMS, RUNS, StackRun, calibration_spec, price, runs_on, write_configs
 from omnigen.calibrate_stack import fit as fit_stack_runs
+from omnigen.calibrate_worker import _slowest
 from omnigen.cli import main
 from omnigen.fitting import non_negative_least_squares
 from omnigen.cost import OPTIMIZER_BYTES_PER_PARAM, all_gather_s, all_reduce_s, reduce_scatter_s
-from omnigen.hardware import Link, causal_share, load_profile
+from omnigen.hardware import COLLECTIVES, Link, causal_share, load_profile
 from omnigen.spec import spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +215,7 @@ def test_profile_file_loads_and_keeps_base_fields(tmp_path):
     path = tmp_path / "box.yaml"
     path.write_text(profile_yaml(c, "omnigen calibrate --quick"))
     hw = load_via_spec(path)
-    assert hw.name == "box"
+    assert hw.name == "box" and hw.measured_on == f"Test CPU, {cpu_cores()} cores, 2 CPU ranks"
     assert hw.peak_flops["fp32"] == pytest.approx(PEAK["fp32"], rel=1e-3)
     assert hw.efficiency("fp32") == pytest.approx(EFFICIENCY["fp32"], rel=1e-2)
     assert hw.efficiency("bf16") == pytest.approx(EFFICIENCY["bf16"], rel=1e-2)
@@ -249,7 +252,7 @@ def test_one_rank_keeps_overlap_and_link():
     assert not set(COLLECTIVES) & set(c.profile)
     assert "one rank: no communication measured" in c.profile["source"]
     assert c.profile["layer_overhead_us"] == pytest.approx(150, rel=1e-2)
-
+    assert c.profile["measured_on"] == f"Test CPU, {cpu_cores()} cores, 1 CPU rank"
 
 def test_cuda_run_records_device_memory():
     c = analyse(fake_raw(memory_gib=79.11), "cuda", "h100", read_base("h100"), name="gpu", quick=False)
@@ -266,6 +269,7 @@ def test_cuda_run_records_device_memory():
     (["--base", "tpu9"], "unknown profile 'tpu9'; built-in profiles: a100, cpu"),
     (["--base", "missing.yaml"], "profile file missing.yaml not found"),
     (["-o", "profile.txt"], "must end in .yaml"),
+    (["--cache", "-o", "profile.yaml"], "--cache: writes this machine's CPU fit"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -273,6 +277,15 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, messa
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_writes_where_plan_run_and_bench_look(tmp_path, monkeypatch):
+    from omnigen import machine
+    from omnigen.calibrate import check_args
+    monkeypatch.setenv("OMNIGEN_CACHE_DIR", str(tmp_path))
+    ranks, base, path = check_args("cpu", 4, None, None, cache=True)
+    assert (ranks, base) == (4, "cpu") and path == machine.cached_profile_path(4)
+    assert path.parent == tmp_path / "profiles" and path.stem.endswith("cores_4ranks")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -139,6 +139,20 @@ def test_plan_round_trips_through_json_and_explains():
     assert "chosen: mesh" in text and "alternatives (" in text
 
 
+def test_plan_says_whether_its_profile_was_measured():
+    """The prediction names its profile: fitted on which machine, or uncalibrated, and how to calibrate."""
+    from dataclasses import replace
+    s = spec(cluster={"procs_per_node": 2})
+    unmeasured = make_plan(s, graph(), hw(), {})
+    assert unmeasured.cluster["hardware_measured_on"] == ""
+    assert "cost profile test: uncalibrated" in format_explain(unmeasured)
+    assert "`omnigen calibrate --ranks N -o FILE.yaml`, then cluster.hardware: FILE.yaml" in format_explain(unmeasured)
+    measured = make_plan(s, graph(), replace(hw(), measured_on="Box CPU, 8 cores, 2 CPU ranks"), {})
+    line = format_explain(measured).splitlines()[1]
+    assert line == "  cost profile test: fitted by `omnigen calibrate` on Box CPU, 8 cores, 2 CPU ranks"
+    assert Plan.from_dict(measured.to_dict()) == measured
+
+
 def test_expert_parallel_degrees_must_divide_experts_and_fsdp_ranks():
     from omnigen.analyze import analyze
     moe = spec_from_dict({"name": "t", "model": {"config": str(LLAMA.parent / "qwen3_moe_tiny")},

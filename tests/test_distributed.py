@@ -134,7 +134,7 @@ def test_expert_parallel_checkpoint_holds_the_full_experts_and_resumes(tmp_path)
     straight = run(ref, "straight", "--steps", "3", ranks=False)
     first = run(par, "first", "--steps", "2", "--checkpoint-dir", str(ckpt), "--count-comm-bytes")
     ref_metrics, ref_params, first_metrics, first_params = straight.metrics, straight.final, first.metrics, first.final
-    dcp_to_torch_save(ckpt, tmp_path / "checkpoint.pt")
+    dcp_to_torch_save(ckpt / "step_00000002", tmp_path / "checkpoint.pt")  # the step folder of the save at the end
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert int(saved["steps_done"]) == 2
     assert set(saved["model"]) == set(first_params) == set(ref_params)

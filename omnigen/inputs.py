@@ -362,7 +362,7 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
 
 # --- models composed from parts (omnigen/compose.py) ----------------------------------------------------------
 
-def _whole_crop_part(encoder: Any, model: torch.nn.Module) -> dict[str, Any]:
+def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
     """SigLIP / CLIP vision encoders: pixel_values of whole crops [images, channels, image_size, image_size]; every
     output position of the encoder becomes one LLM token (the projector keeps the sequence length)."""
     from .compose import encoder_tokens
@@ -370,7 +370,8 @@ def _whole_crop_part(encoder: Any, model: torch.nn.Module) -> dict[str, Any]:
     shape = [1, getattr(encoder.config, "num_channels", 3), size, size]
     tokens = encoder_tokens(model, encoder, shape)
     if encoder.part.tokens_per_item not in (None, tokens):
-        raise SpecError(f"model.parts.encoders: {encoder.part.modality} tokens_per_item={encoder.part.tokens_per_item}, "
+        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
+                        f"{encoder.part.tokens_per_item}, "
                         f"but {encoder.model_class} puts out {tokens} positions per {size}x{size} image (the "
                         "projector places each as one token)")
     return {"layout": "crops", "image_size": [size, size], "pixel_values_shape": shape, "concat_dim": 0,
@@ -383,7 +384,7 @@ PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _
 
 
 def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
-                     every: dict[str, int] | None = None) -> dict[str, Any]:
+                     every: dict[str, int] | None = None, source: str = "<spec>") -> dict[str, Any]:
     """input_recipe for a model composed from parts: the same dict (data.py.j2 renders it unchanged), each modality
     from its encoder's family, placeholders bare (no start/end wrappers: the parts come with no processor)."""
     from .compose import COMPOSITE_CLASS
@@ -392,7 +393,7 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
                         "a model composed from parts takes image inputs (use pack_documents: 1)")
     modalities = {}
     for encoder in parts.encoders:
-        item = PART_FAMILIES[encoder.config.model_type](encoder, model)
+        item = PART_FAMILIES[encoder.config.model_type](encoder, model, source)
         modalities[encoder.part.modality] = {**item, "token_id": encoder.part.placeholder_token_id,
                                              "start_token_id": None, "end_token_id": None, "wrapper_tokens": 0,
                                              "every": (every or {}).get(encoder.part.modality, 1)}

@@ -65,7 +65,8 @@ def plan_composite(spec: Spec) -> Compiled:
         t = spec.train
         check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
-    inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every)
+    inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
+                              spec.source)
     the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec))
     return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
 

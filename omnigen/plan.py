@@ -79,7 +79,10 @@ class Plan:
         return self.mesh.get("sp", 1) > 1 or self.mesh.get("ep", 1) > 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["parts"] is None:  # one HF model class: plan.json reads (and hashes) as before parts existed
+            del d["parts"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":

@@ -45,6 +45,9 @@ ACT_BYTES = 4  # activation bytes are quoted at fp32; the cost model rescales th
 
 
 def analyze(spec: Spec) -> ModelGraph:
+    if spec.model.parts is not None:
+        from .compose import analyze_composite, load_parts
+        return analyze_composite(spec, load_parts(spec))
     config = hf.load_config(spec)
     cls = hf.model_class(spec, config)
     # The generated script builds fp32 master weights whatever the checkpoint's dtype (bf16 for most
@@ -62,12 +65,14 @@ def analyze(spec: Spec) -> ModelGraph:
         raise SpecError(f"{cls.__name__}: omnigen cannot analyze this model: {type(e).__name__}: {e}") from None
 
 
-def analyze_model(model: nn.Module, config, class_name: str) -> ModelGraph:
+def analyze_model(model: nn.Module, config, class_name: str, part_roles: dict[str, str] | None = None) -> ModelGraph:
     """The ModelGraph of an instantiated model (meta device is fine: only shapes are read).
 
-    param_bytes use the built parameters' element size; act_bytes_per_token are at fp32 (ACT_BYTES).
+    param_bytes use the built parameters' element size; act_bytes_per_token are at fp32 (ACT_BYTES). part_roles
+    ({module path: role}) names the towers and projectors of a model composed from parts (omnigen/compose.py), whose
+    roles the spec states rather than module names.
     """
-    return _Analyzer(model, config, class_name).run()
+    return _Analyzer(model, config, class_name, part_roles or {}).run()
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,8 @@ def _numel(module: nn.Module) -> int:
 
 
 class _Analyzer:
-    def __init__(self, model: nn.Module, config, class_name: str):
-        self.model, self.config, self.class_name = model, config, class_name
+    def __init__(self, model: nn.Module, config, class_name: str, part_roles: dict[str, str]):
+        self.model, self.config, self.class_name, self.part_roles = model, config, class_name, part_roles
         self.text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.path_of = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
         self.seen: set[int] = set()   # parameters already owned by a block (tied weights count once)
@@ -157,6 +162,9 @@ class _Analyzer:
         """The outermost ancestor named (or, failing that, typed) like a vision or audio tower."""
         parts = path.split(".")
         prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+        stated = [_Tower(self.part_roles[p], p) for p in prefixes if self.part_roles.get(p, "").startswith("encoder")]
+        if stated:
+            return stated[0]
         for matcher in (lambda p: p.rpartition(".")[2], lambda p: type(self.model.get_submodule(p)).__name__):
             for prefix in prefixes:
                 name = matcher(prefix).lower()
@@ -171,6 +179,9 @@ class _Analyzer:
         last = path.rpartition(".")[2]
         if out is not None and module is out:
             return "head"
+        stated = [role for prefix, role in self.part_roles.items() if _under(path, prefix)]
+        if stated and stated[0] == "projector":
+            return "projector"
         for t in towers:
             if t.role.startswith("encoder") and _under(path, t.path):
                 rel = path[len(t.path):].lstrip(".").split(".")

@@ -74,9 +74,10 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         "comm_bytes": context["explicit_comm"],
         "sequence_parallel": sp is not None,
         "expert_parallel": plan.expert_parallel is not None,
-        "idle_towers": multimodal and parallel,
+        # A composed model runs every part on every rank itself (OmniModel.place), so needs no IdleTowers.
+        "idle_towers": multimodal and parallel and plan.parts is None,
         "router_aux": context["router_aux"] is not None,
-        "model": True, "activation_checkpointing": True,
+        "model": True, "composite_model": plan.parts is not None, "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
         "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "guards": True, "loop": True,
         "main": True,
@@ -117,7 +118,8 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "explicit_comm": plan.has_explicit_collectives,
         "multimodal": any(m in plan.inputs for m in ("image", "audio")),
         "ep": plan.expert_parallel,
-        "router_aux": router_aux_loss(config),
+        # a composed model's config.json holds its parts' configs: the foundation's says whether routers add a loss
+        "router_aux": router_aux_loss(config["foundation"] if plan.parts is not None else config),
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),

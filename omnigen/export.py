@@ -132,6 +132,8 @@ def build_model(model_class: str, config: dict):
     import transformers
     from transformers.initialization import no_init_weights
 
+    if model_class == "OmniModel":  # omnigen/compose.py
+        raise ExportError("a model composed from parts (model.parts): exporting it, part by part, is not built yet")
     cls = getattr(transformers, model_class, None)
     if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise ExportError(f"plan.json model_class {model_class!r} is not a transformers model class in this "

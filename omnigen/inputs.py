@@ -358,3 +358,60 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
                                + (["document_ids"] if documents_per_sample > 1 else [])),
         "ignored_label_token_ids": sorted(i for i in ignored if i is not None),
     })
+
+
+# --- models composed from parts (omnigen/compose.py) ----------------------------------------------------------
+
+def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
+    """SigLIP / CLIP vision encoders: pixel_values of whole crops [images, channels, image_size, image_size]; every
+    output position of the encoder becomes one LLM token (the projector keeps the sequence length)."""
+    from .compose import encoder_tokens
+    size = _side(encoder.config.image_size)
+    shape = [1, getattr(encoder.config, "num_channels", 3), size, size]
+    tokens = encoder_tokens(model, encoder, shape)
+    if encoder.part.tokens_per_item not in (None, tokens):
+        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
+                        f"{encoder.part.tokens_per_item}, "
+                        f"but {encoder.model_class} puts out {tokens} positions per {size}x{size} image (the "
+                        "projector places each as one token)")
+    return {"layout": "crops", "image_size": [size, size], "pixel_values_shape": shape, "concat_dim": 0,
+            "item_kwargs": ["pixel_values"], "image_sizes": None, "pixel_attention_mask": False,
+            "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
+
+
+# Input families of encoder parts, keyed by the encoder config's model_type.
+PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part}
+
+
+def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
+                     every: dict[str, int] | None = None, source: str = "<spec>") -> dict[str, Any]:
+    """input_recipe for a model composed from parts: the same dict (data.py.j2 renders it unchanged), each modality
+    from its encoder's family, placeholders bare (no start/end wrappers: the parts come with no processor)."""
+    from .compose import COMPOSITE_CLASS
+    if documents_per_sample > 1:
+        raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
+                        "a model composed from parts takes image inputs (use pack_documents: 1)")
+    modalities = {}
+    for encoder in parts.encoders:
+        item = PART_FAMILIES[encoder.config.model_type](encoder, model, source)
+        modalities[encoder.part.modality] = {**item, "token_id": encoder.part.placeholder_token_id,
+                                             "start_token_id": None, "end_token_id": None, "wrapper_tokens": 0,
+                                             "every": (every or {}).get(encoder.part.modality, 1)}
+    min_seq_len = sum(m["llm_tokens_per_item"] for m in modalities.values()) + MIN_TEXT_TOKENS
+    if seq_len < min_seq_len:
+        raise SpecError(f"train.seq_len={seq_len} is too short for the composed model: a sample needs {min_seq_len} "
+                        f"tokens; use seq_len >= {min_seq_len}")
+    text = _text_range(parts.foundation_config)
+    placeholders = sorted(m["token_id"] for m in modalities.values())
+    # Text tokens stay below every placeholder (they sit at the top of the vocabulary in the example specs).
+    low_ones = [p for p in placeholders if p < text["vocab_size"] // 2]
+    if low_ones:
+        raise SpecError(f"placeholder_token_id {low_ones[0]} is in the lower half of the foundation's vocabulary; "
+                        "omnigen's synthetic text draws from below the placeholders: use ids near the top")
+    text["token_high"] = min([text["token_high"], *placeholders])
+    kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]}
+    return _sorted({
+        "class_name": COMPOSITE_CLASS, "seq_len": seq_len, "min_seq_len": min_seq_len,
+        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities,
+        "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders,
+    })

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import emit
 from .analyze import analyze
 from .chat_data import check_chat_manifest
 from .data import check_jsonl, check_shards
+from .errors import SpecError
 from .hardware import HardwareProfile, load_profile
 from .hf import config_to_dict, load_config
 from .inputs import input_recipe
@@ -28,6 +29,8 @@ class Compiled:
 
 
 def plan(spec: Spec) -> Compiled:
+    if spec.model.parts is not None:
+        return plan_composite(spec)
     graph = analyze(spec)
     config = load_config(spec)
     vocab_size = config.get_text_config().vocab_size
@@ -44,6 +47,28 @@ def plan(spec: Spec) -> Compiled:
         check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
+
+
+def plan_composite(spec: Spec) -> Compiled:
+    """A model composed from parts (model.parts): the same stages, each part read from its own config."""
+    from . import compose
+    from .inputs import composite_recipe
+    if data_format(spec) == "chat":
+        raise SpecError(f"{spec.source}: key 'train.processor': chat manifests for models composed from parts are not "
+                        "read yet (synthetic or jsonl data)")
+    parts = compose.load_parts(spec)
+    graph = compose.analyze_composite(spec, parts)
+    vocab_size = parts.foundation_config.get_text_config().vocab_size
+    if data_format(spec) == "jsonl":
+        check_jsonl(spec.resolve(spec.train.data), vocab_size, spec.source)
+    elif data_format(spec) == "token_shards":
+        t = spec.train
+        check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
+    every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
+    inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
+                              spec.source)
+    the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec))
+    return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
 
 
 def data_format(spec: Spec) -> str | None:

@@ -65,6 +65,9 @@ class Plan:
     max_seq_len_by_sp: dict[str, int] = field(default_factory=dict)  # longest seq_len that fits, per SP degree
     candidates_searched: int = 0     # (mesh, per-group choices) pairs the cost model priced
     alternatives: tuple[dict[str, Any], ...] = field(default=())
+    # A model composed from parts (omnigen/compose.py): its encoders, projectors, foundation and decoders, as the
+    # script's OmniModel builds them. None for one HF model class.
+    parts: dict[str, Any] | None = None
 
     @property
     def world_size(self) -> int:
@@ -76,7 +79,10 @@ class Plan:
         return self.mesh.get("sp", 1) > 1 or self.mesh.get("ep", 1) > 1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["parts"] is None:  # one HF model class: plan.json reads (and hashes) as before parts existed
+            del d["parts"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
@@ -198,14 +204,20 @@ def with_expert_parallel(spec: Spec, graph: ModelGraph | None, meshes: list[Mesh
 def group_options(spec: Spec, graph: ModelGraph, g, mesh: Mesh) -> list[GroupChoice]:
     """Every choice for one group: FSDP (resharding after forward or not) or replicated, times each activation
     checkpointing mode. Frozen comes from the spec; experts are never replicated (EP and FSDP place them)."""
-    ac = spec.parallel.activation_checkpointing
+    part = spec.model.part_parallel(g.name)  # a part's own parallel block (models composed from parts)
+    ac = part.activation_checkpointing if part and part.activation_checkpointing != "auto" \
+        else spec.parallel.activation_checkpointing
     acs = ["none", "selective", "full"] if ac == "auto" else [ac]
     frozen = under(g.name, spec.model.freeze)
     fsdp = [GroupChoice(raf, a, frozen) for raf in (True, False) for a in acs] if mesh.world_size > 1 else \
         [GroupChoice(True, a, frozen) for a in acs]
     replicated = [GroupChoice(True, a, frozen, replicate=True) for a in acs] \
         if mesh.world_size > 1 and not g.experts else []
-    return fsdp + replicated
+    placement = part.placement if part and mesh.world_size > 1 else "auto"  # one process has nothing to place
+    if placement == "replicate" and g.experts:
+        raise PlanError(f"{spec.source}: the parallel.placement of the part holding '{g.name}' is replicate, but its "
+                        "layers hold routed experts, which EP and FSDP place; use placement: fsdp or auto")
+    return {"auto": fsdp + replicated, "fsdp": fsdp, "replicate": replicated}[placement]
 
 
 def pareto(options: list[tuple[GroupChoice, float, float]]) -> list[GroupChoice]:

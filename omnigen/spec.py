@@ -28,13 +28,105 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
-class ModelSpec(_Strict):
+class PartParallel(_Strict):
+    """One part's own placement; anything "auto" is the planner's to choose."""
+    placement: Literal["auto", "fsdp", "replicate"] = "auto"
+    activation_checkpointing: Literal["auto", "none", "full", "selective"] = "auto"
+
+
+class EncoderPart(_Strict):
+    """An encoder (lm_encode): one modality's HF encoder model, built from its config, and a projector into the
+    foundation's hidden size. Its features replace the foundation's embeddings at the placeholder token."""
+    modality: Literal["image", "audio"]
+    config: str                                   # an encoder's config.json (SiglipVisionConfig, CLIPVisionConfig, ...)
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    placeholder_token_id: int = Field(ge=0)       # the foundation's token id that marks this modality's positions
+    tokens_per_item: PositiveInt | None = None    # optional check: the encoder's output length per item
+    weights: str | None = None                    # a folder of *.safetensors of this encoder model
+    trainable: bool = True                        # false: the encoder is frozen (its projector still trains)
+    parallel: PartParallel = PartParallel()
+
+
+class FoundationPart(_Strict):
+    """The LLM every encoder feeds: a causal LM class transformers ships (dense or MoE)."""
     config: str
+    class_name: str | None = Field(None, alias="class")  # default: the config's architectures[0]
+    weights: str | None = None
+    trainable: bool = True
+    parallel: PartParallel = PartParallel()
+
+
+class DecoderPart(_Strict):
+    """An output head on the foundation's hidden states, and its weight in the objective."""
+    modality: Literal["text", "image_tokens", "audio_codec"]
+    kind: Literal["lm_head", "codebook_head"] = "lm_head"
+    loss_weight: FiniteFloat = Field(1.0, gt=0.0)
+
+
+class PartsSpec(_Strict):
+    """A model composed from separately released parts: encoders -> projectors -> foundation -> decoders."""
+    encoders: tuple[EncoderPart, ...] = Field((), strict=False)
+    foundation: FoundationPart
+    decoders: tuple[DecoderPart, ...] = Field((DecoderPart(modality="text"),), strict=False)
+
+    @model_validator(mode="after")
+    def _one_encoder_per_modality(self) -> "PartsSpec":
+        seen = [e.modality for e in self.encoders]
+        twice = sorted({m for m in seen if seen.count(m) > 1})
+        if twice:
+            raise ValueError(f"two encoders for {', '.join(twice)}: one encoder per modality")
+        ids = [e.placeholder_token_id for e in self.encoders]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two encoders share a placeholder_token_id: each modality needs its own")
+        if [d.modality for d in self.decoders].count("text") != 1:
+            raise ValueError("decoders: exactly one text decoder (the foundation's lm_head) is needed")
+        return self
+
+
+# Module paths of the parts in the composed model (OmniModel): what a part's trainable: false freezes.
+def encoder_path(modality: str) -> str:
+    return f"encoders.{modality}"
+
+
+FOUNDATION_PATH = "foundation"
+
+
+class ModelSpec(_Strict):
+    config: str | None = None
     class_name: str | None = Field(None, alias="class")
     overrides: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
     # Modules kept frozen (no gradients, no optimizer state): dotted module-path prefixes.
     freeze: tuple[str, ...] = Field((), strict=False)  # a YAML list
+    # Or a model composed from parts (README: "Composing a model from parts"): then config, class, overrides and
+    # weights belong to the parts.
+    parts: PartsSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "ModelSpec":
+        if self.parts is None and self.config is None:
+            raise ValueError("give either config (one HF model) or parts (encoders, foundation, decoders)")
+        if self.parts is not None:
+            given = [k for k, v in (("config", self.config), ("class", self.class_name), ("weights", self.weights),
+                                    ("overrides", self.overrides or None)) if v is not None]
+            if given:
+                raise ValueError(f"with parts, {', '.join(given)} belong(s) to each part "
+                                 "(model.parts.foundation.config, model.parts.encoders[i].config, ...)")
+            # trainable: false is a freeze of the part's module path (the planner and the script read model.freeze)
+            frozen = [encoder_path(e.modality) for e in self.parts.encoders if not e.trainable]
+            frozen += [FOUNDATION_PATH] if not self.parts.foundation.trainable else []
+            object.__setattr__(self, "freeze", tuple(dict.fromkeys((*self.freeze, *frozen))))
+        return self
+
+    def part_parallel(self, module_path: str) -> PartParallel | None:
+        """The parallel block of the part holding `module_path` (None for a whole-model spec)."""
+        if self.parts is None:
+            return None
+        if module_path == FOUNDATION_PATH or module_path.startswith(FOUNDATION_PATH + "."):
+            return self.parts.foundation.parallel
+        return next((e.parallel for e in self.parts.encoders
+                     if module_path == encoder_path(e.modality) or module_path.startswith(encoder_path(e.modality) + ".")),
+                    None)
 
 
 class ClusterSpec(_Strict):
@@ -149,7 +241,10 @@ class Spec(_Strict):
         return p / "config.json" if p.is_dir() else p
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        raw = self.model_dump(mode="json", by_alias=True)
+        if raw["model"]["parts"] is None:  # a whole-model spec reads (and hashes) as it did before parts existed
+            del raw["model"]["parts"]
+        return raw
 
 
 def load_spec(path: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Spec:
@@ -218,7 +313,9 @@ def _fields(model: type[BaseModel]) -> list[str]:
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "": Spec, "model": ModelSpec, "cluster": ClusterSpec, "train": TrainSpec, "parallel": ParallelSpec,
-    "train.synthetic": SyntheticSpec,
+    "train.synthetic": SyntheticSpec, "model.parts": PartsSpec, "model.parts.encoders": EncoderPart,
+    "model.parts.foundation": FoundationPart, "model.parts.decoders": DecoderPart,
+    "model.parts.encoders.parallel": PartParallel, "model.parts.foundation.parallel": PartParallel,
 }
 
 
@@ -230,7 +327,8 @@ def _describe(error: ValidationError, source: str) -> str:
         loc = [str(p) for p in err["loc"] if not _is_type_tag(str(p))]
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            allowed = _fields(_SECTIONS.get(".".join(loc[:-1]), Spec))
+            section = ".".join(p for p in loc[:-1] if not p.isdigit())  # list items: model.parts.encoders.0
+            allowed = _fields(_SECTIONS.get(section, Spec))
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines[f"{source}: unknown key '{key}'{hint} Allowed keys here: {', '.join(allowed)}"] = []
@@ -247,7 +345,26 @@ def _is_type_tag(part: str) -> bool:
     return part in ("int", "str", "float", "bool") or part.startswith(("literal[", "constrained-", "dict[", "function-"))
 
 
+def _check_part_files(spec: Spec) -> None:
+    parts = spec.model.parts
+    named = [(f"model.parts.encoders[{i}]", e) for i, e in enumerate(parts.encoders)]
+    for key, part in [*named, ("model.parts.foundation", parts.foundation)]:
+        cfg = spec.resolve(part.config)
+        cfg = cfg / "config.json" if cfg.is_dir() else cfg
+        if not cfg.is_file():
+            raise SpecError(f"{spec.source}: key '{key}.config': no config.json at {cfg} "
+                            "(give a folder holding config.json or the path of a config.json)")
+        if part.weights is not None:
+            w = spec.resolve(part.weights)
+            if not w.is_dir() or not any(w.glob("*.safetensors")):
+                raise SpecError(f"{spec.source}: key '{key}.weights': no *.safetensors files in {w}")
+
+
 def _check_files(spec: Spec) -> None:
+    if spec.model.parts is not None:
+        _check_part_files(spec)
+        _check_data_files(spec)
+        return
     cfg = spec.config_path()
     if not cfg.is_file():
         raise SpecError(f"{spec.source}: key 'model.config': no config.json at {cfg} "
@@ -256,6 +373,10 @@ def _check_files(spec: Spec) -> None:
         w = spec.resolve(spec.model.weights)
         if not w.is_dir() or not any(w.glob("*.safetensors")):
             raise SpecError(f"{spec.source}: key 'model.weights': no *.safetensors files in {w}")
+    _check_data_files(spec)
+
+
+def _check_data_files(spec: Spec) -> None:
     if spec.train.processor is not None:
         _check_chat_files(spec)
     elif spec.train.long_samples != "truncate":

@@ -1,0 +1,195 @@
+"""A model composed from parts (spec `model.parts`): encoders -> projectors -> foundation -> decoders.
+
+OmniModel below is the Python twin of the class templates/sections/composite_model.py.j2 writes into the script (the
+script must not import omnigen): the same modules under the same paths, so the analyzer and planner read the model
+the script trains. tests/test_compose.py checks that the two build the same parameters.
+
+Module paths (what the planner's groups, model.freeze and FSDP name):
+    encoders.<modality>    the HF encoder model (SiglipVisionModel, CLIPVisionModel, ...)
+    projectors.<modality>  Linear, or Linear-GELU-Linear (mlp2x_gelu), encoder hidden -> foundation hidden
+    foundation             the HF causal LM; its lm_head is the text decoder
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import SpecError
+from .spec import FOUNDATION_PATH, EncoderPart, Spec, encoder_path
+
+COMPOSITE_CLASS = "OmniModel"
+PROJECTORS = ("linear", "mlp2x_gelu")
+# Encoder config types omnigen has an input recipe for (omnigen/inputs.py: part_recipe): whole crops in pixel_values.
+IMAGE_ENCODERS = ("siglip_vision_model", "clip_vision_model")
+
+
+@dataclass(frozen=True)
+class LoadedEncoder:
+    part: EncoderPart
+    config: transformers.PretrainedConfig
+    model_class: str      # the transformers class the script builds (SiglipVisionModel)
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class LoadedParts:
+    encoders: tuple[LoadedEncoder, ...]
+    foundation_config: transformers.PretrainedConfig
+    foundation_class: str
+
+    def config_dict(self) -> dict[str, Any]:
+        """generated/<name>/config.json: every part's config, by module path."""
+        from .hf import config_to_dict
+        return {"encoders": {e.part.modality: config_to_dict(e.config) for e in self.encoders},
+                "foundation": config_to_dict(self.foundation_config)}
+
+    def describe(self, spec: Spec) -> dict[str, Any]:
+        """What the script's composite section renders (Plan.parts)."""
+        hidden = self.foundation_config.get_text_config().hidden_size
+        return {
+            "encoders": [{"modality": e.part.modality, "module": encoder_path(e.part.modality),
+                          "class": e.model_class, "config_class": type(e.config).__name__,
+                          "projector": e.part.projector, "in_features": e.hidden_size, "out_features": hidden,
+                          "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable}
+                         for e in self.encoders],
+            "foundation": {"module": FOUNDATION_PATH, "class": self.foundation_class,
+                           "config_class": type(self.foundation_config).__name__,
+                           "trainable": spec.model.parts.foundation.trainable},
+            "decoders": [d.model_dump(mode="json") for d in spec.model.parts.decoders],
+        }
+
+
+def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConfig:
+    from .hf import _config_from_dict, _decode_floats  # noqa: F401  (the one place that builds configs)
+    p = spec.resolve(path)
+    p = p / "config.json" if p.is_dir() else p
+    where = f"{spec.source}: key '{key}'"
+    try:
+        raw = json.loads(Path(p).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{where}: {p} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("model_type") not in transformers.CONFIG_MAPPING:
+        got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise SpecError(f"{where}: {p} has model_type={got!r}, which this transformers version does not know")
+    return _config_from_dict(transformers.CONFIG_MAPPING[raw["model_type"]], raw, f"{where}: {p}")
+
+
+def _encoder(spec: Spec, index: int, part: EncoderPart) -> LoadedEncoder:
+    key = f"model.parts.encoders[{index}]"
+    if part.modality == "audio":
+        raise SpecError(f"{spec.source}: key '{key}.modality': audio encoder parts are not built yet "
+                        "(image encoders are: SigLIP or CLIP vision)")
+    config = _read_config(spec, part.config, f"{key}.config")
+    config.dtype = torch.float32
+    if config.model_type not in IMAGE_ENCODERS:
+        raise SpecError(f"{spec.source}: key '{key}.config': {type(config).__name__} ({config.model_type!r}) is not "
+                        f"an image encoder omnigen can feed; supported: {', '.join(IMAGE_ENCODERS)}")
+    model_class = transformers.MODEL_MAPPING[type(config)].__name__
+    return LoadedEncoder(part, config, model_class, config.hidden_size)
+
+
+def _foundation_class(spec: Spec, config: transformers.PretrainedConfig) -> str:
+    part = spec.model.parts.foundation
+    name = part.class_name or next(iter(getattr(config, "architectures", None) or []), None)
+    key = f"{spec.source}: key 'model.parts.foundation.class'"
+    if name is None:
+        raise SpecError(f"{key}: not given and the foundation's config names no architectures")
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SpecError(f"{key}: {name!r} is not a transformers model class")
+    if not name.endswith("ForCausalLM") or "inputs_embeds" not in inspect.signature(cls.forward).parameters:
+        raise SpecError(f"{key}: {name} is not a causal LM taking inputs_embeds; the foundation is a ...ForCausalLM "
+                        "class (Qwen3MoeForCausalLM, LlamaForCausalLM, ...)")
+    return name
+
+
+def load_parts(spec: Spec) -> LoadedParts:
+    parts = spec.model.parts
+    foundation = _read_config(spec, parts.foundation.config, "model.parts.foundation.config")
+    foundation.dtype = torch.float32
+    cls = _foundation_class(spec, foundation)
+    vocab = foundation.get_text_config().vocab_size
+    for i, e in enumerate(parts.encoders):
+        if e.placeholder_token_id >= vocab:
+            raise SpecError(f"{spec.source}: key 'model.parts.encoders[{i}].placeholder_token_id': "
+                            f"{e.placeholder_token_id} is outside the foundation's vocabulary [0, {vocab})")
+    for i, d in enumerate(parts.decoders):
+        if d.modality != "text":
+            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}].modality': {d.modality} decoders are not "
+                            "built yet; the text decoder (the foundation's lm_head) is")
+        if d.kind != "lm_head" or d.loss_weight != 1.0:
+            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}]': the text decoder is the foundation's "
+                            "lm_head (kind: lm_head) and, as the only decoder, has loss_weight 1.0")
+    for key, part in [*((f"model.parts.encoders[{i}]", e) for i, e in enumerate(parts.encoders)),
+                      ("model.parts.foundation", parts.foundation)]:
+        if part.weights is not None:
+            raise SpecError(f"{spec.source}: key '{key}.weights': per-part weights are not loaded yet; "
+                            "parts start from random init (train.seed)")
+    encoders = tuple(_encoder(spec, i, e) for i, e in enumerate(parts.encoders))
+    return LoadedParts(encoders, foundation, cls)
+
+
+# --- the composed model (the script's OmniModel, built here on the meta device for the analyzer) ----------------
+
+def projector(kind: str, in_features: int, out_features: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_features, out_features)
+    return nn.Sequential(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
+
+
+class OmniModel(nn.Module):
+    def __init__(self, parts: LoadedParts):
+        super().__init__()
+        hidden = parts.foundation_config.get_text_config().hidden_size
+        self.encoders = nn.ModuleDict({e.part.modality: getattr(transformers, e.model_class)._from_config(e.config)
+                                       for e in parts.encoders})
+        self.projectors = nn.ModuleDict({e.part.modality: projector(e.part.projector, e.hidden_size, hidden)
+                                         for e in parts.encoders})
+        self.foundation = getattr(transformers, parts.foundation_class)._from_config(parts.foundation_config)
+
+    def get_input_embeddings(self):
+        return self.foundation.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.foundation.get_output_embeddings()
+
+
+def build_meta(parts: LoadedParts) -> OmniModel:
+    with torch.device("meta"):
+        try:
+            return OmniModel(parts)
+        except Exception as e:  # a part's config its class rejects: the user's to fix
+            raise SpecError(f"cannot build the composed model from its parts: {type(e).__name__}: {e}") from None
+
+
+def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, pixel_shape: list[int]) -> int:
+    """Output positions per item of an encoder, from a meta-device forward (no memory): what its projector places."""
+    with torch.device("meta"), torch.no_grad():
+        out = model.encoders[encoder.part.modality](pixel_values=torch.zeros(pixel_shape))
+    return int(out.last_hidden_state.shape[1])
+
+
+def part_roles(parts: LoadedParts) -> dict[str, str]:
+    """Roles by module path: the analyzer reads the composed model's parts from the spec, not from module names."""
+    roles = {encoder_path(e.part.modality): f"encoder:{'vision' if e.part.modality == 'image' else 'audio'}"
+             for e in parts.encoders}
+    return {**roles, "projectors": "projector"}
+
+
+def analyze_composite(spec: Spec, parts: LoadedParts):
+    from .analyze import analyze_model
+    model = build_meta(parts)
+    graph = analyze_model(model, parts.foundation_config, COMPOSITE_CLASS, part_roles(parts))
+    kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type])
+    # The placeholder scatter happens before the foundation sees the sequence; Ulysses for composed models is not built.
+    return replace(graph, model_type=f"parts: {kinds}",
+                   attention_refused="the placeholder scatter of a model composed from parts (model.parts; not built "
+                                     "yet)")

@@ -398,6 +398,27 @@ def build_model():
     return model
 
 
+def export_hf(model, folder, rank):
+    """Each part as its own folder: folder/foundation and folder/encoders.<modality> load with from_pretrained
+    (their HF classes), the projectors go to folder/projectors.pt. Call it on every rank (gathering is a
+    collective); rank 0 writes."""
+    state = full_state_dict(model)
+    if rank == 0:
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        with open(os.path.join(HERE, "config.json")) as f:
+            config = json.load(f)
+        with torch.device("meta"):
+            plain = OmniModel(config)
+        parts = {"foundation": plain.foundation, **{f"encoders.{m}": e for m, e in plain.encoders.items()}}
+        for path, part in parts.items():
+            own = {k[len(path) + 1:]: v for k, v in state.items() if k.startswith(path + ".")}
+            for name, tied_to in part.all_tied_weights_keys.items():
+                own[name] = own[tied_to]
+            part.save_pretrained(os.path.join(folder, path), state_dict=own)
+        torch.save({k: v for k, v in state.items() if k.startswith("projectors.")}, os.path.join(folder, "projectors.pt"))
+        print(f"exported the final weights to {folder}: one from_pretrained folder per part", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Activation checkpointing
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,19 +540,6 @@ def dump_full_state_dict(model, path, rank):
         torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
 
 
-def export_hf(model, folder, rank):
-    """Write a folder transformers.OmniModel.from_pretrained(folder) loads: the full weights as
-    safetensors and the config this script trains. Call it on every rank (gathering is a collective); rank 0 writes."""
-    state = full_state_dict(model)
-    if rank == 0:
-        state = {k: v.detach().cpu() for k, v in state.items()}
-        config = transformers.AutoConfig.from_pretrained(HERE)  # as compiled (training turned use_cache off)
-        with torch.device("meta"):  # the class's structure and tied names only: the weights are `state`
-            plain = transformers.OmniModel._from_config(config, dtype=torch.float32)
-        for name, tied_to in plain.all_tied_weights_keys.items():  # one tensor, written once, as transformers does
-            state[name] = state[tied_to]
-        plain.save_pretrained(folder, state_dict=state)
-        print(f"exported the final weights to {folder} (from_pretrained loads it)", flush=True)
 
 
 def dump_full_grads(model, path, rank):

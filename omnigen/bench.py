@@ -158,7 +158,8 @@ def run(spec: Spec, out_dir: Path, steps: int, warmup: int, quiet: bool = False)
     metrics, log = out_dir / "metrics.jsonl", out_dir / "bench.log"
     metrics.unlink(missing_ok=True)  # never read a previous run's records
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        code = launch(spec, out_dir / "train.py", ["--steps", str(steps), "--metrics", str(metrics.resolve())], log)
+        code = launch(spec, out_dir / "train.py", ["--steps", str(steps), "--metrics", str(metrics.resolve())], log,
+                      progress=f"bench {spec.name}", steps=steps)
     records = read_metrics(metrics)
     if len(records) < steps:
         tail = "\n".join(log.read_text().splitlines()[-15:]) if log.is_file() else ""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,21 +52,36 @@ def torchrun_commands(spec: Spec, script: Path, args: list[str]) -> list[list[st
     return [base + multi + [str(script), *args] for _ in range(c.nodes)]
 
 
-def launch(spec: Spec, script: Path, args: list[str], log: Path | None = None) -> int:
-    """Run the script on the spec's ranks; stream rank 0's output (and keep it in `log`)."""
+def launch(spec: Spec, script: Path, args: list[str], log: Path | None = None, progress: str | None = None,
+           steps: int = 0) -> int:
+    """Run the script on the spec's ranks; stream rank 0's output (and keep it in `log`). With `progress`, a bar
+    over the steps stands for the per-step lines (they stay in the log); every other line is still printed."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     cmds = torchrun_commands(spec, script, args)
     procs = [subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                               stderr=subprocess.STDOUT, text=True) for i, cmd in enumerate(cmds)]
-    sink = open(log, "w") if log else None
-    for line in procs[0].stdout:
-        print(line, end="", flush=True)
-        if sink:
-            sink.write(line)
-    codes = [p.wait() for p in procs]
-    if sink:
-        sink.close()
-    return max(codes, key=abs)
+    stream(procs[0].stdout, log, progress, steps)
+    return max((p.wait() for p in procs), key=abs)
+
+
+STEP_LINE = re.compile(r"^step \d+/\d+  loss ")  # the script's line for people, beside each JSON record
+
+
+def stream(lines, log: Path | None, progress: str | None, steps: int) -> None:
+    """Echo a run's output (and keep it in `log`); under `progress`, step records advance a bar instead."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc=progress, unit="step", file=sys.stderr, dynamic_ncols=True) if progress else None
+    with open(log, "w") if log else contextlib.nullcontext() as sink:
+        for line in lines:
+            if sink:
+                sink.write(line)
+            if bar is not None and line.startswith("{"):
+                bar.update(1)
+            elif bar is None or not STEP_LINE.match(line):
+                (bar.write(line.rstrip("\n"), file=sys.stdout) if bar is not None else print(line, end="", flush=True))
+    if bar is not None:
+        bar.close()
 
 
 def compile_and_run(spec: Spec, out_dir: str | None, steps: int | None) -> int:
@@ -199,10 +216,14 @@ def run_script(spec: Spec, out: Path, steps: int, single_process: bool = False,
     for file in ["metrics.jsonl", *(file for _, file in DUMPS.values())]:
         (out / file).unlink(missing_ok=True)  # nothing from an earlier run can stand in for this one's
     args = verify_args(out, steps) + (["--count-comm-bytes"] if count_comm_bytes else [])
+    label = f"{spec.name}: {'one process' if single_process else f'{spec.cluster.world_size} ranks'}"
     if single_process:
-        code = subprocess.run([sys.executable, str(out / "train.py"), *args], cwd=out).returncode
+        proc = subprocess.Popen([sys.executable, str(out / "train.py"), *args], cwd=out, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stream(proc.stdout, out / "run.log", label, steps)
+        code = proc.wait()
     else:
-        code = launch(spec, out / "train.py", args)
+        code = launch(spec, out / "train.py", args, out / "run.log", label, steps)
     try:
         if code != 0:
             raise OmnigenError(f"{out / 'train.py'} exited {code}")

@@ -78,7 +78,7 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         "router_aux": context["router_aux"] is not None,
         "model": True, "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
-        "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "loop": True, "main": True,
+        "loss": True, "chunked_loss": plan.train.get("loss_chunk_tokens", 0) > 0, "optimizer": True, "dumps": True, "checkpoints": True, "loop": True, "main": True,
     }
     return [name for name, used in wanted.items() if used]
 

@@ -90,13 +90,15 @@ class Candidate:
     mesh: Mesh
     choices: dict[str, GroupChoice]
     estimate: Estimate
+    loss_chunk_tokens: int = 0
 
     def label(self) -> str:
         dims = " x ".join(f"{k}={v}" for k, v in self.mesh.to_dict().items() if v > 1) or "single process"
+        loss = f"; loss in chunks of {self.loss_chunk_tokens:,} tokens" if self.loss_chunk_tokens else ""
         described = {name: describe_choice(c) for name, c in self.choices.items()}
         if len(set(described.values())) <= 1:
-            return f"{dims}; {next(iter(described.values()), '-')}"
-        return f"{dims}; " + "; ".join(f"{name}: {d}" for name, d in described.items())
+            return f"{dims}; {next(iter(described.values()), '-')}{loss}"
+        return f"{dims}; " + "; ".join(f"{name}: {d}" for name, d in described.items()) + loss
 
 
 def describe_choice(c: GroupChoice) -> str:
@@ -231,6 +233,35 @@ def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSha
     return [dict(zip((g.name for g in graph.groups), combo)) for combo in itertools.product(*fronts)]
 
 
+# The chunk sizes `train.loss_chunk_tokens: auto` weighs against the whole-sequence loss. The cost model prices a
+# chunk's logits memory and its host calls; a chunk of 1,024 tokens is a matmul of 1,024 x hidden x vocab, long
+# enough to keep an accelerator busy, and its fp32 logits are 12 KiB per vocabulary entry (1.7 GiB at 152K).
+LOSS_CHUNK_SIZES = (1024, 4096, 16384)
+
+
+def loss_chunk_options(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainShape) -> list[int]:
+    """The loss chunk sizes to price for one mesh, fastest (and hungriest) first: the spec's own, or (auto) the
+    whole sequence (0: no recompute), then each of LOSS_CHUNK_SIZES shorter than a rank's tokens, longest first
+    (fewer calls), when the model lets its LM head compute the loss."""
+    asked = spec.train.loss_chunk_tokens
+    if asked != "auto":
+        if asked and graph.chunked_loss_refused:
+            raise PlanError(f"{spec.source}: train.loss_chunk_tokens={asked}: the loss cannot be computed in chunks: "
+                            f"{graph.chunked_loss_refused}; use 0 (the whole sequence at once) or auto")
+        return [asked]
+    if graph.chunked_loss_refused:
+        return [0]
+    return [0] + sorted((c for c in LOSS_CHUNK_SIZES if c < shape.tokens("foundation") / mesh.sp), reverse=True)
+
+
+def leanest_loss_chunk(spec: Spec, graph: ModelGraph) -> int:
+    """The loss chunking that needs the least memory for any sequence length the spec allows (0: whole sequence)."""
+    asked = spec.train.loss_chunk_tokens
+    if asked != "auto":
+        return asked
+    return 0 if graph.chunked_loss_refused else LOSS_CHUNK_SIZES[0]
+
+
 def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     t = spec.train
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
@@ -278,14 +309,19 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         except PlanError as e:
             rejected.append((None, f"{mesh.to_dict()}: {e}"))
             continue
+        chunks = loss_chunk_options(spec, graph, mesh, shape)
+        ppn = spec.cluster.procs_per_node
         for choices in choice_candidates(spec, graph, mesh, shape, hw):
-            c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node,
-                                                  spec.model.freeze))
-            if c.estimate.peak_memory_bytes > usable_memory_bytes(spec, hw):
+            groups = [group_cost(graph, g, choices[g.name], mesh, shape, hw, ppn) for g in graph.groups]
+            for chunk in chunks:  # fastest first: the first loss chunking that fits is this candidate's best
+                priced = estimate(graph, mesh, choices, replace(shape, loss_chunk_tokens=chunk), hw, ppn,
+                                  spec.model.freeze, group_costs=groups)
+                c = Candidate(mesh, choices, priced, chunk)
+                if c.estimate.peak_memory_bytes <= usable_memory_bytes(spec, hw):
+                    feasible.append(c)
+                    break
                 rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
                                     f"{memory_limit(spec, hw)}"))
-            else:
-                feasible.append(c)
     feasible.sort(key=lambda c: (c.estimate.step_time_s, c.estimate.peak_memory_bytes))
     if not feasible:
         best = min((c for c, _ in rejected if c), key=lambda c: c.estimate.peak_memory_bytes, default=None)
@@ -366,7 +402,8 @@ def local_attention(found) -> dict:
 
 
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
-    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree."""
+    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree (with the
+    leanest loss the spec allows: in chunks, unless it fixes train.loss_chunk_tokens or the model refuses them)."""
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
@@ -374,7 +411,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
         mesh = Mesh(dp_shard=world // sp, sp=sp)
         t = spec.train
-        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs))  # one micro-batch
+        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs),  # one micro-batch
+                          loss_chunk_tokens=leanest_loss_chunk(spec, graph))
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)
@@ -400,7 +438,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
     best = ranked[0][0]
     assert best is not None
     mesh = best.mesh
-    shape = train_shape(spec, mesh, inputs)
+    shape = replace(train_shape(spec, mesh, inputs), loss_chunk_tokens=best.loss_chunk_tokens)
     reasons = group_reasons(spec, graph, hw, best, shape)
     groups = tuple(replace(group_plan(graph, g, best.choices[g.name], mesh, shape), **reasons[g.name])
                    for g in graph.groups)
@@ -409,7 +447,8 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         total_params=graph.total_params,
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name},
-        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
+        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp),
+               "loss_chunk_tokens": best.loss_chunk_tokens},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
@@ -476,8 +515,8 @@ def chosen(plan: Plan) -> tuple[Mesh, dict[str, GroupChoice]]:
 def reprice(plan: Plan, spec: Spec, graph: ModelGraph, hw: HardwareProfile) -> Estimate:
     """The plan's prediction under another hardware profile, its choices kept (calibration fits terms this way)."""
     mesh, choices = chosen(plan)
-    return estimate(graph, mesh, choices, train_shape(spec, mesh, plan.inputs), hw, spec.cluster.procs_per_node,
-                    spec.model.freeze)
+    shape = replace(train_shape(spec, mesh, plan.inputs), loss_chunk_tokens=plan.train.get("loss_chunk_tokens", 0))
+    return estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)
 
 
 def frozen_modules(spec: Spec, graph: ModelGraph) -> tuple[str, ...]:
@@ -530,9 +569,9 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
 
 
 def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any], mesh: dict[str, int],
-                 groups: list[dict[str, Any]]) -> str:
-    """An earlier plan's layout (plan.json's mesh and groups) priced under today's inputs, in words: why the planner
-    would not keep it, or what it would cost."""
+                 groups: list[dict[str, Any]], loss_chunk_tokens: int = 0) -> str:
+    """An earlier plan's layout (plan.json's mesh, groups and loss chunking) priced under today's inputs, in words:
+    why the planner would not keep it, or what it would cost."""
     m = Mesh(**mesh)
     if m.world_size != spec.cluster.world_size:
         return f"does not span the world ({m.world_size} ranks; the cluster now has {spec.cluster.world_size})"
@@ -542,7 +581,7 @@ def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dic
                                       activation_checkpointing=g["activation_checkpointing"],
                                       replicate=g["replicate"]) for g in groups}
     try:
-        shape = train_shape(spec, m, inputs)
+        shape = replace(train_shape(spec, m, inputs), loss_chunk_tokens=loss_chunk_tokens)
     except PlanError as e:
         return f"is invalid now: {e}"
     e = estimate(graph, m, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)

@@ -401,15 +401,25 @@ def local_attention(found) -> dict:
             "spans": {kind: span for kind, span in found.attention_spans if kind != "causal"}}
 
 
+def leanest_expert_mesh(spec: Spec, graph: ModelGraph, mesh: Mesh) -> Mesh:
+    """The mesh with the largest ep degree it allows (the spec's, when it fixes one): the fewest experts per rank."""
+    fixed = spec.parallel.ep if spec.parallel.ep != "auto" else None
+    try:
+        return max(with_expert_parallel(spec, graph, [mesh], fixed), key=lambda m: m.ep)
+    except PlanError:
+        return mesh
+
+
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
-    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree (with the
-    leanest loss the spec allows: in chunks, unless it fixes train.loss_chunk_tokens or the model refuses them)."""
+    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree, with the
+    leanest EP degree and loss the spec allows (the loss in chunks, unless the spec fixes train.loss_chunk_tokens or
+    the model refuses them)."""
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
     no_ulysses = bool(ulysses_refusal(spec, graph))
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
-        mesh = Mesh(dp_shard=world // sp, sp=sp)
+        mesh = leanest_expert_mesh(spec, graph, Mesh(dp_shard=world // sp, sp=sp))
         t = spec.train
         base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs),  # one micro-batch
                           loss_chunk_tokens=leanest_loss_chunk(spec, graph))

@@ -425,14 +425,11 @@ def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) 
 
 def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
              hw: HardwareProfile, procs_per_node: int, frozen: tuple[str, ...] = (),
-             group_costs: list[GroupCost] | None = None) -> Estimate:
-    """Step time and peak memory of one rank; `frozen` lists the spec's frozen module prefixes. `group_costs`: the
-    groups' costs (in graph.groups order) when the caller has them already: the search prices each set of group
-    choices under several loss chunkings, which change the root's cost only."""
-    if group_costs is None:
+             costs: list[GroupCost] | None = None) -> Estimate:
+    """Step time and peak memory of one rank; `frozen` lists the spec's frozen module prefixes. `costs`: all_costs'
+    result when the caller has it already (the search reuses each group's and the root's costs across candidates)."""
+    if costs is None:
         costs = all_costs(graph, mesh, choices, shape, hw, procs_per_node, frozen)
-    else:
-        costs = [root_cost(graph, mesh, shape, hw, procs_per_node, frozen)] + group_costs
     micro = shape.grad_accum
     compute_s = sum(c.forward_s * (1 + c.backward_factor) for c in costs) * micro
     recompute_s = sum(c.recompute_s for c in costs) * micro

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import __version__
-from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
-                   group_memory_bytes, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
+from .cost import (Estimate, GroupChoice, GroupCost, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
+                   group_memory_bytes, root_cost, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile
 from .model_graph import ModelGraph
@@ -309,13 +309,19 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         except PlanError as e:
             rejected.append((None, f"{mesh.to_dict()}: {e}"))
             continue
-        chunks = loss_chunk_options(spec, graph, mesh, shape)
-        ppn = spec.cluster.procs_per_node
+        ppn, frozen = spec.cluster.procs_per_node, spec.model.freeze
+        # The root's cost depends on the mesh and the loss chunking only, a group's on its own choice: each is
+        # priced once per mesh, not once per candidate.
+        shapes = {chunk: replace(shape, loss_chunk_tokens=chunk) for chunk in loss_chunk_options(spec, graph, mesh, shape)}
+        roots = {chunk: root_cost(graph, mesh, s, hw, ppn, frozen) for chunk, s in shapes.items()}
+        groups: dict[tuple[str, GroupChoice], GroupCost] = {}
         for choices in choice_candidates(spec, graph, mesh, shape, hw):
-            groups = [group_cost(graph, g, choices[g.name], mesh, shape, hw, ppn) for g in graph.groups]
-            for chunk in chunks:  # fastest first: the first loss chunking that fits is this candidate's best
-                priced = estimate(graph, mesh, choices, replace(shape, loss_chunk_tokens=chunk), hw, ppn,
-                                  spec.model.freeze, group_costs=groups)
+            for g in graph.groups:
+                if (g.name, choices[g.name]) not in groups:
+                    groups[g.name, choices[g.name]] = group_cost(graph, g, choices[g.name], mesh, shape, hw, ppn)
+            costs = [groups[g.name, choices[g.name]] for g in graph.groups]
+            for chunk, chunk_shape in shapes.items():  # fastest first: the first that fits is this candidate's best
+                priced = estimate(graph, mesh, choices, chunk_shape, hw, ppn, frozen, costs=[roots[chunk], *costs])
                 c = Candidate(mesh, choices, priced, chunk)
                 if c.estimate.peak_memory_bytes <= usable_memory_bytes(spec, hw):
                     feasible.append(c)

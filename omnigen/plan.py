@@ -621,6 +621,9 @@ def format_explain(plan: Plan, alternatives: bool = True) -> str:
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): {placement}, "
                      f"ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
+    chunk = plan.train.get("loss_chunk_tokens", 0)
+    lines.append(f"  loss: cross entropy in chunks of {chunk:,} tokens per rank, the LM head recomputed in backward"
+                 if chunk else "  loss: cross entropy over each rank's whole sequence at once")
     local = (plan.sequence_parallel or {}).get("local_attention")
     if local:
         counts = {kind: local["layers"].count(kind) for kind in dict.fromkeys(local["layers"])}

@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN, ROWS, CHUNK = 128, 2, 48  # 256 tokens: five chunks of 48 and one of 16
 
 
-def script(tmp_path, chunk, precision="fp32"):
+def script(tmp_path, chunk, tied=False):
     """The generated train.py of the tiny Llama on one process, loaded as a module."""
     spec = load_spec(ROOT / "specs" / "llama_tiny.yaml",
-                     [f"train.loss_chunk_tokens={chunk}", f"train.precision={precision}", "parallel=auto",
-                      "cluster.procs_per_node=1"])
-    out = tmp_path / f"chunk{chunk}"
+                     [f"train.loss_chunk_tokens={chunk}", "parallel=auto", "cluster.procs_per_node=1",
+                      f"model.overrides.tie_word_embeddings={str(tied).lower()}"])
+    out = tmp_path / f"chunk{chunk}{'_tied' if tied else ''}"
     runner.compile_to(spec, out)
     return runpy.run_path(str(out / "train.py"), run_name="omnigen_script")
 
@@ -46,11 +46,13 @@ def loss_and_grads(script, model, autocast=False):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, autocast):
-    whole, chunked = script(tmp_path, 0), script(tmp_path, CHUNK)
+@pytest.mark.parametrize("autocast,tied", [(False, False), (True, False), (False, True)],
+                         ids=["fp32", "bf16-autocast", "tied-embeddings"])
+def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, autocast, tied):
+    whole, chunked = script(tmp_path, 0, tied), script(tmp_path, CHUNK, tied)
     assert "ChunkedLoss" not in whole and chunked["LOSS_CHUNK_TOKENS"] == CHUNK
     reference, model = whole["build_model"](), chunked["build_model"]()  # the same seed: the same weights
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     chunked["ChunkedLoss"](model)
     want, want_grads = loss_and_grads(whole, reference, autocast)
     got, grads = loss_and_grads(chunked, model, autocast)

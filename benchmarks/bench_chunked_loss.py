@@ -4,6 +4,10 @@ python benchmarks/bench_chunked_loss.py [--seq-len 16384] [--vocab 16384] [--chu
     → one table: peak RSS of the generated train.py (one process, one step) with train.loss_chunk_tokens 0 (the whole
       sequence at once) and N, side by side, with the cost model's logits term for each and the step time.
 
+Then, in bf16 (what FSDP's bf16 parameters give the LM head), the head's weight gradient against fp64, whole and in
+chunks: each chunk's product is rounded to bf16 before it is summed (as fused linear + cross-entropy kernels also do),
+so the error grows with the number of chunks; the hidden states' gradient does not change.
+
 The model is llama_tiny (hidden 64, 2 layers) with its vocabulary widened to --vocab: at --seq-len tokens the loss's
 [tokens x vocab] fp32 tensors dwarf everything else, which is what a long context does to a real model's loss. Each
 variant is compiled with `omnigen compile -o <tmp> --set ...` and its train.py run once as a plain process for one
@@ -60,6 +64,36 @@ def main() -> None:
     drop, predicted_drop = whole["measured"] - chunked["measured"], whole["predicted"] - chunked["predicted"]
     print(f"  peak memory drop: {drop / MIB:.0f} MiB measured ({whole['measured'] / chunked['measured']:.2f}x less), "
           f"{predicted_drop / MIB:.0f} MiB predicted; loss difference {abs(whole['loss'] - chunked['loss']):.2e}")
+    bf16_gradient_errors()
+
+
+def bf16_gradient_errors(tokens: int = 16384, hidden: int = 256, vocab: int = 4096) -> None:
+    """The LM head's and the hidden states' gradients of the summed cross entropy, bf16 against fp64."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    states, weight = torch.randn(tokens, hidden, generator=g), 0.02 * torch.randn(vocab, hidden, generator=g)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+
+    def grads(chunk, dtype):
+        w, h = weight.to(dtype).requires_grad_(), states.to(dtype).requires_grad_()
+
+        def loss(part, part_labels):
+            return F.cross_entropy(F.linear(part, w).float(), part_labels, reduction="sum")
+
+        pieces = zip(h.split(chunk or tokens), labels.split(chunk or tokens))
+        sum(torch.utils.checkpoint.checkpoint(loss, *p, use_reentrant=False) if chunk else loss(*p)
+            for p in pieces).backward()
+        return w.grad.double(), h.grad.double()
+
+    exact = grads(0, torch.float64)
+    print(f"bf16 LM head, {tokens:,} tokens, hidden {hidden}, vocab {vocab:,}: gradient error against fp64")
+    for chunk in (0, 1024, 128):
+        w, h = grads(chunk, torch.bfloat16)
+        label = "whole sequence" if not chunk else f"{tokens // chunk} chunks of {chunk}"
+        print(f"  {label:<18} weight {float((w - exact[0]).norm() / exact[0].norm()):.2e}   "
+              f"hidden states {float((h - exact[1]).norm() / exact[1].norm()):.2e}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch import nn
 from . import attention as A
 from . import flops as F
 from . import hf
+from .lm_head import chunked_loss_refusal
 from .errors import SpecError
 from .model_graph import Block, Group, ModelGraph, router_aux_loss
 from .spec import Spec
@@ -419,12 +420,15 @@ class _Analyzer:
                 tower_paths.setdefault(role, path)
         out = self._output_embeddings()
         vocab = getattr(out, "out_features", 0) or getattr(self.text_config, "vocab_size", 0) or 0
+        head = next((p for p, m in self.model.named_modules() if m is out), "") if out is not None else ""
+        chunk_refused = chunked_loss_refusal(self.model) if head else "the model has no LM head"
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
                           total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,
                           router_aux_loss=router_aux_loss(self.config.to_dict()) is not None,
                           attention_refused=self.attention_refused,
-                          query_position_scaling=self.query_position_scaling)
+                          query_position_scaling=self.query_position_scaling, lm_head=head,
+                          chunked_loss_refused=chunk_refused)
 
 
 # --- the `omnigen analyze` table ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class TrainShape:
     precision: str
     tokens_per_sample: dict[str, float] = field(default_factory=dict)  # role -> tokens a sample brings
     packed_documents: bool = False  # foundation attention masked per document: a dense mask, no causal block skipping
+    loss_chunk_tokens: int = 0  # the loss runs this many of a rank's tokens at a time (0: all of them at once)
 
     def tokens(self, role: str) -> float:
         """Tokens per micro-batch that blocks of this role process."""
@@ -386,14 +387,18 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
             + reduce_scatter_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "reduce_scatter"))
             + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, replicate_link(mesh, procs_per_node, hw)))
     forward = root_forward_flops(graph, shape, mesh)
-    return GroupCost(forward_flops=forward, recompute_flops=0.0,
-                     forward_s=forward / hw.achieved_flops(shape.precision), recompute_s=0.0, backward_factor=2.0,
-                     layer_calls=0.0, local_expert_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
+    # A chunked loss runs the LM head twice per chunk (forward, and again in backward): priced like a layer call each.
+    chunks = loss_chunks(graph, shape, mesh)
+    recompute = lm_head_forward_flops(graph, shape, mesh) if chunks else 0.0
+    return GroupCost(forward_flops=forward, recompute_flops=recompute,
+                     forward_s=forward / hw.achieved_flops(shape.precision),
+                     recompute_s=recompute / hw.achieved_flops(shape.precision), backward_factor=2.0,
+                     layer_calls=2.0 * chunks, local_expert_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
                      fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, True),
                      fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_hops=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
                      gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
-                     activations=_logits_bytes(graph, shape) / mesh.sp, gathered_member=0.0,
+                     activations=logits_bytes(graph, shape, mesh), gathered_member=0.0,
                      kept_gathered=full * to_compute)
 
 
@@ -419,9 +424,12 @@ def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) 
 
 
 def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], shape: TrainShape,
-             hw: HardwareProfile, procs_per_node: int, frozen: tuple[str, ...] = ()) -> Estimate:
-    """Step time and peak memory of one rank; `frozen` lists the spec's frozen module prefixes."""
-    costs = all_costs(graph, mesh, choices, shape, hw, procs_per_node, frozen)
+             hw: HardwareProfile, procs_per_node: int, frozen: tuple[str, ...] = (),
+             costs: list[GroupCost] | None = None) -> Estimate:
+    """Step time and peak memory of one rank; `frozen` lists the spec's frozen module prefixes. `costs`: all_costs'
+    result when the caller has it already (the search reuses each group's and the root's costs across candidates)."""
+    if costs is None:
+        costs = all_costs(graph, mesh, choices, shape, hw, procs_per_node, frozen)
     micro = shape.grad_accum
     compute_s = sum(c.forward_s * (1 + c.backward_factor) for c in costs) * micro
     recompute_s = sum(c.recompute_s for c in costs) * micro
@@ -517,7 +525,29 @@ def memory_breakdown(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoi
     return peak_memory(all_costs(graph, mesh, choices, shape, hw, 1 << 30, frozen), shape, hw)
 
 
-def _logits_bytes(graph: ModelGraph, shape: TrainShape) -> float:
+def loss_tokens(shape: TrainShape, mesh: Mesh) -> float:
+    """Tokens of one micro-batch whose loss one rank computes (its SP chunk of the sequence)."""
+    return shape.tokens("foundation") / mesh.sp
+
+
+def loss_chunks(graph: ModelGraph, shape: TrainShape, mesh: Mesh) -> int:
+    """How many chunks one rank's loss runs in per micro-batch; 0 for the whole-sequence loss."""
+    if not shape.loss_chunk_tokens:
+        return 0
+    return max(1, -(-int(loss_tokens(shape, mesh)) // shape.loss_chunk_tokens))
+
+
+def lm_head_forward_flops(graph: ModelGraph, shape: TrainShape, mesh: Mesh) -> float:
+    """One forward of the LM head over a rank's tokens: what a chunked loss recomputes in backward."""
+    head = [b for b in graph.blocks if b.name == graph.lm_head] or [b for b in graph.blocks if b.role == "head"]
+    return sum(b.flops_per_token for b in head) * loss_tokens(shape, mesh)
+
+
+def logits_bytes(graph: ModelGraph, shape: TrainShape, mesh: Mesh) -> float:
     """The loss's fp32 log-probabilities, their gradient and the logits' gradient, alive together as backward starts
-    (log_softmax's backward): often the largest single activation of a small model."""
-    return 3 * 4 * graph.vocab_size * shape.tokens("foundation")
+    (log_softmax's backward): often the largest single activation of a small model, and at long context of any
+    model. A chunked loss holds them for one chunk of tokens at a time: each chunk's are rebuilt in its backward."""
+    tokens = loss_tokens(shape, mesh)
+    if shape.loss_chunk_tokens:
+        tokens = min(tokens, shape.loss_chunk_tokens)
+    return 3 * 4 * graph.vocab_size * tokens

@@ -79,8 +79,8 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         "router_aux": context["router_aux"] is not None,
         "model": True, "composite_model": plan.parts is not None, "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
-        "loss": True, "optimizer": True, "dumps": True, "checkpoints": True, "guards": True, "loop": True,
-        "main": True,
+        "loss": True, "chunked_loss": plan.train.get("loss_chunk_tokens", 0) > 0, "optimizer": True, "dumps": True,
+        "checkpoints": True, "guards": True, "loop": True, "main": True,
     }
     return [name for name, used in wanted.items() if used]
 

@@ -90,6 +90,9 @@ class ModelGraph:
     # Llama4's NoPE layers scale queries by their position within the tensor they see (omnigen.attention): Ulysses
     # must redo it with whole-sequence positions. {"layers": [...], "floor_scale": ..., "attn_scale": ...} or {}.
     query_position_scaling: dict[str, Any] = field(default_factory=dict)
+    lm_head: str = ""              # module path of the LM head (the output embeddings)
+    # Why the script cannot compute the loss in chunks inside the LM head ("" when it can; omnigen.lm_head).
+    chunked_loss_refused: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import __version__
-from .cost import (Estimate, GroupChoice, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
-                   group_memory_bytes, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
+from .cost import (Estimate, GroupChoice, GroupCost, Mesh, TrainShape, ep_all_to_all_bytes, estimate, group_cost,
+                   group_memory_bytes, root_cost, group_time_s, memory_breakdown, moe_layers, padded_seq_len, peak_memory, sp_all_to_all_bytes, under)
 from .errors import PlanError
 from .hardware import GIB, HardwareProfile, provenance
 from .model_graph import ModelGraph
@@ -96,13 +96,15 @@ class Candidate:
     mesh: Mesh
     choices: dict[str, GroupChoice]
     estimate: Estimate
+    loss_chunk_tokens: int = 0
 
     def label(self) -> str:
         dims = " x ".join(f"{k}={v}" for k, v in self.mesh.to_dict().items() if v > 1) or "single process"
+        loss = f"; loss in chunks of {self.loss_chunk_tokens:,} tokens" if self.loss_chunk_tokens else ""
         described = {name: describe_choice(c) for name, c in self.choices.items()}
         if len(set(described.values())) <= 1:
-            return f"{dims}; {next(iter(described.values()), '-')}"
-        return f"{dims}; " + "; ".join(f"{name}: {d}" for name, d in described.items())
+            return f"{dims}; {next(iter(described.values()), '-')}{loss}"
+        return f"{dims}; " + "; ".join(f"{name}: {d}" for name, d in described.items()) + loss
 
 
 def describe_choice(c: GroupChoice) -> str:
@@ -243,6 +245,35 @@ def choice_candidates(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSha
     return [dict(zip((g.name for g in graph.groups), combo)) for combo in itertools.product(*fronts)]
 
 
+# The chunk sizes `train.loss_chunk_tokens: auto` weighs against the whole-sequence loss. The cost model prices a
+# chunk's logits memory and its host calls; a chunk of 1,024 tokens is a matmul of 1,024 x hidden x vocab, long
+# enough to keep an accelerator busy, and its fp32 logits are 12 KiB per vocabulary entry (1.7 GiB at 152K).
+LOSS_CHUNK_SIZES = (1024, 4096, 16384)
+
+
+def loss_chunk_options(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainShape) -> list[int]:
+    """The loss chunk sizes to price for one mesh, fastest (and hungriest) first: the spec's own, or (auto) the
+    whole sequence (0: no recompute), then each of LOSS_CHUNK_SIZES shorter than a rank's tokens, longest first
+    (fewer calls), when the model lets its LM head compute the loss."""
+    asked = spec.train.loss_chunk_tokens
+    if asked != "auto":
+        if asked and graph.chunked_loss_refused:
+            raise PlanError(f"{spec.source}: train.loss_chunk_tokens={asked}: the loss cannot be computed in chunks: "
+                            f"{graph.chunked_loss_refused}; use 0 (the whole sequence at once) or auto")
+        return [asked]
+    if graph.chunked_loss_refused:
+        return [0]
+    return [0] + sorted((c for c in LOSS_CHUNK_SIZES if c < shape.tokens("foundation") / mesh.sp), reverse=True)
+
+
+def leanest_loss_chunk(spec: Spec, graph: ModelGraph) -> int:
+    """The loss chunking that needs the least memory for any sequence length the spec allows (0: whole sequence)."""
+    asked = spec.train.loss_chunk_tokens
+    if asked != "auto":
+        return asked
+    return 0 if graph.chunked_loss_refused else LOSS_CHUNK_SIZES[0]
+
+
 def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     t = spec.train
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
@@ -290,14 +321,25 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
         except PlanError as e:
             rejected.append((None, f"{mesh.to_dict()}: {e}"))
             continue
+        ppn, frozen = spec.cluster.procs_per_node, spec.model.freeze
+        # The root's cost depends on the mesh and the loss chunking only, a group's on its own choice: each is
+        # priced once per mesh, not once per candidate.
+        shapes = {chunk: replace(shape, loss_chunk_tokens=chunk) for chunk in loss_chunk_options(spec, graph, mesh, shape)}
+        roots = {chunk: root_cost(graph, mesh, s, hw, ppn, frozen) for chunk, s in shapes.items()}
+        groups: dict[tuple[str, GroupChoice], GroupCost] = {}
         for choices in choice_candidates(spec, graph, mesh, shape, hw):
-            c = Candidate(mesh, choices, estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node,
-                                                  spec.model.freeze))
-            if c.estimate.peak_memory_bytes > usable_memory_bytes(spec, hw):
+            for g in graph.groups:
+                if (g.name, choices[g.name]) not in groups:
+                    groups[g.name, choices[g.name]] = group_cost(graph, g, choices[g.name], mesh, shape, hw, ppn)
+            costs = [groups[g.name, choices[g.name]] for g in graph.groups]
+            for chunk, chunk_shape in shapes.items():  # fastest first: the first that fits is this candidate's best
+                priced = estimate(graph, mesh, choices, chunk_shape, hw, ppn, frozen, costs=[roots[chunk], *costs])
+                c = Candidate(mesh, choices, priced, chunk)
+                if c.estimate.peak_memory_bytes <= usable_memory_bytes(spec, hw):
+                    feasible.append(c)
+                    break
                 rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
                                     f"{memory_limit(spec, hw)}"))
-            else:
-                feasible.append(c)
     feasible.sort(key=lambda c: (c.estimate.step_time_s, c.estimate.peak_memory_bytes))
     if not feasible:
         best = min((c for c, _ in rejected if c), key=lambda c: c.estimate.peak_memory_bytes, default=None)
@@ -377,16 +419,28 @@ def local_attention(found) -> dict:
             "spans": {kind: span for kind, span in found.attention_spans if kind != "causal"}}
 
 
+def leanest_expert_mesh(spec: Spec, graph: ModelGraph, mesh: Mesh) -> Mesh:
+    """The mesh with the largest ep degree it allows (the spec's, when it fixes one): the fewest experts per rank."""
+    fixed = spec.parallel.ep if spec.parallel.ep != "auto" else None
+    try:
+        return max(with_expert_parallel(spec, graph, [mesh], fixed), key=lambda m: m.ep)
+    except PlanError:
+        return mesh
+
+
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
-    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree."""
+    """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree, with the
+    leanest EP degree and loss the spec allows (the loss in chunks, unless the spec fixes train.loss_chunk_tokens or
+    the model refuses them)."""
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
     no_ulysses = bool(ulysses_refusal(spec, graph))
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
-        mesh = Mesh(dp_shard=world // sp, sp=sp)
+        mesh = leanest_expert_mesh(spec, graph, Mesh(dp_shard=world // sp, sp=sp))
         t = spec.train
-        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs))  # one micro-batch
+        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs),  # one micro-batch
+                          loss_chunk_tokens=leanest_loss_chunk(spec, graph))
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)
@@ -412,7 +466,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
     best = ranked[0][0]
     assert best is not None
     mesh = best.mesh
-    shape = train_shape(spec, mesh, inputs)
+    shape = replace(train_shape(spec, mesh, inputs), loss_chunk_tokens=best.loss_chunk_tokens)
     reasons = group_reasons(spec, graph, hw, best, shape)
     groups = tuple(replace(group_plan(graph, g, best.choices[g.name], mesh, shape), **reasons[g.name])
                    for g in graph.groups)
@@ -422,7 +476,8 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
                  "hardware_measured_on": hw.measured_on},
-        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
+        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp),
+               "loss_chunk_tokens": best.loss_chunk_tokens},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
@@ -489,8 +544,8 @@ def chosen(plan: Plan) -> tuple[Mesh, dict[str, GroupChoice]]:
 def reprice(plan: Plan, spec: Spec, graph: ModelGraph, hw: HardwareProfile) -> Estimate:
     """The plan's prediction under another hardware profile, its choices kept (calibration fits terms this way)."""
     mesh, choices = chosen(plan)
-    return estimate(graph, mesh, choices, train_shape(spec, mesh, plan.inputs), hw, spec.cluster.procs_per_node,
-                    spec.model.freeze)
+    shape = replace(train_shape(spec, mesh, plan.inputs), loss_chunk_tokens=plan.train.get("loss_chunk_tokens", 0))
+    return estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)
 
 
 def frozen_modules(spec: Spec, graph: ModelGraph) -> tuple[str, ...]:
@@ -543,9 +598,9 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
 
 
 def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any], mesh: dict[str, int],
-                 groups: list[dict[str, Any]]) -> str:
-    """An earlier plan's layout (plan.json's mesh and groups) priced under today's inputs, in words: why the planner
-    would not keep it, or what it would cost."""
+                 groups: list[dict[str, Any]], loss_chunk_tokens: int = 0) -> str:
+    """An earlier plan's layout (plan.json's mesh, groups and loss chunking) priced under today's inputs, in words:
+    why the planner would not keep it, or what it would cost."""
     m = Mesh(**mesh)
     if m.world_size != spec.cluster.world_size:
         return f"does not span the world ({m.world_size} ranks; the cluster now has {spec.cluster.world_size})"
@@ -555,7 +610,7 @@ def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dic
                                       activation_checkpointing=g["activation_checkpointing"],
                                       replicate=g["replicate"]) for g in groups}
     try:
-        shape = train_shape(spec, m, inputs)
+        shape = replace(train_shape(spec, m, inputs), loss_chunk_tokens=loss_chunk_tokens)
     except PlanError as e:
         return f"is invalid now: {e}"
     e = estimate(graph, m, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)
@@ -588,6 +643,9 @@ def format_explain(plan: Plan, alternatives: bool = True, here: str = "") -> str
         lines.append(f"  {g.name} ({g.count} x {g.layer_class}, {g.role}): {placement}, "
                      f"ac={g.activation_checkpointing}{sp}"
                      + (", frozen" if g.frozen else ""))
+    chunk = plan.train.get("loss_chunk_tokens", 0)
+    lines.append(f"  loss: cross entropy in chunks of {chunk:,} tokens per rank, the LM head recomputed in backward"
+                 if chunk else "  loss: cross entropy over each rank's whole sequence at once")
     local = (plan.sequence_parallel or {}).get("local_attention")
     if local:
         counts = {kind: local["layers"].count(kind) for kind in dict.fromkeys(local["layers"])}

@@ -105,6 +105,7 @@ def reference_spec(spec: Spec) -> Spec:
                       # the reference runs whatever it takes: memory is never the reason it cannot
                       "hardware": {**(hw if isinstance(hw, dict) else {"profile": hw}), "memory_gib": 1e9}}
     raw["parallel"] = {"dp_replicate": 1, "dp_shard": 1, "sp": 1, "ep": 1, "activation_checkpointing": "none"}
+    raw["train"] = {**raw["train"], "loss_chunk_tokens": 0}  # the plain whole-sequence loss: no chunks to trust
     return spec_from_dict(raw, source=spec.source, base_dir=spec.base_dir)
 
 

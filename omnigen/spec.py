@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 
@@ -164,6 +164,10 @@ class TrainSpec(_Strict):
     # "drop" skips the row (its sample is the next row that fits).
     long_samples: Literal["truncate", "drop"] = "truncate"
     pack_documents: PositiveInt = 1  # synthetic documents packed into each row (text-only models)
+    # The loss in chunks of this many tokens (of one rank's micro-batch): the LM head and cross entropy run a chunk at
+    # a time and again in backward, so logits never exist for the whole sequence. 0: the whole sequence at once;
+    # auto: the planner's choice (whole while it is the fastest plan that fits).
+    loss_chunk_tokens: Union[NonNegativeInt, Auto] = "auto"
     synthetic: SyntheticSpec = SyntheticSpec()
     # Learning-rate schedule: linear warmup over warmup_steps, then constant, or cosine / linear decay to min_lr at
     # `steps`. Defaults keep the constant lr and torch's AdamW betas and eps: a spec that sets none trains as before.

@@ -351,3 +351,49 @@ def test_search_gives_groups_different_checkpointing_when_only_one_needs_it():
     by_name = {p.name: p for p in tight.groups}
     assert by_name["model.visual.blocks"].activation_checkpointing == "none"
     assert by_name["model.layers"].activation_checkpointing != "none"
+
+
+def with_lm_head(g, hidden=256):
+    """The graph with an LM head block (hidden x vocab, as the analyzer prices it: 2 FLOPs per weight per token)."""
+    head = Block("lm_head", "head", "head", None, None, hidden * g.vocab_size, 4 * hidden * g.vocab_size,
+                 2.0 * hidden * g.vocab_size, tensors=1)
+    return replace(g, blocks=g.blocks + (head,), lm_head="lm_head")
+
+
+def test_chunked_loss_memory_recompute_and_calls_by_hand():
+    """The whole-sequence loss holds ~12 B x vocab per token of the rank's micro-batch (fp32 log-probabilities,
+    their gradient, the logits' gradient); in chunks, only one chunk's. The chunks cost one more LM head forward
+    (the recompute in backward) and two calls each (forward and recompute), priced like layer calls."""
+    g = with_lm_head(model(FOUNDATION, vocab=32_000))
+    shape = TrainShape(seq_len=8192, micro_batch_size=2, grad_accum=1, precision="fp32")
+    tokens = 2 * 8192 / 2  # per rank under sp=2
+    mesh = Mesh(dp_shard=2, sp=2)
+    assert cost.logits_bytes(g, shape, mesh) == 12 * 32_000 * tokens
+    chunked = replace(shape, loss_chunk_tokens=1024)
+    assert cost.logits_bytes(g, chunked, mesh) == 12 * 32_000 * 1024
+    assert cost.logits_bytes(g, replace(shape, loss_chunk_tokens=1 << 20), mesh) == 12 * 32_000 * tokens  # one chunk
+    whole_root = cost.root_cost(g, mesh, shape, hw(), 8)
+    root = cost.root_cost(g, mesh, chunked, hw(), 8)
+    assert whole_root.recompute_flops == 0 and whole_root.layer_calls == 0
+    assert root.recompute_flops == 2 * 256 * 32_000 * tokens and root.layer_calls == 2 * 8  # 8 chunks of 1024
+    assert root.activations == cost.logits_bytes(g, chunked, mesh)
+    choices = {"model.layers": GroupChoice()}
+    whole_e = cost.estimate(g, mesh, choices, shape, hw(layer_us=100.0), 8)
+    e = cost.estimate(g, mesh, choices, chunked, hw(layer_us=100.0), 8)
+    assert e.recompute_s - whole_e.recompute_s == pytest.approx(root.recompute_flops / 0.5e12)
+    assert e.host_s - whole_e.host_s == pytest.approx(3 * 2 * 8 * 100e-6)  # forward + 2x backward per call
+    assert whole_e.peak_memory_bytes - e.peak_memory_bytes == pytest.approx(12 * 32_000 * (tokens - 1024), abs=8)
+
+
+def test_short_sequences_keep_the_whole_sequence_loss_and_its_prediction():
+    """The planner only chunks the loss where chunks are shorter than a rank's tokens and it pays: a tiny spec's
+    plan and prediction are what they were before chunking existed (loss_chunk_tokens 0)."""
+    s = spec(cluster={"procs_per_node": 2}, train={"seq_len": 128, "global_batch_size": 4})
+    g = with_lm_head(model(FOUNDATION, vocab=1024))
+    plan = make_plan(s, g, hw(layer_us=100.0, step_ms=2.0), {})
+    assert plan.train["loss_chunk_tokens"] == 0
+    mesh, choices = Mesh(**plan.mesh), {"model.layers": GroupChoice(plan.groups[0].reshard_after_forward,
+                                                                    plan.groups[0].activation_checkpointing)}
+    before = cost.estimate(g, mesh, choices, TrainShape(128, 1, plan.train["grad_accum"], "fp32"),
+                           hw(layer_us=100.0, step_ms=2.0), 2)
+    assert plan.predicted["step_time_s"] == pytest.approx(before.step_time_s, abs=1e-6)  # summary rounds to 1 us

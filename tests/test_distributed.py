@@ -73,6 +73,17 @@ def test_one_rank_without_audio_still_joins_every_collective(tmp_path):
     assert code == 0
 
 
+@pytest.mark.parametrize("name", ["llama_tiny", "qwen2_vl_tiny_dp2_sp2", "qwen3_moe_tiny_ep2", "qwen25_omni_tiny"])
+def test_chunked_loss_matches_the_whole_sequence_reference(name, tmp_path):
+    """The loss in chunks of 40 tokens (none divides a rank's tokens) inside FSDP's root unit, with Ulysses (labels
+    are the rank's chunk), EP with the router aux loss, and towers run on idle ranks, against the reference's
+    whole-sequence loss (runner.reference_spec)."""
+    code, _ = verify(name, tmp_path, sets=["train.loss_chunk_tokens=40"])
+    assert code == 0
+    assert json.loads((tmp_path / "parallel" / "plan.json").read_text())["train"]["loss_chunk_tokens"] == 40
+    assert json.loads((tmp_path / "reference" / "plan.json").read_text())["train"]["loss_chunk_tokens"] == 0
+
+
 # DeepSeek-V3 balances its experts with a router bias, not an aux loss; the Qwen tiny configs turn the aux loss on.
 ROUTER_AUX = {"qwen3_moe_tiny_ep2": True, "qwen2_moe_tiny_ep2": True, "deepseek_v3_tiny_ep2": False,
               "qwen3_omni_moe_tiny_sp2_ep2": True}

@@ -78,10 +78,16 @@ def test_activation_checkpointing_only_when_memory_needs_it():
                                          cost.TrainShape(4096, 1, 1, "fp32"), hw()).values())
     assert peak("full") < peak("selective") < peak("none")
     tight_gib = (peak("full") + peak("selective")) / 2 / GIB  # only full checkpointing fits
-    tight = make_plan(spec(train={"seq_len": 4096}, parallel={"sp": 1, "memory_headroom": 0}), graph(),
+    whole_loss = {"seq_len": 4096, "loss_chunk_tokens": 0}
+    tight = make_plan(spec(train=whole_loss, parallel={"sp": 1, "memory_headroom": 0}), graph(),
                       hw(memory_gib=tight_gib), {})
     assert tight.groups[0].activation_checkpointing != "none"
     assert any("does not fit" in a["reason"] for a in tight.alternatives)
+    # Computing the loss in chunks frees more than that here (its logits are most of this small model's
+    # activations) for one extra LM head forward: the planner chunks the loss instead of checkpointing the layers.
+    chunked = make_plan(spec(train={"seq_len": 4096}, parallel={"sp": 1, "memory_headroom": 0}), graph(),
+                        hw(memory_gib=tight_gib), {})
+    assert chunked.groups[0].activation_checkpointing == "none" and chunked.train["loss_chunk_tokens"] > 0
 
 
 def test_plans_leave_the_memory_headroom_free():
@@ -90,10 +96,11 @@ def test_plans_leave_the_memory_headroom_free():
                                          cost.TrainShape(4096, 1, 1, "fp32"), hw()).values())
     exact = peak("full") / GIB  # full checkpointing fills the device to the byte
     fixed = {"sp": 1, "dp_shard": 2, "activation_checkpointing": "full"}
-    assert make_plan(spec(train={"seq_len": 4096}, parallel={**fixed, "memory_headroom": 0}), graph(),
+    train = {"seq_len": 4096, "loss_chunk_tokens": 0}
+    assert make_plan(spec(train=train, parallel={**fixed, "memory_headroom": 0}), graph(),
                      hw(memory_gib=exact), {}).predicted["peak_memory_bytes"] <= exact * GIB
     with pytest.raises(PlanError) as e:  # the default keeps 5% free
-        make_plan(spec(train={"seq_len": 4096}, parallel=fixed), graph(), hw(memory_gib=exact), {})
+        make_plan(spec(train=train, parallel=fixed), graph(), hw(memory_gib=exact), {})
     assert "parallel.memory_headroom 0.05 stays free" in str(e.value)
 
 
@@ -161,3 +168,28 @@ def test_expert_parallel_degrees_must_divide_experts_and_fsdp_ranks():
         mesh_candidates(moe, analyze(moe))
     with pytest.raises(PlanError, match="no routed experts"):
         mesh_candidates(spec(parallel={"ep": 2}), graph())
+
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+
+@pytest.mark.parametrize("name,seq_len,sets", [
+    ("qwen3_omni_30b_h100x128", 163_840, []),             # VeOmni: the 30B omni MoE at 160K on 128 GPUs
+    ("qwen2_vl_72b_h100x64", 65_536, ["parallel.sp=auto"]),  # and the 72B VLM at 64K on 64 (the spec fixes sp=1)
+])
+def test_long_context_targets_plan_with_the_loss_in_chunks(name, seq_len, sets):
+    """The published VeOmni context lengths plan, with the loss in chunks; the chosen layout with the
+    whole-sequence loss (its fp32 log-probabilities and gradients for every token x 152K vocabulary) would not fit."""
+    from dataclasses import replace
+
+    from omnigen.pipeline import plan as compile_plan
+    from omnigen.plan import reprice, usable_memory_bytes
+    from omnigen.spec import load_spec
+
+    compiled = compile_plan(load_spec(SPECS / f"{name}.yaml", [f"train.seq_len={seq_len}", *sets]))
+    plan = compiled.plan
+    assert plan.train["loss_chunk_tokens"] > 0
+    assert plan.max_seq_len_by_sp[str(plan.mesh["sp"])] >= seq_len
+    whole = reprice(replace(plan, train={**plan.train, "loss_chunk_tokens": 0}), compiled.spec, compiled.graph,
+                    compiled.hardware)
+    assert whole.peak_memory_bytes > usable_memory_bytes(compiled.spec, compiled.hardware)

@@ -62,7 +62,7 @@ def llama_reference(tmp_path_factory):
 # Planted bugs: (text in the generated script, what it becomes). Each edit before the gradient dump goes in front of
 # this line of the training loop.
 AFTER_BACKWARD = "        if args.dump_grads and step == start_step:\n"
-ROOT_FSDP = '    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=mp_policy)\n'
+ROOT_FSDP = '    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)\n'
 GRADIENT_BUGS = {
     # A scale bug in one layer (a divide factor applied twice, say): AdamW's update is blind to it, the gradient is not.
     "one layer's gradient x 1.01": ([f"model.layers.1.{p}" for p in (
@@ -75,7 +75,7 @@ GRADIENT_BUGS = {
     # is this rank's alone, never summed over the DP ranks.
     "the final norm's gradient not summed over DP": (["model.norm.weight"], (ROOT_FSDP, (
         '    alone = init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("dp", "alone"))["alone"]\n'
-        "    fully_shard(model.model.norm, mesh=alone, mp_policy=mp_policy)  # PLANTED: a unit of one rank\n"
+        "    fully_shard(model.model.norm, mesh=alone, mp_policy=MIXED_PRECISION)  # PLANTED: a unit of one rank\n"
         + ROOT_FSDP))),
     # Two rows of one rank's gradient shard swapped: the global gradient norm cannot see it.
     "two rows of a gradient shard swapped": (["model.layers.0.mlp.down_proj.weight"], (AFTER_BACKWARD, (

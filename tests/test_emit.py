@@ -29,7 +29,7 @@ def test_output_is_deterministic_and_standalone(tmp_path):
     tree = ast.parse(first["train.py"])
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"argparse", "functools", "json", "os", "resource", "sys", "time", "torch", "transformers",
+    assert imported <= {"argparse", "functools", "json", "math", "os", "re", "resource", "shutil", "signal", "sys", "time", "torch", "transformers",
                         "safetensors"}
     header = first["train.py"].split('"""')[1]
     assert "omnigen 0.1.0" in header and "spec+plan hash" in header and "mesh:" in header and "predicted:" in header

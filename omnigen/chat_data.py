@@ -17,16 +17,16 @@ from typing import Any
 from .errors import SpecError
 
 MAX_REPORTED = 5
-PRELUDE = "import json\nimport os\n\nimport torch\nimport transformers\n\nIGNORE_INDEX = -100\nSEQ_LEN = {seq_len}\n"
+PRELUDE = "import json\nimport os\n\nimport torch\nimport transformers\n\nIGNORE_INDEX = -100\nSEQ_LEN = {seq_len}\nSEED = 0\n"
 
 
 def reader_source(inputs: dict[str, Any], long_samples: str, processor_path: str) -> str:
-    """The data section the generated script holds for a chat manifest (data.py.j2, then chat_data.py.j2)."""
+    """The data section the generated script holds for a chat manifest (data.py.j2, shuffle.py.j2, then chat_data.py.j2)."""
     from .emit import environment
 
     env = environment()
     context = {"inputs": inputs, "plan": {"train": {"long_samples": long_samples}}, "processor_path": repr(processor_path)}
-    return "\n\n".join(env.get_template(name).render(**context) for name in ("data.py.j2", "chat_data.py.j2"))
+    return "\n\n".join(env.get_template(name).render(**context) for name in ("data.py.j2", "shuffle.py.j2", "chat_data.py.j2"))
 
 
 def reader_namespace(inputs: dict[str, Any], long_samples: str, processor_path: str) -> dict[str, Any]:

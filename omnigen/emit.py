@@ -70,7 +70,7 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
     """The sections of train.py (templates/sections/), in the script's order: the ones this plan needs."""
     parallel, sp, multimodal = context["parallel"], plan.sequence_parallel, context["multimodal"]
     wanted = {
-        "header": True, "data": True, "distributed": True,
+        "header": True, "data": True, "packing": plan.train.get("packing", False), "distributed": True,
         "comm_bytes": context["explicit_comm"],
         "sequence_parallel": sp is not None,
         "expert_parallel": plan.expert_parallel is not None,

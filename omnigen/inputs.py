@@ -322,11 +322,13 @@ def _sorted(value: Any) -> Any:
 
 
 def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len: int,
-                 documents_per_sample: int = 1, every: dict[str, int] | None = None) -> dict[str, Any]:
+                 documents_per_sample: int = 1, every: dict[str, int] | None = None,
+                 packing: bool = False) -> dict[str, Any]:
     """How the generated script builds a sample for `class_name`: token ranges, per-modality shapes, kwargs.
 
     documents_per_sample > 1 packs several documents into each row (text-only models): position ids restart
-    per document and attention stays inside it."""
+    per document and attention stays inside it. packing (train.packing) packs whole samples of real data into
+    rows the same way."""
     cls = getattr(transformers, class_name)
     forward_args = set(inspect.signature(cls.forward).parameters)
     modalities = _modalities(config, cls, class_name, seq_len)
@@ -335,6 +337,10 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
     if documents_per_sample > 1 and modalities:
         raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
                         f"{class_name} takes {', '.join(modalities)} inputs (use pack_documents: 1)")
+    if packing and modalities:
+        raise SpecError(f"train.packing: packing is supported for text-only models; {class_name} takes "
+                        f"{', '.join(modalities)} inputs, whose towers and positions are not packed yet "
+                        "(use packing: false)")
     if documents_per_sample > 1 and seq_len < 2 * documents_per_sample:
         raise SpecError(f"train.pack_documents={documents_per_sample} needs seq_len >= {2 * documents_per_sample}")
     mm_tokens = sum(m["llm_tokens_per_item"] + m["wrapper_tokens"] for m in modalities.values())
@@ -355,7 +361,7 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
         **modalities,
         "model_kwargs": sorted(_model_kwargs(modalities, forward_args)
                                + (["position_ids"] if not modalities else [])
-                               + (["document_ids"] if documents_per_sample > 1 else [])),
+                               + (["document_ids"] if documents_per_sample > 1 or packing else [])),
         "ignored_label_token_ids": sorted(i for i in ignored if i is not None),
     })
 

@@ -14,7 +14,7 @@ from .errors import SpecError
 from .hardware import HardwareProfile, load_profile
 from .hf import config_to_dict, load_config
 from .inputs import input_recipe
-from .model_graph import ModelGraph
+from .model_graph import ModelGraph, router_aux_loss
 from .plan import Plan, make_plan
 from .spec import Spec
 
@@ -41,7 +41,12 @@ def plan(spec: Spec) -> Compiled:
         check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
     hw = load_profile(spec)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
-    inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every)
+    inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every,
+                          spec.train.packing)
+    if spec.train.packing and router_aux_loss(config_to_dict(config)):
+        raise SpecError(f"{spec.source}: key 'train.packing': {graph.model_class}'s config turns on the router "
+                        "load-balancing loss, which averages over a fixed count of micro-batches per step; packed "
+                        "steps vary it (use packing: false, or router_aux_loss_coef: 0 in model.overrides)")
     if data_format(spec) == "chat":
         t = spec.train
         check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
@@ -56,6 +61,9 @@ def plan_composite(spec: Spec) -> Compiled:
     if data_format(spec) == "chat":
         raise SpecError(f"{spec.source}: key 'train.processor': chat manifests for models composed from parts are not "
                         "read yet (synthetic or jsonl data)")
+    if spec.train.packing:
+        raise SpecError(f"{spec.source}: key 'train.packing': models composed from parts are not packed yet "
+                        "(use packing: false)")
     parts = compose.load_parts(spec)
     graph = compose.analyze_composite(spec, parts)
     vocab_size = parts.foundation_config.get_text_config().vocab_size

@@ -276,9 +276,28 @@ def leanest_loss_chunk(spec: Spec, graph: ModelGraph) -> int:
 
 def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     t = spec.train
+    if t.packing:  # one packed row per micro-batch; the most rows a rank runs, as if every sample were seq_len long
+        return TrainShape(seq_len=packed_row_tokens(spec, mesh.sp), micro_batch_size=1,
+                          grad_accum=grad_accum(spec, mesh.dp, mesh.sp), precision=t.precision,
+                          tokens_per_sample=tokens_per_sample(inputs), packed_documents=True)
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                       grad_accum=grad_accum(spec, mesh.dp), precision=t.precision,
                       tokens_per_sample=tokens_per_sample(inputs), packed_documents=t.pack_documents > 1)
+
+
+def packed_row_tokens(spec: Spec, sp: int) -> int:
+    """Tokens in a packed row (train.packing): micro_batch_tokens, or micro_batch_size x seq_len, rounded up to a
+    multiple of sp so that Ulysses splits it evenly."""
+    t = spec.train
+    return padded_seq_len(t.micro_batch_tokens or t.micro_batch_size * t.seq_len, sp)
+
+
+def max_packed_rows(spec: Spec, sp: int) -> int:
+    """The most rows a step's samples pack into. First-fit opens a row only when the sample (<= seq_len tokens)
+    fits in no open row, so every row but the last holds more than capacity - seq_len tokens, so at least
+    capacity // seq_len samples: at most ceil(global_batch_size / (capacity // seq_len)) rows."""
+    per_row = packed_row_tokens(spec, sp) // spec.train.seq_len
+    return -(-spec.train.global_batch_size // per_row)
 
 
 def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
@@ -293,8 +312,11 @@ def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def grad_accum(spec: Spec, dp: int) -> int:
+def grad_accum(spec: Spec, dp: int, sp: int = 1) -> int:
+    """Micro-batches per rank and step; with packing, the most a rank runs (every rank runs as many)."""
     t = spec.train
+    if t.packing:
+        return -(-max_packed_rows(spec, sp) // dp)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise PlanError(f"{spec.source}: train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -386,7 +408,7 @@ def foundation_group(graph: ModelGraph):
 def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...],
                               inputs: dict[str, Any] | None = None) -> dict | None:
     """What the script needs for Ulysses (sp > 1) or document-aware attention (packed rows); None otherwise."""
-    packed = spec.train.pack_documents > 1
+    packed = spec.train.pack_documents > 1 or spec.train.packing
     found = foundation_group(graph)
     if (mesh.sp == 1 and not packed) or found is None:
         return None
@@ -395,8 +417,9 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
                         "the tokens of one image attend to each other both ways; omnigen's Ulysses / packed-document "
                         "attention is causal: use parallel.sp: 1 and train.pack_documents: 1")
     if graph.attention_refused:  # packed rows need omnigen's attention even without SP
-        raise PlanError(f"{spec.source}: train.pack_documents={spec.train.pack_documents}: omnigen's document "
-                        f"attention cannot reproduce {graph.attention_refused}; use pack_documents: 1")
+        asked = "train.packing: true" if spec.train.packing else f"train.pack_documents={spec.train.pack_documents}"
+        raise PlanError(f"{spec.source}: {asked}: omnigen's document attention cannot reproduce "
+                        f"{graph.attention_refused}; use pack_documents: 1 and packing: false")
     attention = next((b.name for b in graph.blocks if b.parent == found.members[0] and b.kind == "attention"), None)
     if attention is None:  # the script hands each layer's attention module its SP group by name
         raise PlanError(f"{spec.source}: {graph.model_class}: the layers of '{found.name}' hold no attention module "
@@ -476,8 +499,9 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
                  "hardware_measured_on": hw.measured_on},
-        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp),
-               "loss_chunk_tokens": best.loss_chunk_tokens},
+        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp, mesh.sp),
+               "loss_chunk_tokens": best.loss_chunk_tokens,
+               **({"packed_row_tokens": packed_row_tokens(spec, mesh.sp)} if spec.train.packing else {})},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},

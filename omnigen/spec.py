@@ -168,6 +168,11 @@ class TrainSpec(_Strict):
     # a time and again in backward, so logits never exist for the whole sequence. 0: the whole sequence at once;
     # auto: the planner's choice (whole while it is the fastest plan that fits).
     loss_chunk_tokens: Union[NonNegativeInt, Auto] = "auto"
+    # Real data packed (text-only models): each sample keeps its own length (at most seq_len), samples are packed
+    # whole into rows of micro_batch_tokens tokens (default micro_batch_size x seq_len), one row per micro-batch,
+    # documents kept apart (README: "Packing and token budgets").
+    packing: bool = False
+    micro_batch_tokens: Union[PositiveInt, None] = None
     synthetic: SyntheticSpec = SyntheticSpec()
     # Learning-rate schedule: linear warmup over warmup_steps, then constant, or cosine / linear decay to min_lr at
     # `steps`. Defaults keep the constant lr and torch's AdamW betas and eps: a spec that sets none trains as before.
@@ -187,6 +192,15 @@ class TrainSpec(_Strict):
         if not all(0.0 <= b < 1.0 for b in v):
             raise ValueError("each AdamW beta must be in [0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _token_budget_fits(self) -> "TrainSpec":
+        if self.micro_batch_tokens is not None and not self.packing:
+            raise ValueError("micro_batch_tokens makes micro-batches by a token budget, which needs packing: true")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.seq_len:
+            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must hold a whole sample of up to "
+                             f"seq_len ({self.seq_len}) tokens")
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> "TrainSpec":

@@ -99,6 +99,7 @@ def reader(folder: Path, rows=None, **train):
     spec = load_spec(folder / "spec.yaml", sets)
     compiled = pipeline.plan(spec)
     ns = reader_namespace(compiled.plan.inputs, spec.train.long_samples, str(folder / "processor"))
+    ns["epoch_order"] = lambda index, size: index % size  # unshuffled: sample n is row n (test_packing checks the shuffle)
     return ns["ChatManifest"](str(folder / "data" / "chat.jsonl"), str(folder / "processor")), ns, compiled
 
 
@@ -298,6 +299,7 @@ def test_compile_accepts_a_good_manifest(llava_dir, tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "train.py").read_text()
     assert "class ChatManifest" in text and "return ChatManifest(" in text and "data.sample(i)" in text
+    assert "epoch_order(index + step, len(self))" in text  # rows in a seeded order, a fresh one every epoch
     assert "PROCESSOR = " in text
     tree = ast.parse(text)  # standalone: torch, transformers, the standard library, and Pillow to decode images
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

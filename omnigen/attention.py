@@ -12,6 +12,8 @@ attention would replace the model's, never run.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 CAUSAL = "causal"
@@ -66,3 +68,43 @@ def query_position_scaling(attention_modules: list[nn.Module]) -> dict:
         return {}
     first = scaled[0][1]
     return {"layers": [index for index, _ in scaled], "floor_scale": float(first.floor_scale), "attn_scale": float(first.attn_scale)}
+
+
+TOKEN_TYPE_PROBE = (0, 0, 1, 1, 0, 1, 1, 0)  # two runs of each value: tells "each run" from "every marked token"
+
+
+def token_type_attention(cls, config) -> dict | None:
+    """How `token_type_ids` change the model's attention, asked of the model's own mask builder
+    (`create_masks_for_generate`, which its forward's masks come from) on a short probe row, never looked up by
+    model name. {"attention": "image_blocks", ...}: each run of tokens of type `marked` (one image's tokens) attends
+    to itself both ways (Gemma3); {"attention": "prefix", ...}: every token of type `marked` (the prefix: image and
+    prompt) sees every other both ways (PaliGemma). None when token_type_ids change nothing. Raises ValueError when
+    they select a pattern that is neither."""
+    import copy
+
+    import torch
+
+    builder = getattr(cls, "create_masks_for_generate", None)
+    if builder is None or "token_type_ids" not in inspect.signature(builder).parameters:
+        raise ValueError("its forward takes token_type_ids, but it has no create_masks_for_generate(token_type_ids=) "
+                         "to ask which attention they select")
+    config = copy.deepcopy(config)
+    config.get_text_config()._attn_implementation = "sdpa"  # a boolean mask: True where attention is allowed
+    types = torch.tensor([TOKEN_TYPE_PROBE])
+    n = types.shape[1]
+    masks = builder(config=config, inputs_embeds=torch.zeros(1, n, 1), attention_mask=None, past_key_values=None,
+                    position_ids=torch.arange(n)[None], token_type_ids=types, is_first_iteration=True)
+    mask = masks.get("full_attention") if isinstance(masks, dict) else masks
+    ahead = torch.zeros(n, n, dtype=torch.bool) if mask is None else mask[0, 0].bool().triu(1)
+    if not ahead.any():
+        return None
+    for marked in (0, 1):
+        is_marked = types[0] == marked
+        runs = torch.cumsum(is_marked & ~torch.cat([torch.tensor([False]), is_marked[:-1]]), 0)
+        both = is_marked[:, None] & is_marked[None, :]
+        for attention, allowed in (("image_blocks", both & (runs[:, None] == runs[None, :])), ("prefix", both)):
+            if torch.equal(ahead, allowed.triu(1)):
+                return {"attention": attention, "marked": marked, "unmarked": 1 - marked}
+    raise ValueError(f"token_type_ids {list(TOKEN_TYPE_PROBE)} let queries see later keys at "
+                     f"{[tuple(p) for p in ahead.nonzero().tolist()]}: neither bidirectional runs of one type nor a "
+                     "bidirectional prefix, which are all omnigen's samples can mark")

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 import transformers
 
+from .attention import token_type_attention
 from .errors import SpecError
 
 TEXT_SHARE_PER_ITEM = 8   # each modality item takes ~seq_len / 8 LLM tokens
+VIDEO_TEMPORAL_PATCHES = 2  # a synthetic video: two temporal patches (2 x temporal_patch_size frames)
 MIN_TEXT_TOKENS = 2       # at least one text token before the modality blocks and one after
 MM_TOKEN_TYPE = {"image": 1, "video": 2, "audio": 3}  # transformers' ProcessorMixin.create_mm_token_type_ids
 
@@ -155,6 +157,41 @@ def _patch_grid_image(config: Any, vision: Any, target_tokens: int) -> dict[str,
         "concat_dim": 0,
         "encoder_tokens_per_item": patches,            # patches through the vision blocks
         "llm_tokens_per_item": patches // merge ** 2,  # after the patch merger
+    }
+
+
+def _frames_apart(cls: type) -> bool:
+    """Whether the model places each temporal patch of a video as its own block of placeholders (its rope index
+    splits video_grid_thw into one-frame grids, as Qwen3-VL and GLM-4V do: their processors put a timestamp and the
+    start/end wrappers around every frame) rather than one block per video (Qwen2-VL, Qwen2.5-VL). Asked of the
+    modeling source, the way the forward will read the grid."""
+    source = inspect.getsource(sys.modules[cls.__module__])
+    return re.search(r"video_grid_thw\[:, 0\] = 1", source) is not None
+
+
+def _patch_grid_video(config: Any, vision: Any, target_tokens: int, cls: type) -> dict[str, Any]:
+    """A short video for a patch-grid tower: VIDEO_TEMPORAL_PATCHES temporal patches (temporal_patch_size frames
+    each) of one square grid, about target_tokens LLM tokens in all; pixel_values_videos / video_grid_thw as the
+    processor makes them."""
+    frames = VIDEO_TEMPORAL_PATCHES
+    item = _patch_grid_image(config, vision, max(1, target_tokens // frames))
+    grid = [frames, *item["grid_thw"][1:]]
+    patches = math.prod(grid)
+    merge = vision.spatial_merge_size
+    return {**item, "grid_thw": grid, "pixel_values_shape": [patches, item["patch_dim"]],
+            "item_kwargs": ["pixel_values_videos", "video_grid_thw"],
+            "blocks": frames if _frames_apart(cls) else 1,  # placeholder blocks per video, each wrapped
+            "encoder_tokens_per_item": patches, "llm_tokens_per_item": patches // merge ** 2}
+
+
+def _video_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -> dict[str, Any]:
+    item = _patch_grid_video(config, config.vision_config, target_tokens, cls)
+    return {
+        "token_id": _token_id(config, "video_token_id", "video_token_index"),
+        "start_token_id": _token_id(config, *IMAGE_START_NAMES),
+        "end_token_id": _token_id(config, *IMAGE_END_NAMES),
+        **item,
+        **_feature_call(cls, "video", item["item_kwargs"]),
     }
 
 
@@ -286,12 +323,33 @@ def _read_tower(recipe: Any, tower: str, config: Any, target: int, cls: type, cl
                         "reads") from None
 
 
-def _modalities(config: Any, cls: type, class_name: str, seq_len: int) -> dict[str, dict[str, Any]]:
+def _video_refusal(found: dict[str, Any], forward_args: set[str], cls: type) -> str:
+    """Why omnigen cannot make this model's videos ("" when it can): videos go through the patch-grid vision tower
+    (the one images use) as pixel_values_videos + video_grid_thw, filling video_token_id placeholders."""
+    if not ("image" in found and found["image"]["layout"] == "patches" and getattr(cls, "get_video_features", None)
+            is not None and {"pixel_values_videos", "video_grid_thw"} <= forward_args):
+        return ("takes no video omnigen can make (videos are made for vision towers of flattened patches that take "
+                "pixel_values_videos and video_grid_thw)")
+    if "use_audio_in_video" in forward_args:
+        return "interleaves video with its audio track by timestamps (use_audio_in_video), which omnigen does not make"
+    source = inspect.getsource(sys.modules[cls.__module__])
+    if re.search(r"special_video_mask = input_ids == self\.config\.image_token_id", source):
+        return "places video frames in image placeholders (frame by frame, with timestamps), which omnigen does not make"
+    return ""
+
+
+def _modalities(config: Any, cls: type, class_name: str, seq_len: int,
+                video: bool = False) -> dict[str, dict[str, Any]]:
     forward_args = set(inspect.signature(cls.forward).parameters)
     target = max(1, seq_len // TEXT_SHARE_PER_ITEM)
     found = {}
     if getattr(config, "vision_config", None) is not None and "pixel_values" in forward_args:
         found["image"] = _read_tower(_image_recipe, "vision", config, target, cls, class_name)
+    if video:
+        refused = _video_refusal(found, forward_args, cls)
+        if refused:
+            raise SpecError(f"train.synthetic.video_every: {class_name} {refused}; use video_every: 0")
+        found["video"] = _read_tower(_video_recipe, "vision", config, target, cls, class_name)
     if getattr(config, "audio_config", None) is not None and "input_features" in forward_args:
         if "feature_attention_mask" not in forward_args:
             raise SpecError("omnigen's audio recipe passes feature_attention_mask, which this model does not take")
@@ -299,7 +357,7 @@ def _modalities(config: Any, cls: type, class_name: str, seq_len: int) -> dict[s
     for name, item in found.items():
         if item["token_id"] is None:
             raise SpecError(f"the model config has a {name} tower but no {name} placeholder token id")
-        item["wrapper_tokens"] = sum(item[k] is not None for k in ("start_token_id", "end_token_id"))
+        item["wrapper_tokens"] = sum(item[k] is not None for k in ("start_token_id", "end_token_id")) * item.get("blocks", 1)
         if "mm_token_type_ids" in forward_args:
             item["token_type_id"] = MM_TOKEN_TYPE[name]
     return found
@@ -313,6 +371,23 @@ def _model_kwargs(modalities: dict[str, Any], forward_args: set[str]) -> list[st
     if modalities and "mm_token_type_ids" in forward_args:  # M-RoPE needs it to find the image tokens
         kwargs.add("mm_token_type_ids")
     return sorted(kwargs)
+
+
+def _token_types(cls: type, config: Any, class_name: str, forward_args: set[str],
+                 modalities: dict[str, Any]) -> dict[str, Any] | None:
+    """What the samples' token_type_ids mark, where the forward takes them and they change its attention (asked of
+    the model: omnigen.attention.token_type_attention). Without them transformers runs those tokens causally: another
+    attention than the model's, so they are always passed."""
+    if "token_type_ids" not in forward_args:
+        return None
+    try:
+        found = token_type_attention(cls, config)
+    except ValueError as e:
+        raise SpecError(f"{class_name}: {e}") from None
+    if found and "image" not in modalities:
+        raise SpecError(f"{class_name}: token_type_ids select a bidirectional {found['attention']} around images, "
+                        "but omnigen found no image input recipe for it")
+    return found
 
 
 def _sorted(value: Any) -> Any:
@@ -331,7 +406,8 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
     rows the same way."""
     cls = getattr(transformers, class_name)
     forward_args = set(inspect.signature(cls.forward).parameters)
-    modalities = _modalities(config, cls, class_name, seq_len)
+    video_every = (every or {}).get("video", 0)  # videos only where asked for (train.synthetic.video_every)
+    modalities = _modalities(config, cls, class_name, seq_len, video=video_every > 0)
     for name, item in modalities.items():
         item["every"] = (every or {}).get(name, 1)  # sample i carries this modality iff i % every == 0
     if documents_per_sample > 1 and modalities:
@@ -343,6 +419,7 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
                         "(use packing: false)")
     if documents_per_sample > 1 and seq_len < 2 * documents_per_sample:
         raise SpecError(f"train.pack_documents={documents_per_sample} needs seq_len >= {2 * documents_per_sample}")
+    token_types = _token_types(cls, config, class_name, forward_args, modalities)
     mm_tokens = sum(m["llm_tokens_per_item"] + m["wrapper_tokens"] for m in modalities.values())
     min_seq_len = mm_tokens + MIN_TEXT_TOKENS
     if seq_len < min_seq_len:
@@ -359,7 +436,9 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
         "position_ids": not modalities,
         "text": _text_range(config),
         **modalities,
+        **({"token_types": token_types} if token_types else {}),
         "model_kwargs": sorted(_model_kwargs(modalities, forward_args)
+                               + (["token_type_ids"] if token_types else [])
                                + (["position_ids"] if not modalities else [])
                                + (["document_ids"] if documents_per_sample > 1 or packing else [])),
         "ignored_label_token_ids": sorted(i for i in ignored if i is not None),

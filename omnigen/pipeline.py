@@ -40,7 +40,8 @@ def plan(spec: Spec) -> Compiled:
         t = spec.train
         check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
     hw = load_profile(spec)
-    every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
+    every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every,
+             "video": spec.train.synthetic.video_every if data_format(spec) is None else 0}
     inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every,
                           spec.train.packing)
     if spec.train.packing and router_aux_loss(config_to_dict(config)):

@@ -303,12 +303,13 @@ def max_packed_rows(spec: Spec, sp: int) -> int:
 def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
     """How many tokens each encoder tower sees per sample, from the input recipe."""
     out: dict[str, float] = {}
-    for modality, role in (("image", "encoder:vision"), ("audio", "encoder:audio")):
+    for modality, role in (("image", "encoder:vision"), ("video", "encoder:vision"), ("audio", "encoder:audio")):
         m = inputs.get(modality)
         if m:
             every = m.get("every", 1)
-            out[role] = m["encoder_tokens_per_item"] / every  # one item per sample that has the modality
-            out[f"{role}:context"] = m["encoder_tokens_per_item"]
+            # one item per sample that has the modality; images and videos share the vision tower
+            out[role] = out.get(role, 0.0) + m["encoder_tokens_per_item"] / every
+            out[f"{role}:context"] = max(out.get(f"{role}:context", 0), m["encoder_tokens_per_item"])
     return out
 
 
@@ -412,10 +413,6 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
     found = foundation_group(graph)
     if (mesh.sp == 1 and not packed) or found is None:
         return None
-    if "token_type_ids" in (inputs or {}).get("model_kwargs", ()):
-        raise PlanError(f"{spec.source}: {graph.model_class} is fed token_type_ids, with which transformers lets "
-                        "the tokens of one image attend to each other both ways; omnigen's Ulysses / packed-document "
-                        "attention is causal: use parallel.sp: 1 and train.pack_documents: 1")
     if graph.attention_refused:  # packed rows need omnigen's attention even without SP
         asked = "train.packing: true" if spec.train.packing else f"train.pack_documents={spec.train.pack_documents}"
         raise PlanError(f"{spec.source}: {asked}: omnigen's document attention cannot reproduce "
@@ -429,6 +426,9 @@ def sequence_parallel_section(spec: Spec, graph: ModelGraph, mesh: Mesh, groups:
             "attention": attention.rsplit(".", 1)[1], "packed": packed,
             "local_attention": local_attention(found),
             "query_position_scaling": graph.query_position_scaling if mesh.sp > 1 else {},
+            # token_type_ids make the model's masks bidirectional in places (image blocks, a prefix): under Ulysses
+            # the masks the model builds on the whole sequence are kept and applied as they are
+            "model_masks": mesh.sp > 1 and "token_types" in (inputs or {}),
             "seq_len_padded": padded_seq_len(spec.train.seq_len, mesh.sp),
             "all_to_all_bytes_per_step": sum(g.sp_all_to_all_bytes_per_step for g in groups)}
 
@@ -583,8 +583,9 @@ def frozen_modules(spec: Spec, graph: ModelGraph) -> tuple[str, ...]:
     return tuple(spec.model.freeze)
 
 
-# transformers' omni thinkers encode audio before images; an order every rank must repeat (see IdleTowers).
-TOWER_ORDER = (("audio", "encoder:audio"), ("image", "encoder:vision"))
+# transformers' omni thinkers encode audio before images, and every model images before videos (through the same
+# vision tower): an order every rank must repeat (see IdleTowers).
+TOWER_ORDER = (("audio", "encoder:audio"), ("image", "encoder:vision"), ("video", "encoder:vision"))
 
 
 def tower_order(graph: ModelGraph, inputs: dict[str, Any]) -> tuple[dict[str, str], ...]:

@@ -141,9 +141,11 @@ class ClusterSpec(_Strict):
 
 
 class SyntheticSpec(_Strict):
-    """Synthetic data: sample i carries an image iff i % image_every == 0 (likewise audio)."""
+    """Synthetic data: sample i carries an image iff i % image_every == 0 (likewise audio, and video where
+    video_every > 0: videos are made only when asked for, for patch-grid vision towers)."""
     image_every: PositiveInt = 1
     audio_every: PositiveInt = 1
+    video_every: Annotated[int, Field(ge=0)] = 0
 
 
 class TrainSpec(_Strict):

@@ -217,11 +217,12 @@ def test_gemma3_at_128k_plans_sp8_for_memory_and_prices_the_windows(tmp_path):
     assert steps["local"] < steps["full"] / 2.5
 
 
-def test_token_type_ids_bidirectional_image_blocks_are_refused(tmp_path):
-    """transformers' Gemma3 lets the tokens of one image attend both ways when fed token_type_ids."""
+def test_token_type_ids_keep_the_models_own_masks_under_ulysses(tmp_path):
+    """transformers' Gemma3 lets the tokens of one image attend both ways when fed token_type_ids: under sp > 1 the
+    script keeps the masks the model built on the whole sequence (tests/test_token_types.py verifies it)."""
     from omnigen import plan as P
     compiled, _ = compile_to(tmp_path, M.gemma3())
     mesh = P.Mesh(**{k: v for k, v in compiled.plan.mesh.items()})
-    with pytest.raises(PlanError, match="token_type_ids"):
-        P.sequence_parallel_section(compiled.spec, compiled.graph, mesh, compiled.plan.groups,
-                                    {"model_kwargs": ["input_ids", "token_type_ids"]})
+    section = P.sequence_parallel_section(compiled.spec, compiled.graph, mesh, compiled.plan.groups,
+                                          {"model_kwargs": ["input_ids", "token_type_ids"], "token_types": {}})
+    assert section["model_masks"] and not compiled.plan.sequence_parallel["model_masks"]

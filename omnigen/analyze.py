@@ -180,8 +180,8 @@ class _Analyzer:
         if out is not None and module is out:
             return "head"
         stated = [role for prefix, role in self.part_roles.items() if _under(path, prefix)]
-        if stated and stated[0] == "projector":
-            return "projector"
+        if stated and stated[0] in ("projector", "decoder"):
+            return stated[0]
         for t in towers:
             if t.role.startswith("encoder") and _under(path, t.path):
                 rel = path[len(t.path):].lstrip(".").split(".")
@@ -287,7 +287,7 @@ class _Analyzer:
 
     @staticmethod
     def _top_kind(path: str, module: nn.Module, role: str) -> str:
-        if role == "head":
+        if role in ("head", "decoder"):  # a codebook decoder: its head's matmul is the work
             return "head"
         if isinstance(module, nn.Embedding) or "embed" in path.rpartition(".")[2]:
             return "embedding"

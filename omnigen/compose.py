@@ -8,6 +8,8 @@ Module paths (what the planner's groups, model.freeze and FSDP name):
     encoders.<modality>    the HF encoder model (SiglipVisionModel, CLIPVisionModel, ...)
     projectors.<modality>  Linear, or Linear-GELU-Linear (mlp2x_gelu), encoder hidden -> foundation hidden
     foundation             the HF causal LM; its lm_head is the text decoder
+    decoders.<modality>    a codebook decoder (image_tokens): head Linear(hidden, codebook_size) predicting the
+                           codebook tokens, embed Embedding(codebook_size, hidden) feeding them back as input
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import transformers
 from torch import nn
 
 from .errors import SpecError
-from .spec import FOUNDATION_PATH, EncoderPart, Spec, encoder_path
+from .spec import FOUNDATION_PATH, DecoderPart, EncoderPart, Spec, decoder_path, encoder_path
 
 COMPOSITE_CLASS = "OmniModel"
 PROJECTORS = ("linear", "mlp2x_gelu")
 # Encoder config types omnigen has an input recipe for (omnigen/inputs.py: part_recipe): whole crops in pixel_values.
 IMAGE_ENCODERS = ("siglip_vision_model", "clip_vision_model")
+# Config fields of causal LMs whose forward does more than lm_head(hidden states) (Gemma 2, Cohere, Granite).
+LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class LoadedParts:
     encoders: tuple[LoadedEncoder, ...]
     foundation_config: transformers.PretrainedConfig
     foundation_class: str
+    decoders: tuple[DecoderPart, ...] = ()
 
     def config_dict(self) -> dict[str, Any]:
         """generated/<name>/config.json: every part's config, by module path."""
@@ -63,8 +68,14 @@ class LoadedParts:
             "foundation": {"module": FOUNDATION_PATH, "class": self.foundation_class,
                            "config_class": type(self.foundation_config).__name__,
                            "trainable": spec.model.parts.foundation.trainable},
-            "decoders": [d.model_dump(mode="json") for d in spec.model.parts.decoders],
+            "decoders": [{**d.model_dump(mode="json"), "hidden_size": hidden,
+                          "module": "foundation.lm_head" if d.kind == "lm_head" else decoder_path(d.modality)}
+                         for d in spec.model.parts.decoders],
         }
+
+    @property
+    def codebook_decoders(self) -> tuple[DecoderPart, ...]:
+        return tuple(d for d in self.decoders if d.kind == "codebook_head")
 
 
 def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConfig:
@@ -122,19 +133,26 @@ def load_parts(spec: Spec) -> LoadedParts:
             raise SpecError(f"{spec.source}: key 'model.parts.encoders[{i}].placeholder_token_id': "
                             f"{e.placeholder_token_id} is outside the foundation's vocabulary [0, {vocab})")
     for i, d in enumerate(parts.decoders):
-        if d.modality != "text":
-            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}].modality': {d.modality} decoders are not "
-                            "built yet; the text decoder (the foundation's lm_head) is")
-        if d.kind != "lm_head" or d.loss_weight != 1.0:
-            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}]': the text decoder is the foundation's "
-                            "lm_head (kind: lm_head) and, as the only decoder, has loss_weight 1.0")
+        key = f"{spec.source}: key 'model.parts.decoders[{i}]"
+        if d.modality == "audio_codec":
+            raise SpecError(f"{key}.modality': audio_codec decoders are not built yet; text (the foundation's "
+                            "lm_head) and image_tokens (a codebook head) are")
+        if d.placeholder_token_id is not None and d.placeholder_token_id >= vocab:
+            raise SpecError(f"{key}.placeholder_token_id': {d.placeholder_token_id} is outside the foundation's "
+                            f"vocabulary [0, {vocab})")
+    text = foundation.get_text_config()
+    scaled = [k for k in LOGIT_SCALING if getattr(text, k, None) not in (None, 1, 1.0)]
+    if scaled and any(d.kind == "codebook_head" for d in parts.decoders):
+        raise SpecError(f"{spec.source}: key 'model.parts.foundation.config': {', '.join(scaled)} set: this "
+                        "foundation's forward changes its logits after lm_head, and a codebook decoder reads the "
+                        "hidden states beside it; foundations without logit scaling are supported")
     for key, part in [*((f"model.parts.encoders[{i}]", e) for i, e in enumerate(parts.encoders)),
                       ("model.parts.foundation", parts.foundation)]:
         if part.weights is not None:
             raise SpecError(f"{spec.source}: key '{key}.weights': per-part weights are not loaded yet; "
                             "parts start from random init (train.seed)")
     encoders = tuple(_encoder(spec, i, e) for i, e in enumerate(parts.encoders))
-    return LoadedParts(encoders, foundation, cls)
+    return LoadedParts(encoders, foundation, cls, parts.decoders)
 
 
 # --- the composed model (the script's OmniModel, built here on the meta device for the analyzer) ----------------
@@ -143,6 +161,16 @@ def projector(kind: str, in_features: int, out_features: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_features, out_features)
     return nn.Sequential(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
+
+
+class CodebookDecoder(nn.Module):
+    """A decoder of discrete tokens (a VQ codebook): head predicts them from the foundation's hidden states, embed
+    feeds them back as the foundation's input at their positions."""
+
+    def __init__(self, codebook_size: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(codebook_size, hidden)
+        self.head = nn.Linear(hidden, codebook_size, bias=False)
 
 
 class OmniModel(nn.Module):
@@ -154,6 +182,8 @@ class OmniModel(nn.Module):
         self.projectors = nn.ModuleDict({e.part.modality: projector(e.part.projector, e.hidden_size, hidden)
                                          for e in parts.encoders})
         self.foundation = getattr(transformers, parts.foundation_class)._from_config(parts.foundation_config)
+        self.decoders = nn.ModuleDict({d.modality: CodebookDecoder(d.codebook_size, hidden)
+                                       for d in parts.codebook_decoders})
 
     def get_input_embeddings(self):
         return self.foundation.get_input_embeddings()
@@ -181,14 +211,15 @@ def part_roles(parts: LoadedParts) -> dict[str, str]:
     """Roles by module path: the analyzer reads the composed model's parts from the spec, not from module names."""
     roles = {encoder_path(e.part.modality): f"encoder:{'vision' if e.part.modality == 'image' else 'audio'}"
              for e in parts.encoders}
-    return {**roles, "projectors": "projector"}
+    return {**roles, "projectors": "projector", "decoders": "decoder"}
 
 
 def analyze_composite(spec: Spec, parts: LoadedParts):
     from .analyze import analyze_model
     model = build_meta(parts)
     graph = analyze_model(model, parts.foundation_config, COMPOSITE_CLASS, part_roles(parts))
-    kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type])
+    kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type,
+                        *(f"{d.modality} head" for d in parts.codebook_decoders)])
     # The placeholder scatter happens before the foundation sees the sequence; Ulysses for composed models is not built.
     return replace(graph, model_type=f"parts: {kinds}",
                    attention_refused="the placeholder scatter of a model composed from parts (model.parts; not built "

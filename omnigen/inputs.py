@@ -383,6 +383,15 @@ def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[
 PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part}
 
 
+def _codebook_output(decoder: Any, every: int) -> dict[str, Any]:
+    """A generated item of a codebook decoder (image_tokens): tokens_per_item placeholder positions that end the
+    sample, whose inputs are codebook embeddings of random codes (batch key <modality>) and whose next-token targets
+    are those codes (batch key <modality>_labels), predicted by the decoder's head."""
+    return {"token_id": decoder.placeholder_token_id, "codebook_size": decoder.codebook_size,
+            "llm_tokens_per_item": decoder.tokens_per_item, "every": every,
+            "labels_key": f"{decoder.modality}_labels"}
+
+
 def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
                      every: dict[str, int] | None = None, source: str = "<spec>") -> dict[str, Any]:
     """input_recipe for a model composed from parts: the same dict (data.py.j2 renders it unchanged), each modality
@@ -397,21 +406,22 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
         modalities[encoder.part.modality] = {**item, "token_id": encoder.part.placeholder_token_id,
                                              "start_token_id": None, "end_token_id": None, "wrapper_tokens": 0,
                                              "every": (every or {}).get(encoder.part.modality, 1)}
-    min_seq_len = sum(m["llm_tokens_per_item"] for m in modalities.values()) + MIN_TEXT_TOKENS
+    outputs = {d.modality: _codebook_output(d, (every or {}).get(d.modality, 1)) for d in parts.codebook_decoders}
+    min_seq_len = sum(m["llm_tokens_per_item"] for m in [*modalities.values(), *outputs.values()]) + MIN_TEXT_TOKENS
     if seq_len < min_seq_len:
         raise SpecError(f"train.seq_len={seq_len} is too short for the composed model: a sample needs {min_seq_len} "
                         f"tokens; use seq_len >= {min_seq_len}")
     text = _text_range(parts.foundation_config)
-    placeholders = sorted(m["token_id"] for m in modalities.values())
+    placeholders = sorted(m["token_id"] for m in [*modalities.values(), *outputs.values()])
     # Text tokens stay below every placeholder (they sit at the top of the vocabulary in the example specs).
     low_ones = [p for p in placeholders if p < text["vocab_size"] // 2]
     if low_ones:
         raise SpecError(f"placeholder_token_id {low_ones[0]} is in the lower half of the foundation's vocabulary; "
                         "omnigen's synthetic text draws from below the placeholders: use ids near the top")
     text["token_high"] = min([text["token_high"], *placeholders])
-    kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]}
+    kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]} | set(outputs)
     return _sorted({
         "class_name": COMPOSITE_CLASS, "seq_len": seq_len, "min_seq_len": min_seq_len,
-        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities,
+        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities, **outputs,
         "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders,
     })

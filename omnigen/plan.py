@@ -422,7 +422,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
                  "hardware_measured_on": hw.measured_on},
-        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp)},
+        train={**spec.to_dict()["train"], "grad_accum": grad_accum(spec, mesh.dp)},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},

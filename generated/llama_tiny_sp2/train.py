@@ -432,11 +432,19 @@ def summed_cross_entropy(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def micro_batch_loss(model, batch, label_tokens):
-    """This rank's share of the step's loss for one micro-batch, and the extra terms it logs (none). Summed over
-    micro-steps and ranks it is the mean loss of the step's global batch."""
+def prediction_loss(model, batch, label_tokens):
+    """One micro-batch's forward: the model's output, this rank's share of the step's prediction loss (text cross
+    entropy over the step's label count) and the terms it logs (none)."""
     labels = batch.pop("shift_labels")
-    return summed_cross_entropy(model(**batch).logits, labels) / label_tokens, {}
+    output = model(**batch)
+    return output, summed_cross_entropy(output.logits, labels) / label_tokens, {}
+
+
+def micro_batch_loss(model, batch, label_tokens):
+    """This rank's share of the step's loss for one micro-batch, and the extra terms it logs. Summed over
+    micro-steps and ranks it is the mean loss of the step's global batch."""
+    _, loss, terms = prediction_loss(model, batch, label_tokens)
+    return loss, terms
 
 
 def count_label_tokens(batches, device):

@@ -486,7 +486,7 @@ def local_expert_views(replaced):
 
 # The model config turns on the router load-balancing loss (output_router_logits, router_aux_loss_coef): the
 # objective of a step is
-#   CE_sum(step) / label_tokens(step) + ROUTER_AUX_LOSS_COEF * mean over the step's micro-batches of aux(micro-batch)
+#   prediction loss (CE_sum(step) / label_tokens(step)) + ROUTER_AUX_LOSS_COEF * mean over the step's micro-batches of aux(micro-batch)
 # with aux as transformers defines it (router_aux_loss below). A micro-batch holds the same samples in every layout,
 # so the single-process run and this one optimise the same function.
 ROUTER_AUX_LOSS_COEF = 0.02
@@ -554,11 +554,9 @@ def micro_batch_loss(model, batch, label_tokens):
     """This rank's share of the step's objective for one micro-batch, and the aux it adds (for the metrics).
     Summed over micro-steps and ranks it is the whole objective, so the gradients FSDP sums are exactly its
     gradient."""
-    labels = batch.pop("shift_labels")
-    output = model(**batch)
-    loss = summed_cross_entropy(output.logits, labels) / label_tokens
+    output, loss, terms = prediction_loss(model, batch, label_tokens)
     loss = loss + ROUTER_AUX_LOSS_COEF * output.aux_loss / AUX_COPIES_PER_STEP
-    return loss, {"aux_loss": output.aux_loss.detach() / AUX_COPIES_PER_STEP}
+    return loss, {**terms, "aux_loss": output.aux_loss.detach() / AUX_COPIES_PER_STEP}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -631,6 +629,14 @@ def summed_cross_entropy(logits, labels):
     """Next-token cross entropy summed over the valid labels (labels were shifted on the full sequence when the
     sample was built), in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def prediction_loss(model, batch, label_tokens):
+    """One micro-batch's forward: the model's output, this rank's share of the step's prediction loss (text cross
+    entropy over the step's label count) and the terms it logs (none)."""
+    labels = batch.pop("shift_labels")
+    output = model(**batch)
+    return output, summed_cross_entropy(output.logits, labels) / label_tokens, {}
 
 
 def count_label_tokens(batches, device):

@@ -29,8 +29,14 @@ from .spec import FOUNDATION_PATH, DecoderPart, EncoderPart, Spec, decoder_path,
 
 COMPOSITE_CLASS = "OmniModel"
 PROJECTORS = ("linear", "mlp2x_gelu")
-# Encoder config types omnigen has an input recipe for (omnigen/inputs.py: part_recipe): whole crops in pixel_values.
+# Encoder config types omnigen has an input recipe for (omnigen/inputs.py: PART_FAMILIES), by modality: whole crops
+# in pixel_values; a Whisper encoder's fixed window of log-mel frames in input_features.
 IMAGE_ENCODERS = ("siglip_vision_model", "clip_vision_model")
+AUDIO_ENCODERS = ("whisper",)
+ENCODERS = {"image": IMAGE_ENCODERS, "audio": AUDIO_ENCODERS}
+# The encoder class of a config whose MODEL_MAPPING class is a whole encoder-decoder (WhisperModel): a path under
+# transformers, since transformers does not export it at the top level.
+ENCODER_CLASSES = {"whisper": "models.whisper.modeling_whisper.WhisperEncoder"}
 # Config fields of causal LMs whose forward does more than lm_head(hidden states) (Gemma 2, Cohere, Granite).
 LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -39,7 +45,8 @@ LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 class LoadedEncoder:
     part: EncoderPart
     config: transformers.PretrainedConfig
-    model_class: str      # the transformers class the script builds (SiglipVisionModel)
+    model_class: str      # the transformers class the script builds, a path under transformers (SiglipVisionModel,
+                          # models.whisper.modeling_whisper.WhisperEncoder)
     hidden_size: int
 
 
@@ -95,16 +102,22 @@ def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConf
 
 def _encoder(spec: Spec, index: int, part: EncoderPart) -> LoadedEncoder:
     key = f"model.parts.encoders[{index}]"
-    if part.modality == "audio":
-        raise SpecError(f"{spec.source}: key '{key}.modality': audio encoder parts are not built yet "
-                        "(image encoders are: SigLIP or CLIP vision)")
     config = _read_config(spec, part.config, f"{key}.config")
     config.dtype = torch.float32
-    if config.model_type not in IMAGE_ENCODERS:
+    supported = ENCODERS[part.modality]
+    if config.model_type not in supported:
         raise SpecError(f"{spec.source}: key '{key}.config': {type(config).__name__} ({config.model_type!r}) is not "
-                        f"an image encoder omnigen can feed; supported: {', '.join(IMAGE_ENCODERS)}")
-    model_class = transformers.MODEL_MAPPING[type(config)].__name__
+                        f"an {part.modality} encoder omnigen can feed; supported: {', '.join(supported)}")
+    model_class = ENCODER_CLASSES.get(config.model_type) or transformers.MODEL_MAPPING[type(config)].__name__
     return LoadedEncoder(part, config, model_class, config.hidden_size)
+
+
+def transformers_class(path: str) -> type:
+    """A class by its path under transformers ("SiglipVisionModel", "models.whisper.modeling_whisper.WhisperEncoder")."""
+    node: Any = transformers
+    for name in path.split("."):
+        node = getattr(node, name)
+    return node
 
 
 def _foundation_class(spec: Spec, config: transformers.PretrainedConfig) -> str:
@@ -177,7 +190,7 @@ class OmniModel(nn.Module):
     def __init__(self, parts: LoadedParts):
         super().__init__()
         hidden = parts.foundation_config.get_text_config().hidden_size
-        self.encoders = nn.ModuleDict({e.part.modality: getattr(transformers, e.model_class)._from_config(e.config)
+        self.encoders = nn.ModuleDict({e.part.modality: transformers_class(e.model_class)._from_config(e.config)
                                        for e in parts.encoders})
         self.projectors = nn.ModuleDict({e.part.modality: projector(e.part.projector, e.hidden_size, hidden)
                                          for e in parts.encoders})
@@ -200,10 +213,11 @@ def build_meta(parts: LoadedParts) -> OmniModel:
             raise SpecError(f"cannot build the composed model from its parts: {type(e).__name__}: {e}") from None
 
 
-def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, pixel_shape: list[int]) -> int:
-    """Output positions per item of an encoder, from a meta-device forward (no memory): what its projector places."""
+def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, item_shape: list[int]) -> int:
+    """Output positions per item of an encoder, from a meta-device forward (no memory): what its projector places.
+    item_shape: its input for one item (pixel_values, input_features), passed first as the script does."""
     with torch.device("meta"), torch.no_grad():
-        out = model.encoders[encoder.part.modality](pixel_values=torch.zeros(pixel_shape))
+        out = model.encoders[encoder.part.modality](torch.zeros(item_shape))
     return int(out.last_hidden_state.shape[1])
 
 

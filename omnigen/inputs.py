@@ -362,6 +362,13 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
 
 # --- models composed from parts (omnigen/compose.py) ----------------------------------------------------------
 
+def _check_tokens_per_item(encoder: Any, tokens: int, item: str, source: str) -> None:
+    if encoder.part.tokens_per_item not in (None, tokens):
+        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
+                        f"{encoder.part.tokens_per_item}, but {encoder.model_class.rpartition('.')[2]} puts out "
+                        f"{tokens} positions per {item} (the projector places each as one token)")
+
+
 def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
     """SigLIP / CLIP vision encoders: pixel_values of whole crops [images, channels, image_size, image_size]; every
     output position of the encoder becomes one LLM token (the projector keeps the sequence length)."""
@@ -369,18 +376,30 @@ def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[
     size = _side(encoder.config.image_size)
     shape = [1, getattr(encoder.config, "num_channels", 3), size, size]
     tokens = encoder_tokens(model, encoder, shape)
-    if encoder.part.tokens_per_item not in (None, tokens):
-        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
-                        f"{encoder.part.tokens_per_item}, "
-                        f"but {encoder.model_class} puts out {tokens} positions per {size}x{size} image (the "
-                        "projector places each as one token)")
+    _check_tokens_per_item(encoder, tokens, f"{size}x{size} image", source)
     return {"layout": "crops", "image_size": [size, size], "pixel_values_shape": shape, "concat_dim": 0,
             "item_kwargs": ["pixel_values"], "image_sizes": None, "pixel_attention_mask": False,
             "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
 
 
+def _whisper_window_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
+    """Whisper encoders: input_features of a fixed window, 2 x max_source_positions log-mel frames per clip
+    [clips, num_mel_bins, frames] (WhisperEncoder refuses any other length), every frame real; its conv stem halves
+    the frames and every output position becomes one LLM token."""
+    from .compose import encoder_tokens
+    config = encoder.config
+    window = 2 * config.max_source_positions
+    shape = [1, config.num_mel_bins, window]
+    tokens = encoder_tokens(model, encoder, shape)
+    _check_tokens_per_item(encoder, tokens, f"clip of {window} frames", source)
+    return {"num_mel_bins": config.num_mel_bins, "num_frames": window, "window_frames": window,
+            "input_features_shape": shape, "item_kwargs": ["input_features"], "concat_dim": 0,
+            "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
+
+
 # Input families of encoder parts, keyed by the encoder config's model_type.
-PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part}
+PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part,
+                 "whisper": _whisper_window_part}
 
 
 def _codebook_output(decoder: Any, every: int) -> dict[str, Any]:

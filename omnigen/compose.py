@@ -70,11 +70,13 @@ class LoadedParts:
             "encoders": [{"modality": e.part.modality, "module": encoder_path(e.part.modality),
                           "class": e.model_class, "config_class": type(e.config).__name__,
                           "projector": e.part.projector, "in_features": e.hidden_size, "out_features": hidden,
-                          "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable}
+                          "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable,
+                          "parallel": _pins(spec, e.part.parallel)}
                          for e in self.encoders],
             "foundation": {"module": FOUNDATION_PATH, "class": self.foundation_class,
                            "config_class": type(self.foundation_config).__name__,
-                           "trainable": spec.model.parts.foundation.trainable},
+                           "trainable": spec.model.parts.foundation.trainable,
+                           "parallel": _pins(spec, spec.model.parts.foundation.parallel)},
             "decoders": [{**d.model_dump(mode="json"), "hidden_size": hidden,
                           "module": "foundation.lm_head" if d.kind == "lm_head" else decoder_path(d.modality)}
                          for d in spec.model.parts.decoders],
@@ -83,6 +85,15 @@ class LoadedParts:
     @property
     def codebook_decoders(self) -> tuple[DecoderPart, ...]:
         return tuple(d for d in self.decoders if d.kind == "codebook_head")
+
+
+def _pins(spec: Spec, parallel) -> dict[str, str | None]:
+    """What the spec fixes of a part's plan, by the key that fixes it (None: the planner's to choose); --explain
+    names them."""
+    ac = ("the part's parallel.activation_checkpointing" if parallel.activation_checkpointing != "auto" else
+          "parallel.activation_checkpointing" if spec.parallel.activation_checkpointing != "auto" else None)
+    return {"placement": "the part's parallel.placement" if parallel.placement != "auto" else None,
+            "activation_checkpointing": ac}
 
 
 def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConfig:

@@ -270,3 +270,18 @@ def test_verify_any_to_any_on_4_ranks(tmp_path):
     head and an image-token head, against one process; the per-decoder losses agree too (verify compares loss_*)."""
     from omnigen import runner
     assert runner.verify(load_spec(SPEC_OMNI), steps=2, workdir=str(tmp_path)) == 0
+
+
+def test_explain_names_each_part_and_who_set_its_placement():
+    from omnigen.pipeline import plan
+    from omnigen.plan import format_explain
+    text = format_explain(plan(load_spec(SPEC_OMNI)).plan, alternatives=False)
+    per_part = text[text.index("per part (model.parts):"):].splitlines()
+    assert per_part[1].startswith("  encoders.image (image encoder SiglipVisionModel, frozen")
+    assert per_part[2].startswith("    encoders.image.encoder.layers: replicated, set by the part's parallel.placement; "
+                                  "nearest other: FSDP would take")
+    assert "  encoders.audio (audio encoder WhisperEncoder)" in per_part
+    assert any(line.startswith("    encoders.audio.layers: FSDP over dp_shard") and "set by the planner" in line
+               for line in per_part)
+    assert any("experts over ep=2 (parallel.ep), set by the part's parallel.placement" in line for line in per_part)
+    assert any("decoders.image_tokens" in line and "in the root unit" in line for line in per_part)

@@ -181,8 +181,8 @@ class _Analyzer:
         if out is not None and module is out:
             return "head"
         stated = [role for prefix, role in self.part_roles.items() if _under(path, prefix)]
-        if stated and stated[0] == "projector":
-            return "projector"
+        if stated and stated[0] in ("projector", "decoder"):
+            return stated[0]
         for t in towers:
             if t.role.startswith("encoder") and _under(path, t.path):
                 rel = path[len(t.path):].lstrip(".").split(".")
@@ -288,7 +288,7 @@ class _Analyzer:
 
     @staticmethod
     def _top_kind(path: str, module: nn.Module, role: str) -> str:
-        if role == "head":
+        if role in ("head", "decoder"):  # a codebook decoder: its head's matmul is the work
             return "head"
         if isinstance(module, nn.Embedding) or "embed" in path.rpartition(".")[2]:
             return "embedding"
@@ -421,7 +421,8 @@ class _Analyzer:
         out = self._output_embeddings()
         vocab = getattr(out, "out_features", 0) or getattr(self.text_config, "vocab_size", 0) or 0
         head = next((p for p, m in self.model.named_modules() if m is out), "") if out is not None else ""
-        chunk_refused = chunked_loss_refusal(self.model) if head else "the model has no LM head"
+        chunk_refused = ("a model composed from parts computes each decoder's loss itself" if self.part_roles
+                         else chunked_loss_refusal(self.model) if head else "the model has no LM head")
         return ModelGraph(model_class=self.class_name, model_type=getattr(self.config, "model_type", ""),
                           blocks=tuple(self.blocks), groups=groups, total_params=total,
                           total_param_bytes=total_bytes, vocab_size=int(vocab), towers=tower_paths,

@@ -8,6 +8,8 @@ Module paths (what the planner's groups, model.freeze and FSDP name):
     encoders.<modality>    the HF encoder model (SiglipVisionModel, CLIPVisionModel, ...)
     projectors.<modality>  Linear, or Linear-GELU-Linear (mlp2x_gelu), encoder hidden -> foundation hidden
     foundation             the HF causal LM; its lm_head is the text decoder
+    decoders.<modality>    a codebook decoder (image_tokens): head Linear(hidden, codebook_size) predicting the
+                           codebook tokens, embed Embedding(codebook_size, hidden) feeding them back as input
 """
 
 from __future__ import annotations
@@ -23,19 +25,28 @@ import transformers
 from torch import nn
 
 from .errors import SpecError
-from .spec import FOUNDATION_PATH, EncoderPart, Spec, encoder_path
+from .spec import FOUNDATION_PATH, DecoderPart, EncoderPart, Spec, decoder_path, encoder_path
 
 COMPOSITE_CLASS = "OmniModel"
 PROJECTORS = ("linear", "mlp2x_gelu")
-# Encoder config types omnigen has an input recipe for (omnigen/inputs.py: part_recipe): whole crops in pixel_values.
+# Encoder config types omnigen has an input recipe for (omnigen/inputs.py: PART_FAMILIES), by modality: whole crops
+# in pixel_values; a Whisper encoder's fixed window of log-mel frames in input_features.
 IMAGE_ENCODERS = ("siglip_vision_model", "clip_vision_model")
+AUDIO_ENCODERS = ("whisper",)
+ENCODERS = {"image": IMAGE_ENCODERS, "audio": AUDIO_ENCODERS}
+# The encoder class of a config whose MODEL_MAPPING class is a whole encoder-decoder (WhisperModel): a path under
+# transformers, since transformers does not export it at the top level.
+ENCODER_CLASSES = {"whisper": "models.whisper.modeling_whisper.WhisperEncoder"}
+# Config fields of causal LMs whose forward does more than lm_head(hidden states) (Gemma 2, Cohere, Granite).
+LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass(frozen=True)
 class LoadedEncoder:
     part: EncoderPart
     config: transformers.PretrainedConfig
-    model_class: str      # the transformers class the script builds (SiglipVisionModel)
+    model_class: str      # the transformers class the script builds, a path under transformers (SiglipVisionModel,
+                          # models.whisper.modeling_whisper.WhisperEncoder)
     hidden_size: int
 
 
@@ -44,6 +55,7 @@ class LoadedParts:
     encoders: tuple[LoadedEncoder, ...]
     foundation_config: transformers.PretrainedConfig
     foundation_class: str
+    decoders: tuple[DecoderPart, ...] = ()
 
     def config_dict(self) -> dict[str, Any]:
         """generated/<name>/config.json: every part's config, by module path."""
@@ -58,13 +70,30 @@ class LoadedParts:
             "encoders": [{"modality": e.part.modality, "module": encoder_path(e.part.modality),
                           "class": e.model_class, "config_class": type(e.config).__name__,
                           "projector": e.part.projector, "in_features": e.hidden_size, "out_features": hidden,
-                          "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable}
+                          "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable,
+                          "parallel": _pins(spec, e.part.parallel)}
                          for e in self.encoders],
             "foundation": {"module": FOUNDATION_PATH, "class": self.foundation_class,
                            "config_class": type(self.foundation_config).__name__,
-                           "trainable": spec.model.parts.foundation.trainable},
-            "decoders": [d.model_dump(mode="json") for d in spec.model.parts.decoders],
+                           "trainable": spec.model.parts.foundation.trainable,
+                           "parallel": _pins(spec, spec.model.parts.foundation.parallel)},
+            "decoders": [{**d.model_dump(mode="json"), "hidden_size": hidden,
+                          "module": "foundation.lm_head" if d.kind == "lm_head" else decoder_path(d.modality)}
+                         for d in spec.model.parts.decoders],
         }
+
+    @property
+    def codebook_decoders(self) -> tuple[DecoderPart, ...]:
+        return tuple(d for d in self.decoders if d.kind == "codebook_head")
+
+
+def _pins(spec: Spec, parallel) -> dict[str, str | None]:
+    """What the spec fixes of a part's plan, by the key that fixes it (None: the planner's to choose); --explain
+    names them."""
+    ac = ("the part's parallel.activation_checkpointing" if parallel.activation_checkpointing != "auto" else
+          "parallel.activation_checkpointing" if spec.parallel.activation_checkpointing != "auto" else None)
+    return {"placement": "the part's parallel.placement" if parallel.placement != "auto" else None,
+            "activation_checkpointing": ac}
 
 
 def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConfig:
@@ -84,16 +113,22 @@ def _read_config(spec: Spec, path: str, key: str) -> transformers.PretrainedConf
 
 def _encoder(spec: Spec, index: int, part: EncoderPart) -> LoadedEncoder:
     key = f"model.parts.encoders[{index}]"
-    if part.modality == "audio":
-        raise SpecError(f"{spec.source}: key '{key}.modality': audio encoder parts are not built yet "
-                        "(image encoders are: SigLIP or CLIP vision)")
     config = _read_config(spec, part.config, f"{key}.config")
     config.dtype = torch.float32
-    if config.model_type not in IMAGE_ENCODERS:
+    supported = ENCODERS[part.modality]
+    if config.model_type not in supported:
         raise SpecError(f"{spec.source}: key '{key}.config': {type(config).__name__} ({config.model_type!r}) is not "
-                        f"an image encoder omnigen can feed; supported: {', '.join(IMAGE_ENCODERS)}")
-    model_class = transformers.MODEL_MAPPING[type(config)].__name__
+                        f"an {part.modality} encoder omnigen can feed; supported: {', '.join(supported)}")
+    model_class = ENCODER_CLASSES.get(config.model_type) or transformers.MODEL_MAPPING[type(config)].__name__
     return LoadedEncoder(part, config, model_class, config.hidden_size)
+
+
+def transformers_class(path: str) -> type:
+    """A class by its path under transformers ("SiglipVisionModel", "models.whisper.modeling_whisper.WhisperEncoder")."""
+    node: Any = transformers
+    for name in path.split("."):
+        node = getattr(node, name)
+    return node
 
 
 def _foundation_class(spec: Spec, config: transformers.PretrainedConfig) -> str:
@@ -122,19 +157,26 @@ def load_parts(spec: Spec) -> LoadedParts:
             raise SpecError(f"{spec.source}: key 'model.parts.encoders[{i}].placeholder_token_id': "
                             f"{e.placeholder_token_id} is outside the foundation's vocabulary [0, {vocab})")
     for i, d in enumerate(parts.decoders):
-        if d.modality != "text":
-            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}].modality': {d.modality} decoders are not "
-                            "built yet; the text decoder (the foundation's lm_head) is")
-        if d.kind != "lm_head" or d.loss_weight != 1.0:
-            raise SpecError(f"{spec.source}: key 'model.parts.decoders[{i}]': the text decoder is the foundation's "
-                            "lm_head (kind: lm_head) and, as the only decoder, has loss_weight 1.0")
+        key = f"{spec.source}: key 'model.parts.decoders[{i}]"
+        if d.modality == "audio_codec":
+            raise SpecError(f"{key}.modality': audio_codec decoders are not built yet; text (the foundation's "
+                            "lm_head) and image_tokens (a codebook head) are")
+        if d.placeholder_token_id is not None and d.placeholder_token_id >= vocab:
+            raise SpecError(f"{key}.placeholder_token_id': {d.placeholder_token_id} is outside the foundation's "
+                            f"vocabulary [0, {vocab})")
+    text = foundation.get_text_config()
+    scaled = [k for k in LOGIT_SCALING if getattr(text, k, None) not in (None, 1, 1.0)]
+    if scaled and any(d.kind == "codebook_head" for d in parts.decoders):
+        raise SpecError(f"{spec.source}: key 'model.parts.foundation.config': {', '.join(scaled)} set: this "
+                        "foundation's forward changes its logits after lm_head, and a codebook decoder reads the "
+                        "hidden states beside it; foundations without logit scaling are supported")
     for key, part in [*((f"model.parts.encoders[{i}]", e) for i, e in enumerate(parts.encoders)),
                       ("model.parts.foundation", parts.foundation)]:
         if part.weights is not None:
             raise SpecError(f"{spec.source}: key '{key}.weights': per-part weights are not loaded yet; "
                             "parts start from random init (train.seed)")
     encoders = tuple(_encoder(spec, i, e) for i, e in enumerate(parts.encoders))
-    return LoadedParts(encoders, foundation, cls)
+    return LoadedParts(encoders, foundation, cls, parts.decoders)
 
 
 # --- the composed model (the script's OmniModel, built here on the meta device for the analyzer) ----------------
@@ -145,15 +187,27 @@ def projector(kind: str, in_features: int, out_features: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
 
 
+class CodebookDecoder(nn.Module):
+    """A decoder of discrete tokens (a VQ codebook): head predicts them from the foundation's hidden states, embed
+    feeds them back as the foundation's input at their positions."""
+
+    def __init__(self, codebook_size: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(codebook_size, hidden)
+        self.head = nn.Linear(hidden, codebook_size, bias=False)
+
+
 class OmniModel(nn.Module):
     def __init__(self, parts: LoadedParts):
         super().__init__()
         hidden = parts.foundation_config.get_text_config().hidden_size
-        self.encoders = nn.ModuleDict({e.part.modality: getattr(transformers, e.model_class)._from_config(e.config)
+        self.encoders = nn.ModuleDict({e.part.modality: transformers_class(e.model_class)._from_config(e.config)
                                        for e in parts.encoders})
         self.projectors = nn.ModuleDict({e.part.modality: projector(e.part.projector, e.hidden_size, hidden)
                                          for e in parts.encoders})
         self.foundation = getattr(transformers, parts.foundation_class)._from_config(parts.foundation_config)
+        self.decoders = nn.ModuleDict({d.modality: CodebookDecoder(d.codebook_size, hidden)
+                                       for d in parts.codebook_decoders})
 
     def get_input_embeddings(self):
         return self.foundation.get_input_embeddings()
@@ -170,10 +224,11 @@ def build_meta(parts: LoadedParts) -> OmniModel:
             raise SpecError(f"cannot build the composed model from its parts: {type(e).__name__}: {e}") from None
 
 
-def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, pixel_shape: list[int]) -> int:
-    """Output positions per item of an encoder, from a meta-device forward (no memory): what its projector places."""
+def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, item_shape: list[int]) -> int:
+    """Output positions per item of an encoder, from a meta-device forward (no memory): what its projector places.
+    item_shape: its input for one item (pixel_values, input_features), passed first as the script does."""
     with torch.device("meta"), torch.no_grad():
-        out = model.encoders[encoder.part.modality](pixel_values=torch.zeros(pixel_shape))
+        out = model.encoders[encoder.part.modality](torch.zeros(item_shape))
     return int(out.last_hidden_state.shape[1])
 
 
@@ -181,14 +236,15 @@ def part_roles(parts: LoadedParts) -> dict[str, str]:
     """Roles by module path: the analyzer reads the composed model's parts from the spec, not from module names."""
     roles = {encoder_path(e.part.modality): f"encoder:{'vision' if e.part.modality == 'image' else 'audio'}"
              for e in parts.encoders}
-    return {**roles, "projectors": "projector"}
+    return {**roles, "projectors": "projector", "decoders": "decoder"}
 
 
 def analyze_composite(spec: Spec, parts: LoadedParts):
     from .analyze import analyze_model
     model = build_meta(parts)
     graph = analyze_model(model, parts.foundation_config, COMPOSITE_CLASS, part_roles(parts))
-    kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type])
+    kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type,
+                        *(f"{d.modality} head" for d in parts.codebook_decoders)])
     # The placeholder scatter happens before the foundation sees the sequence; Ulysses for composed models is not built.
     return replace(graph, model_type=f"parts: {kinds}",
                    attention_refused="the placeholder scatter of a model composed from parts (model.parts; not built "

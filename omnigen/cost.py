@@ -125,7 +125,7 @@ def replicate_link(mesh: Mesh, procs_per_node: int, hw: HardwareProfile) -> Link
 
 # --- the model ---------------------------------------------------------------------------------------------
 
-SEQUENCE_SPLIT_ROLES = ("foundation", "head")  # encoders and projectors run replicated across an SP group
+SEQUENCE_SPLIT_ROLES = ("foundation", "head", "decoder")  # encoders and projectors run replicated across an SP group
 
 
 def sp_share(role: str, mesh: Mesh) -> float:

@@ -77,7 +77,9 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         # A composed model runs every part on every rank itself (OmniModel.place), so needs no IdleTowers.
         "idle_towers": multimodal and parallel and plan.parts is None,
         "router_aux": context["router_aux"] is not None,
-        "model": True, "composite_model": plan.parts is not None, "activation_checkpointing": True,
+        "model": True, "composite_model": plan.parts is not None,
+        "codebook_decoders": plan.parts is not None and any(d["kind"] == "codebook_head" for d in plan.parts["decoders"]),
+        "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
         "loss": True, "chunked_loss": plan.train.get("loss_chunk_tokens", 0) > 0, "optimizer": True, "dumps": True,
         "checkpoints": True, "guards": True, "loop": True, "main": True,

@@ -447,6 +447,13 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
 
 # --- models composed from parts (omnigen/compose.py) ----------------------------------------------------------
 
+def _check_tokens_per_item(encoder: Any, tokens: int, item: str, source: str) -> None:
+    if encoder.part.tokens_per_item not in (None, tokens):
+        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
+                        f"{encoder.part.tokens_per_item}, but {encoder.model_class.rpartition('.')[2]} puts out "
+                        f"{tokens} positions per {item} (the projector places each as one token)")
+
+
 def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
     """SigLIP / CLIP vision encoders: pixel_values of whole crops [images, channels, image_size, image_size]; every
     output position of the encoder becomes one LLM token (the projector keeps the sequence length)."""
@@ -454,18 +461,39 @@ def _whole_crop_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[
     size = _side(encoder.config.image_size)
     shape = [1, getattr(encoder.config, "num_channels", 3), size, size]
     tokens = encoder_tokens(model, encoder, shape)
-    if encoder.part.tokens_per_item not in (None, tokens):
-        raise SpecError(f"{source}: key 'model.parts.encoders' ({encoder.part.modality}): tokens_per_item="
-                        f"{encoder.part.tokens_per_item}, "
-                        f"but {encoder.model_class} puts out {tokens} positions per {size}x{size} image (the "
-                        "projector places each as one token)")
+    _check_tokens_per_item(encoder, tokens, f"{size}x{size} image", source)
     return {"layout": "crops", "image_size": [size, size], "pixel_values_shape": shape, "concat_dim": 0,
             "item_kwargs": ["pixel_values"], "image_sizes": None, "pixel_attention_mask": False,
             "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
 
 
+def _whisper_window_part(encoder: Any, model: torch.nn.Module, source: str) -> dict[str, Any]:
+    """Whisper encoders: input_features of a fixed window, 2 x max_source_positions log-mel frames per clip
+    [clips, num_mel_bins, frames] (WhisperEncoder refuses any other length), every frame real; its conv stem halves
+    the frames and every output position becomes one LLM token."""
+    from .compose import encoder_tokens
+    config = encoder.config
+    window = 2 * config.max_source_positions
+    shape = [1, config.num_mel_bins, window]
+    tokens = encoder_tokens(model, encoder, shape)
+    _check_tokens_per_item(encoder, tokens, f"clip of {window} frames", source)
+    return {"num_mel_bins": config.num_mel_bins, "num_frames": window, "window_frames": window,
+            "input_features_shape": shape, "item_kwargs": ["input_features"], "concat_dim": 0,
+            "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
+
+
 # Input families of encoder parts, keyed by the encoder config's model_type.
-PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part}
+PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _whole_crop_part,
+                 "whisper": _whisper_window_part}
+
+
+def _codebook_output(decoder: Any, every: int) -> dict[str, Any]:
+    """A generated item of a codebook decoder (image_tokens): tokens_per_item placeholder positions that end the
+    sample, whose inputs are codebook embeddings of random codes (batch key <modality>) and whose next-token targets
+    are those codes (batch key <modality>_labels), predicted by the decoder's head."""
+    return {"token_id": decoder.placeholder_token_id, "codebook_size": decoder.codebook_size,
+            "llm_tokens_per_item": decoder.tokens_per_item, "every": every,
+            "labels_key": f"{decoder.modality}_labels"}
 
 
 def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
@@ -482,21 +510,22 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
         modalities[encoder.part.modality] = {**item, "token_id": encoder.part.placeholder_token_id,
                                              "start_token_id": None, "end_token_id": None, "wrapper_tokens": 0,
                                              "every": (every or {}).get(encoder.part.modality, 1)}
-    min_seq_len = sum(m["llm_tokens_per_item"] for m in modalities.values()) + MIN_TEXT_TOKENS
+    outputs = {d.modality: _codebook_output(d, (every or {}).get(d.modality, 1)) for d in parts.codebook_decoders}
+    min_seq_len = sum(m["llm_tokens_per_item"] for m in [*modalities.values(), *outputs.values()]) + MIN_TEXT_TOKENS
     if seq_len < min_seq_len:
         raise SpecError(f"train.seq_len={seq_len} is too short for the composed model: a sample needs {min_seq_len} "
                         f"tokens; use seq_len >= {min_seq_len}")
     text = _text_range(parts.foundation_config)
-    placeholders = sorted(m["token_id"] for m in modalities.values())
+    placeholders = sorted(m["token_id"] for m in [*modalities.values(), *outputs.values()])
     # Text tokens stay below every placeholder (they sit at the top of the vocabulary in the example specs).
     low_ones = [p for p in placeholders if p < text["vocab_size"] // 2]
     if low_ones:
         raise SpecError(f"placeholder_token_id {low_ones[0]} is in the lower half of the foundation's vocabulary; "
                         "omnigen's synthetic text draws from below the placeholders: use ids near the top")
     text["token_high"] = min([text["token_high"], *placeholders])
-    kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]}
+    kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]} | set(outputs)
     return _sorted({
         "class_name": COMPOSITE_CLASS, "seq_len": seq_len, "min_seq_len": min_seq_len,
-        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities,
+        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities, **outputs,
         "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders,
     })

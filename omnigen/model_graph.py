@@ -13,7 +13,8 @@ from typing import Any
 
 # "root": a wrapper's own parameters (LLaVA-OneVision's image_newline, learned queries, registers) held by a module
 # that is neither inside a tower nor inside the language model; they join the root FSDP unit with the embeddings.
-ROLES = ("encoder:vision", "encoder:audio", "projector", "foundation", "head", "root")
+# "decoder": the codebook decoders of a model composed from parts (omnigen/compose.py), heads on the foundation.
+ROLES = ("encoder:vision", "encoder:audio", "projector", "foundation", "head", "decoder", "root")
 KINDS = ("layer", "embedding", "attention", "mlp", "moe", "norm", "head", "other")
 
 

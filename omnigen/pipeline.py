@@ -66,6 +66,10 @@ def plan_composite(spec: Spec) -> Compiled:
         raise SpecError(f"{spec.source}: key 'train.packing': models composed from parts are not packed yet "
                         "(use packing: false)")
     parts = compose.load_parts(spec)
+    if parts.codebook_decoders and data_format(spec) is not None:
+        raise SpecError(f"{spec.source}: key 'train.data': a model with a {parts.codebook_decoders[0].modality} decoder "
+                        "trains on synthetic samples for now (train.data: synthetic); jsonl rows and token shards "
+                        "hold text only")
     graph = compose.analyze_composite(spec, parts)
     vocab_size = parts.foundation_config.get_text_config().vocab_size
     if data_format(spec) == "jsonl":
@@ -73,7 +77,8 @@ def plan_composite(spec: Spec) -> Compiled:
     elif data_format(spec) == "token_shards":
         t = spec.train
         check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
-    every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every}
+    synthetic = spec.train.synthetic
+    every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
                               spec.source)
     the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec))

@@ -499,7 +499,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         cluster={"nodes": spec.cluster.nodes, "procs_per_node": spec.cluster.procs_per_node,
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
                  "hardware_measured_on": hw.measured_on},
-        train={**spec.train.model_dump(mode="json"), "grad_accum": grad_accum(spec, mesh.dp, mesh.sp),
+        train={**spec.to_dict()["train"], "grad_accum": grad_accum(spec, mesh.dp, mesh.sp),
                "loss_chunk_tokens": best.loss_chunk_tokens,
                **({"packed_row_tokens": packed_row_tokens(spec, mesh.sp)} if spec.train.packing else {})},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
@@ -650,6 +650,36 @@ def hardware_provenance(plan: Plan) -> str:
     return provenance(c["hardware"], c.get("hardware_measured_on", ""), c["device"])
 
 
+def parts_explain(plan: Plan) -> list[str]:
+    """A model composed from parts: why each part got its placement, part by part. A part's layer groups were
+    placed by the spec (the part's parallel block) or chosen by the planner, with what the nearest other choice
+    would cost; its other modules (embeddings, norms, projectors, heads) are in the root unit."""
+    parts = plan.parts
+    named = [(e["module"], f"{e['modality']} encoder {e['class'].rpartition('.')[2]}", e) for e in parts["encoders"]]
+    named.append((parts["foundation"]["module"], parts["foundation"]["class"], parts["foundation"]))
+    root = f"FSDP over {'+'.join(plan.root['shard_dims'])}" if plan.world_size > 1 else "one process"
+    lines = ["per part (model.parts):"]
+    for module, title, part in named:
+        groups = [g for g in plan.groups if under(g.name, (module,))]
+        pinned = part["parallel"]
+        lines.append(f"  {module} ({title}{'' if part['trainable'] else ', frozen: no gradients, no optimizer state'})")
+        for g in groups:
+            place = "replicated" if g.replicate else \
+                f"FSDP over {'+'.join(g.shard_dims)}, {'resharded' if g.reshard_after_forward else 'unsharded'} after forward"
+            place_by = pinned["placement"] if plan.world_size > 1 else None
+            ac_by = pinned["activation_checkpointing"]
+            experts = f", experts over ep={g.ep} (parallel.ep)" if g.ep > 1 else ""
+            lines.append(f"    {g.name}: {place}{experts}, set by {place_by or 'the planner'}"
+                         + (f"; nearest other: {g.why_placement}" if g.why_placement else ""))
+            lines.append(f"    {g.name}: ac={g.activation_checkpointing}, set by {ac_by or 'the planner'}"
+                         + (f"; nearest other: {g.why_checkpointing}" if g.why_checkpointing else ""))
+    heads = [e.get("module").replace("encoders.", "projectors.") for e in parts["encoders"]]
+    heads += [d["module"] for d in parts["decoders"]]
+    lines.append(f"  {', '.join(heads)}: in the root unit ({root}) with the embeddings and norms: single modules, "
+                 "no layer list to place on their own")
+    return lines
+
+
 def format_explain(plan: Plan, alternatives: bool = True, here: str = "") -> str:
     """The plan in words; `here` (machine.describe) is the same layout priced on this machine, under the
     prediction's profile."""
@@ -671,6 +701,8 @@ def format_explain(plan: Plan, alternatives: bool = True, here: str = "") -> str
     chunk = plan.train.get("loss_chunk_tokens", 0)
     lines.append(f"  loss: cross entropy in chunks of {chunk:,} tokens per rank, the LM head recomputed in backward"
                  if chunk else "  loss: cross entropy over each rank's whole sequence at once")
+    if plan.parts is not None:
+        lines += parts_explain(plan)
     local = (plan.sequence_parallel or {}).get("local_attention")
     if local:
         counts = {kind: local["layers"].count(kind) for kind in dict.fromkeys(local["layers"])}

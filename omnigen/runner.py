@@ -311,8 +311,9 @@ def compare(ref: Run, par: Run, steps: int, tol: Tolerances) -> list[Check]:
     final - initial (what every optimizer step did: judged per tensor, since AdamW turns rounding noise on
     near-zero gradients into +-lr steps of single weights)."""
     def worst(first, last):
+        # each decoder's own loss too (loss_<modality>: a model composed from parts with several decoders)
         rels = [relative(p[key], r[key]) for r, p in zip(ref.metrics[first:last], par.metrics[first:last])
-                for key in ("loss", "grad_norm")]
+                for key in ("loss", "grad_norm", *(k for k in r if k.startswith("loss_") and k in p))]
         return max((math.inf if math.isnan(x) else x for x in rels), default=0.0)
 
     checks = [Check("step-0 loss, grad norm", worst(0, 1), tol.first_step),

@@ -57,10 +57,35 @@ class FoundationPart(_Strict):
 
 
 class DecoderPart(_Strict):
-    """An output head on the foundation's hidden states, and its weight in the objective."""
+    """An output head on the foundation's hidden states, and its weight in the objective.
+
+    text: the foundation's own lm_head. image_tokens: a codebook head (Janus/Emu3/Chameleon style), the foundation
+    predicts the discrete tokens of a VQ image tokenizer at the positions of an image being generated; the codebook
+    embeddings are fed back as the input at those positions."""
     modality: Literal["text", "image_tokens", "audio_codec"]
-    kind: Literal["lm_head", "codebook_head"] = "lm_head"
+    kind: Literal["lm_head", "codebook_head"] | None = None   # default: lm_head for text, codebook_head otherwise
     loss_weight: FiniteFloat = Field(1.0, gt=0.0)
+    codebook_size: PositiveInt | None = None      # codebook_head: entries of the VQ codebook (its head's outputs)
+    placeholder_token_id: int | None = Field(None, ge=0)  # codebook_head: the foundation's token id at its positions
+    tokens_per_item: PositiveInt | None = None    # codebook_head: codebook tokens per generated image
+
+    @model_validator(mode="after")
+    def _kind_of_modality(self) -> "DecoderPart":
+        natural = "lm_head" if self.modality == "text" else "codebook_head"
+        if self.kind is None:
+            object.__setattr__(self, "kind", natural)
+        elif self.kind != natural:
+            raise ValueError(f"the {self.modality} decoder is a {natural} (got kind: {self.kind})")
+        given = [k for k in CODEBOOK_KEYS if getattr(self, k) is not None]
+        if natural == "lm_head" and given:
+            raise ValueError(f"{', '.join(given)}: the text decoder is the foundation's lm_head, sized by its config")
+        missing = [k for k in CODEBOOK_KEYS if getattr(self, k) is None]
+        if natural == "codebook_head" and missing:
+            raise ValueError(f"the {self.modality} decoder needs {', '.join(missing)}")
+        return self
+
+
+CODEBOOK_KEYS = ("codebook_size", "placeholder_token_id", "tokens_per_item")
 
 
 class PartsSpec(_Strict):
@@ -78,8 +103,15 @@ class PartsSpec(_Strict):
         ids = [e.placeholder_token_id for e in self.encoders]
         if len(set(ids)) != len(ids):
             raise ValueError("two encoders share a placeholder_token_id: each modality needs its own")
-        if [d.modality for d in self.decoders].count("text") != 1:
+        outputs = [d.modality for d in self.decoders]
+        if outputs.count("text") != 1:
             raise ValueError("decoders: exactly one text decoder (the foundation's lm_head) is needed")
+        twice = sorted({m for m in outputs if outputs.count(m) > 1})
+        if twice:
+            raise ValueError(f"two decoders for {', '.join(twice)}: one decoder per modality")
+        ids += [d.placeholder_token_id for d in self.decoders if d.placeholder_token_id is not None]
+        if len(set(ids)) != len(ids):
+            raise ValueError("an encoder and a decoder share a placeholder_token_id: each modality needs its own")
         return self
 
 
@@ -89,6 +121,11 @@ def encoder_path(modality: str) -> str:
 
 
 FOUNDATION_PATH = "foundation"
+
+
+def decoder_path(modality: str) -> str:
+    """A codebook decoder's module (its head and its codebook embedding); the text decoder is foundation.lm_head."""
+    return f"decoders.{modality}"
 
 
 class ModelSpec(_Strict):
@@ -141,11 +178,13 @@ class ClusterSpec(_Strict):
 
 
 class SyntheticSpec(_Strict):
-    """Synthetic data: sample i carries an image iff i % image_every == 0 (likewise audio, and video where
-    video_every > 0: videos are made only when asked for, for patch-grid vision towers)."""
+    """Synthetic data: sample i carries an image iff i % image_every == 0 (likewise audio, image-token outputs for a
+    model with an image_tokens decoder, and video where video_every > 0: videos are made only when asked for, for
+    patch-grid vision towers)."""
     image_every: PositiveInt = 1
     audio_every: PositiveInt = 1
     video_every: Annotated[int, Field(ge=0)] = 0
+    image_tokens_every: PositiveInt = 1  # sample i ends in an image to generate iff i % image_tokens_every == 0
 
 
 class TrainSpec(_Strict):
@@ -264,6 +303,8 @@ class Spec(_Strict):
         raw = self.model_dump(mode="json", by_alias=True)
         if raw["model"]["parts"] is None:  # a whole-model spec reads (and hashes) as it did before parts existed
             del raw["model"]["parts"]
+        if raw["train"]["synthetic"]["image_tokens_every"] == 1:  # likewise for specs without image outputs
+            del raw["train"]["synthetic"]["image_tokens_every"]
         return raw
 
 

@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "specs" / "models"
 SPEC = ROOT / "specs" / "siglip_qwen3_moe_tiny_parts.yaml"
 SPEC_EP = ROOT / "specs" / "siglip_qwen3_moe_tiny_parts_ep2.yaml"
+SPEC_OMNI = ROOT / "specs" / "siglip_whisper_qwen3_moe_tiny_omni_ep2.yaml"
+
+
+IMAGE_TOKENS = {"modality": "image_tokens", "codebook_size": 256, "placeholder_token_id": 1001, "tokens_per_item": 8}
 
 
 def parts(**changes) -> dict:
@@ -57,7 +61,15 @@ def test_trainable_false_and_part_parallel_map_onto_freeze_and_placement():
     ({"parts": parts(encoder_parallel={"placement": "sharded"})}, "model.parts.encoders.0.parallel.placement"),
     ({"parts": parts(encoder_parallel={"place": "fsdp"})}, "did you mean 'placement'?"),
     ({"parts": parts(encoder_config="nowhere")}, "key 'model.parts.encoders[0].config': no config.json"),
-    ({"parts": parts(decoders=[{"modality": "image_tokens"}])}, "exactly one text decoder"),
+    ({"parts": parts(decoders=[IMAGE_TOKENS])}, "exactly one text decoder"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {"modality": "image_tokens"}])},
+     "needs codebook_size, placeholder_token_id, tokens_per_item"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "kind": "lm_head"}])},
+     "the image_tokens decoder is a codebook_head"),
+    ({"parts": parts(decoders=[{"modality": "text", "codebook_size": 8}])}, "the text decoder is the foundation's"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "placeholder_token_id": 1000}])},
+     "an encoder and a decoder share a placeholder_token_id"),
+    ({"parts": parts(decoders=[{"modality": "text"}, IMAGE_TOKENS, IMAGE_TOKENS])}, "one decoder per modality"),
     ({"parts": parts(encoders=[parts()["encoders"][0]] * 2)}, "one encoder per modality"),
     ({"parts": parts(), "config": str(MODELS / "llama_tiny")}, "with parts, config belong(s) to each part"),
     ({}, "give either config (one HF model) or parts"),
@@ -69,14 +81,15 @@ def test_bad_part_specs_are_refused_by_key(tmp_path, model, expected):
 @pytest.mark.parametrize("model, expected", [
     ({"parts": parts(encoder_placeholder_token_id=4096)}, "outside the foundation's vocabulary [0, 1024)"),
     ({"parts": parts(encoder_config=str(MODELS / "llama_tiny"))}, "is not an image encoder omnigen can feed"),
-    ({"parts": parts(encoder_modality="audio")}, "audio encoder parts are not built yet"),
-    ({"parts": parts(decoders=[{"modality": "text"}, {"modality": "image_tokens"}])},
-     "image_tokens decoders are not built yet"),
-    ({"parts": parts(decoders=[{"modality": "text", "loss_weight": 0.5}])}, "loss_weight 1.0"),
+    ({"parts": parts(encoder_modality="audio")}, "is not an audio encoder omnigen can feed; supported: whisper"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "modality": "audio_codec"}])},
+     "audio_codec decoders are not built yet"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "placeholder_token_id": 5000}])},
+     "decoders[1].placeholder_token_id': 5000 is outside the foundation's vocabulary"),
     ({"parts": parts(foundation={"config": str(MODELS / "qwen3_moe_tiny"), "class": "Qwen2VLModel"})},
      "is not a causal LM taking inputs_embeds"),
     ({"parts": parts(encoder_tokens_per_item=9)}, "tokens_per_item=9, but SiglipVisionModel puts out 16"),
-], ids=["vocab", "not-an-encoder", "audio", "image-tokens", "loss-weight", "foundation-class", "tokens"])
+], ids=["vocab", "not-an-encoder", "audio", "audio-codec", "decoder-vocab", "foundation-class", "tokens"])
 def test_parts_transformers_cannot_serve_are_refused_at_compile(tmp_path, model, expected):
     assert expected in error_of(tmp_path, model, {"train": {"seq_len": 64}})
 
@@ -154,3 +167,121 @@ def test_verify_frozen_replicated_encoder_and_ep2_foundation(tmp_path):
     encoder runs a blank item on those micro-batches), against one process."""
     from omnigen import runner
     assert runner.verify(load_spec(SPEC_EP), steps=2, workdir=str(tmp_path)) == 0
+
+
+# --- decoders that generate: the image-token head ------------------------------------------------------------
+
+def image_token_spec(tmp_path, **train) -> Path:
+    path = tmp_path / "image_tokens.yaml"
+    body = parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "loss_weight": 0.5}])
+    path.write_text(yaml.safe_dump({
+        "name": "image_tokens", "model": {"parts": body},
+        "train": {"seq_len": 64, "global_batch_size": 4, "steps": 2, "synthetic": {"image_tokens_every": 2}, **train},
+        "parallel": {"dp_shard": 2}}))
+    return path
+
+
+def test_image_token_head_samples_forward_and_weighted_objective(tmp_path):
+    """The script's samples end in an image to generate (placeholders whose inputs are codebook embeddings and whose
+    targets are the codes, one position early); the head's loss is logged on its own; the objective is the
+    weighted sum, each decoder's cross entropy over its own label count."""
+    import importlib.util
+
+    import torch
+
+    from omnigen.emit import write
+    from omnigen.pipeline import plan, render
+    compiled = plan(load_spec(image_token_spec(tmp_path)))
+    write(render(compiled, tmp_path / "out"), tmp_path / "out")
+    assert [g.role for g in compiled.graph.groups] == ["encoder:vision", "foundation"]
+    assert {b.name: b.role for b in compiled.graph.blocks if b.parent is None}["decoders"] == "decoder"
+    module_spec = importlib.util.spec_from_file_location("image_tokens_train", tmp_path / "out" / "train.py")
+    script = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(script)
+    with_image, without = script.make_sample(0, 64, 0), script.make_sample(1, 64, 0)
+    at = with_image["input_ids"] == 1001
+    assert at[-8:].all() and int(at.sum()) == 8 and not (without["input_ids"] == 1001).any()
+    codes, labels = with_image["image_tokens"], with_image["image_tokens_labels"]
+    assert torch.equal(labels[-9:-1], codes[-8:]) and (labels[:-9] == -100).all() and labels[-1] == -100
+    assert (with_image["shift_labels"][-9:-1] == -100).all()  # the text head never predicts a placeholder
+    assert (without["image_tokens_labels"] == -100).all()
+
+    model = script.build_model()
+    batches = [script.collate([script.make_sample(i, 64, 0)]) for i in range(2)]
+    script.count_decoder_labels(batches, torch.device("cpu"))  # one process: the all-reduce is the identity
+    assert [b["image_tokens_label_count"] for b in batches] == [8.0, 8.0]
+    text_count = sum(int((b["shift_labels"] != -100).sum()) for b in batches)
+    batch = dict(batches[0])
+    with torch.no_grad():
+        output, loss, terms = script.prediction_loss(model, dict(batch), text_count)
+    assert output.logits.shape == (1, 64, 1024) and output.decoder_logits["image_tokens"].shape == (1, 64, 256)
+    assert torch.allclose(loss, terms["loss_text"] + 0.5 * terms["loss_image_tokens"])
+    expected = torch.nn.functional.cross_entropy(output.decoder_logits["image_tokens"][0], batch["image_tokens_labels"][0],
+                                                 ignore_index=-100, reduction="sum") / 8
+    assert torch.allclose(terms["loss_image_tokens"], expected)
+
+
+def test_image_token_head_needs_synthetic_data(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"input_ids": [5, 6, 7]}\n')
+    with pytest.raises(OmnigenError, match="trains on synthetic samples for now"):
+        from omnigen.pipeline import plan
+        plan(load_spec(image_token_spec(tmp_path, data=str(rows))))
+
+
+# --- the audio encoder part, and the whole any-to-any example on 4 ranks ----------------------------------------
+
+def test_whisper_encoder_part_takes_its_fixed_mel_window(tmp_path):
+    """WhisperEncoder (not exported at transformers' top level) from a WhisperConfig: a clip is its fixed window of
+    2 x max_source_positions frames, and each of its max_source_positions outputs is one placeholder; the script
+    builds what omnigen's twin builds, and places the clip's features."""
+    import importlib.util
+
+    import torch
+
+    from omnigen.compose import build_meta, load_parts
+    from omnigen.emit import write
+    from omnigen.pipeline import plan, render
+    compiled = plan(load_spec(SPEC_OMNI))
+    audio = compiled.plan.inputs["audio"]
+    assert audio["input_features_shape"] == [1, 16, 16] and audio["llm_tokens_per_item"] == 8
+    assert audio["item_kwargs"] == ["input_features"] and audio["token_id"] == 1002
+    assert {g.name: g.role for g in compiled.graph.groups}["encoders.audio.layers"] == "encoder:audio"
+    write(render(compiled, tmp_path), tmp_path)
+    module_spec = importlib.util.spec_from_file_location("omni_train", tmp_path / "train.py")
+    script = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(script)
+    model = script.build_model()
+    twin = build_meta(load_parts(compiled.spec))
+    assert type(model.encoders["audio"]).__name__ == "WhisperEncoder"
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == \
+           {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    batch = script.collate([script.make_sample(0, 64, 0)])  # sample 0 carries an image, a clip and an image to make
+    assert int((batch["input_ids"] == 1002).sum()) == 8 and tuple(batch["input_features"].shape) == (1, 16, 16)
+    labels = {k: batch.pop(k) for k in ("shift_labels", "image_tokens_labels")}
+    with torch.no_grad():
+        heard = model(**batch).logits
+        deaf = model(**{k: v for k, v in batch.items() if k != "input_features"}).logits
+    assert not torch.allclose(heard, deaf) and (labels["image_tokens_labels"] != -100).sum() == 16
+
+
+def test_verify_any_to_any_on_4_ranks(tmp_path):
+    """The issue's proof: SigLIP (frozen, replicated) + Whisper + Qwen3-MoE (FSDP over 4 ranks, ep=2) with a text
+    head and an image-token head, against one process; the per-decoder losses agree too (verify compares loss_*)."""
+    from omnigen import runner
+    assert runner.verify(load_spec(SPEC_OMNI), steps=2, workdir=str(tmp_path)) == 0
+
+
+def test_explain_names_each_part_and_who_set_its_placement():
+    from omnigen.pipeline import plan
+    from omnigen.plan import format_explain
+    text = format_explain(plan(load_spec(SPEC_OMNI)).plan, alternatives=False)
+    per_part = text[text.index("per part (model.parts):"):].splitlines()
+    assert per_part[1].startswith("  encoders.image (image encoder SiglipVisionModel, frozen")
+    assert per_part[2].startswith("    encoders.image.encoder.layers: replicated, set by the part's parallel.placement; "
+                                  "nearest other: FSDP would take")
+    assert "  encoders.audio (audio encoder WhisperEncoder)" in per_part
+    assert any(line.startswith("    encoders.audio.layers: FSDP over dp_shard") and "set by the planner" in line
+               for line in per_part)
+    assert any("experts over ep=2 (parallel.ep), set by the part's parallel.placement" in line for line in per_part)
+    assert any("decoders.image_tokens" in line and "in the root unit" in line for line in per_part)

@@ -29,16 +29,16 @@ CASES = {  # name: (spec, --set overrides)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{case: (compiled folder, checkpoint folder, the run's final params)}. The dense case saves into a step folder
-    of a run folder, next to a newer step folder whose save never finished (no .metadata)."""
+    """{case: (compiled folder, checkpoint folder, the run's final params)}. Each run saves step_00000002 into its
+    --checkpoint-dir; the dense run's gets a newer step folder whose save never finished (no .metadata) beside it."""
     root = tmp_path_factory.mktemp("export_runs")
     found = {}
     for case, (name, sets) in CASES.items():
         spec = load_spec(ROOT / "specs" / f"{name}.yaml", sets)
         compiled, final = root / case, root / f"{case}_final.pt"
         runner.compile_to(spec, compiled)
-        checkpoint = root / f"{case}_run" / "step_00000002" if case == "dense_tied" else root / f"{case}_checkpoint"
-        args = ["--steps", "2", "--checkpoint-dir", str(checkpoint), "--dump-params", str(final)]
+        checkpoint = root / f"{case}_run" / "step_00000002"
+        args = ["--steps", "2", "--checkpoint-dir", str(checkpoint.parent), "--dump-params", str(final)]
         assert runner.launch(spec, compiled / "train.py", args) == 0
         found[case] = compiled, checkpoint, torch.load(final, weights_only=True)
     (root / "dense_tied_run" / "step_00000003").mkdir()  # a save interrupted before .metadata
@@ -58,7 +58,8 @@ def model_class(compiled: Path):
 @pytest.mark.parametrize("case", list(CASES))
 def test_from_pretrained_gives_exactly_the_trained_parameters(case, runs, tmp_path):
     compiled, checkpoint, final = runs[case]
-    named = checkpoint.parent if case == "dense_tied" else checkpoint  # the run folder: its newest complete step
+    # the run folder (its newest complete step) for one case, the DCP step folder itself for the other
+    named = checkpoint.parent if case == "dense_tied" else checkpoint
     result = export(named, tmp_path / "hf", "--from", compiled)
     assert result.exit_code == 0, result.output
     assert f"read {checkpoint}" in result.output and "2 steps done" in result.output

@@ -125,8 +125,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
         "data_path": repr(paths.data), "weights_path": repr(paths.weights),
-        "token_shards": paths.data_format == "token_shards", "data_format": paths.data_format,
-        "chat_data": paths.data_format == "chat", "processor_path": repr(paths.processor),
+        "data_format": paths.data_format, "processor_path": repr(paths.processor),
         # where the prediction's figures come from: fitted on which machine, or uncalibrated and how to calibrate
         "hardware_provenance": hardware_provenance(plan),
     }

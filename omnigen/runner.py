@@ -76,10 +76,12 @@ def stream(lines, log: Path | None, progress: str | None, steps: int) -> None:
         for line in lines:
             if sink:
                 sink.write(line)
-            if bar is not None and line.startswith("{"):
+            if bar is None:
+                print(line, end="", flush=True)
+            elif line.startswith("{"):
                 bar.update(1)
-            elif bar is None or not STEP_LINE.match(line):
-                (bar.write(line.rstrip("\n"), file=sys.stdout) if bar is not None else print(line, end="", flush=True))
+            elif not STEP_LINE.match(line):
+                bar.write(line.rstrip("\n"), file=sys.stdout)
     if bar is not None:
         bar.close()
 

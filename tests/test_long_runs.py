@@ -24,8 +24,10 @@ STEPS = 6
 
 
 def compiled(tmp_path, *sets):
+    """The tiny Llama with attention dropout, so an exact resume needs the random draws of each step too."""
     out = tmp_path / "script"
-    runner.compile_to(load_spec(ROOT / "specs" / "llama_tiny.yaml", ["train.steps=6", *sets]), out)
+    sets = ["train.steps=6", "model.overrides.attention_dropout=0.2", *sets]
+    runner.compile_to(load_spec(ROOT / "specs" / "llama_tiny.yaml", sets), out)
     return out / "train.py"
 
 

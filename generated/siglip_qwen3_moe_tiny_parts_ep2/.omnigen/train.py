@@ -863,12 +863,19 @@ def dump_full_grads(model, path, rank):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: --checkpoint-dir DIR holds one folder per save, DIR/step_00000042 (the steps done). A save is
 # written to DIR/step_00000042.partial and renamed once every rank has written its shards, so a crash mid-write
-# never leaves a folder that looks complete. The sample order and the learning rate are functions of the step,
-# so model, optimizer and the step count are the whole state: a resumed run equals an uninterrupted one.
+# never leaves a folder that looks complete. The sample order, the learning rate and the random draws inside the
+# model (dropout) are functions of the step, so model, optimizer and the step count are the whole state: a resumed
+# run equals an uninterrupted one.
 # ---------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_EVERY = 0  # steps between saves (0: only at the end and on SIGTERM/SIGINT)
 KEEP_CHECKPOINTS = 3  # the newest this many step folders are kept
+
+
+def seed_step(step, rank):
+    """Reseed torch's generators from (SEED, step, rank) before each step: dropout draws what the uninterrupted
+    run drew at this step, with no generator state in the checkpoint. hash() of ints is the same in every run."""
+    torch.manual_seed(hash((SEED, step, rank)) & 0xFFFFFFFF)
 
 
 def step_folder(root, steps_done):
@@ -1071,6 +1078,7 @@ def train(args):
     for step in range(start_step, args.steps):
         start = time.perf_counter()
         lr = set_lr(optimizer, lr_at(step))
+        seed_step(step, rank)
         batches = step_batches(step, data, dp_rank, dp_size, device)
         label_tokens = count_label_tokens(batches, device)
         step_loss, step_terms = forward_backward(model, batches, label_tokens, device)

@@ -33,7 +33,10 @@ class TrainShape:
     grad_accum: int
     precision: str
     tokens_per_sample: dict[str, float] = field(default_factory=dict)  # role -> tokens a sample brings
-    packed_documents: bool = False  # foundation attention masked per document: a dense mask, no causal block skipping
+    # Foundation attention under a dense [B, 1, S, S] boolean mask, whose blocks no causal kernel skips and which
+    # backward keeps: "documents" (packed rows: omnigen's attention builds one in each layer) or "model"
+    # (token_type_ids: transformers builds one per attention pattern before the stack, and every layer reads it).
+    dense_mask: str = ""
     loss_chunk_tokens: int = 0  # the loss runs this many of a rank's tokens at a time (0: all of them at once)
 
     def tokens(self, role: str) -> float:
@@ -151,19 +154,30 @@ def attention_keys(g: Group, shape: TrainShape, mesh: Mesh = Mesh()) -> list[tup
     """Per member (one entry for a group of plain layers): the keys each query is scored against, and whether a
     causal kernel skips the blocks above the diagonal.
 
-    Causal layers score the whole context; the causal kernel (the foundation's, unless documents are packed: their
-    mask is dense) skips above the diagonal. A sliding-window or chunked layer narrower than the context runs
-    omnigen's banded_attention under Ulysses or packing (blocks of span queries against 2 x span keys) and
-    transformers' own SDPA otherwise, whose mask is dense over the whole context."""
+    Causal layers score the whole context; the causal kernel (the foundation's, unless its mask is dense) skips
+    above the diagonal. A sliding-window or chunked layer narrower than the context runs omnigen's banded_attention
+    under Ulysses or packing (blocks of span queries against 2 x span keys) and SDPA under a mask dense over the
+    whole context otherwise (transformers' own, or the model's token-type masks, which Ulysses applies as built)."""
     context = shape.context(g.role)
-    banded = mesh.sp > 1 or shape.packed_documents
+    banded = (mesh.sp > 1 or shape.dense_mask == "documents") and shape.dense_mask != "model"
     out = []
     for kind, span in g.attention_spans or (("causal", 0),):
         if kind != "causal" and span < context:
             out.append((-(-context // span) * span * 2 * span / context if banded else context, False))
         else:
-            out.append((context, g.role == "foundation" and not shape.packed_documents))
+            out.append((context, g.role == "foundation" and not shape.dense_mask))
     return out
+
+
+def dense_mask_bytes(g: Group, shape: TrainShape, activation_checkpointing: str) -> float:
+    """The dense boolean masks a group keeps alive at the end of forward (see TrainShape.dense_mask): every rank
+    holds the whole sequence's mask, Ulysses or not. A checkpointed layer rebuilds its own mask in backward."""
+    if g.role != "foundation" or not shape.dense_mask:
+        return 0.0
+    mask = shape.micro_batch_size * shape.context(g.role) ** 2
+    if shape.dense_mask == "model":
+        return mask * len({kind for kind, _ in g.attention_spans or (("causal", 0),)})
+    return mask * (g.count if activation_checkpointing == "none" else 1)
 
 
 def attention_s(g: Group, flops: float, shape: TrainShape, hw: HardwareProfile, mesh: Mesh = Mesh()) -> float:
@@ -344,6 +358,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
                    "full": g.count * g.hidden * compute_bytes * tokens + per_layer}[choice.activation_checkpointing]
     if backward_factor(g, choice) == 0:
         activations = per_layer  # no backward through it: nothing is kept beyond the running layer
+    activations += dense_mask_bytes(g, shape, choice.activation_checkpointing)
     return GroupCost(
         forward_flops=forward, recompute_flops=recompute, forward_s=forward_s, recompute_s=recompute_s,
         backward_factor=backward_factor(g, choice),

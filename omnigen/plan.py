@@ -279,10 +279,11 @@ def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     if t.packing:  # one packed row per micro-batch; the most rows a rank runs, as if every sample were seq_len long
         return TrainShape(seq_len=packed_row_tokens(spec, mesh.sp), micro_batch_size=1,
                           grad_accum=grad_accum(spec, mesh.dp, mesh.sp), precision=t.precision,
-                          tokens_per_sample=tokens_per_sample(inputs), packed_documents=True)
+                          tokens_per_sample=tokens_per_sample(inputs), dense_mask="documents")
+    dense_mask = "documents" if t.pack_documents > 1 else "model" if "token_types" in (inputs or {}) else ""
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                       grad_accum=grad_accum(spec, mesh.dp), precision=t.precision,
-                      tokens_per_sample=tokens_per_sample(inputs), packed_documents=t.pack_documents > 1)
+                      tokens_per_sample=tokens_per_sample(inputs), dense_mask=dense_mask)
 
 
 def packed_row_tokens(spec: Spec, sp: int) -> int:
@@ -461,9 +462,8 @@ def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs
     no_ulysses = bool(ulysses_refusal(spec, graph))
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
         mesh = leanest_expert_mesh(spec, graph, Mesh(dp_shard=world // sp, sp=sp))
-        t = spec.train
-        base = TrainShape(t.seq_len, t.micro_batch_size, 1, t.precision, tokens_per_sample(inputs),  # one micro-batch
-                          loss_chunk_tokens=leanest_loss_chunk(spec, graph))
+        base = replace(train_shape(spec, mesh, inputs), grad_accum=1,  # one micro-batch
+                       loss_chunk_tokens=leanest_loss_chunk(spec, graph))
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)

@@ -77,7 +77,7 @@ def test_attention_at_its_own_rate_and_causal_share_by_hand():
     e = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, SHAPE, profile, procs_per_node=1)
     assert e.compute_s == pytest.approx(3 * (matmul / 0.5e12 + attention * 3 / 4 / 0.25e12))
     assert e.mfu == pytest.approx(3 * (matmul + attention) / e.step_time_s / 1e12)   # MFU counts the FLOPs whole
-    packed = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, replace(SHAPE, packed_documents=True),
+    packed = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, replace(SHAPE, dense_mask="documents"),
                            profile, procs_per_node=1)
     assert packed.compute_s == pytest.approx(3 * (matmul / 0.5e12 + attention / 0.25e12))
     vision = group("visual.blocks", "encoder:vision", 4, 10 * MB)
@@ -89,6 +89,28 @@ def test_attention_at_its_own_rate_and_causal_share_by_hand():
     # an uncalibrated profile prices attention like the matmuls, whole
     plain = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, SHAPE, hw(), procs_per_node=1)
     assert plain.compute_s == pytest.approx(3 * (matmul + attention) / 0.5e12)
+
+
+def test_dense_masks_are_kept_for_backward_by_hand():
+    """A dense [B, 1, S, S] boolean mask is memory the kernel's own activations do not count: packed documents keep
+    one per layer (one when checkpointed: each layer rebuilds its own), the model's token-type masks one per
+    attention pattern for the whole stack, and the Ulysses ranks hold the whole sequence's masks."""
+    g = model(FOUNDATION)
+    mask = 2 * 128 * 128  # B x S x S booleans
+    for dense, ac, masks in (("documents", "none", 4), ("documents", "full", 1), ("model", "none", 1)):
+        choice = GroupChoice(activation_checkpointing=ac)
+        without = cost.group_cost(g, FOUNDATION, choice, Mesh(), SHAPE, hw(), 1).activations
+        masked = cost.group_cost(g, FOUNDATION, choice, Mesh(), replace(SHAPE, dense_mask=dense), hw(), 1)
+        assert masked.activations - without == masks * mask, (dense, ac)
+    windowed = replace(FOUNDATION, attention_spans=(("sliding_window", 32), ("causal", 0)))
+    shape = replace(SHAPE, dense_mask="model")
+    for sp in (1, 2):
+        mesh = Mesh(sp=sp)
+        c = cost.group_cost(model(windowed), windowed, GroupChoice(), mesh, shape, hw(), 2)
+        assert c.activations - cost.group_cost(model(windowed), windowed, GroupChoice(), mesh, SHAPE, hw(), 2
+                                               ).activations == 2 * mask
+        # the model's masks are dense, Ulysses or not: every key of the window's layer is scored
+        assert cost.attention_keys(windowed, shape, mesh) == [(128, False), (128, False)]
 
 
 def test_fsdp_collectives_by_hand():

@@ -226,3 +226,18 @@ def test_token_type_ids_keep_the_models_own_masks_under_ulysses(tmp_path):
     section = P.sequence_parallel_section(compiled.spec, compiled.graph, mesh, compiled.plan.groups,
                                           {"model_kwargs": ["input_ids", "token_type_ids"], "token_types": {}})
     assert section["model_masks"] and not compiled.plan.sequence_parallel["model_masks"]
+
+
+def test_the_models_dense_masks_bound_the_context_it_plans(tmp_path):
+    """Gemma3-4B as a VLM (its class defaults): token_type_ids make transformers build a dense [S, S] boolean mask per
+    attention pattern (sliding and full), which every Ulysses rank holds whole. The longest context the plan reports
+    per sp degree leaves room for both masks: without them it reported 263,043 tokens at sp=1 (129 GiB of masks)."""
+    config = transformers.Gemma3Config()
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    folder = M.write(config, tmp_path / "gemma3")
+    spec = spec_from_dict({"name": "g3", "model": {"config": str(folder)},
+                           "cluster": {"nodes": 1, "procs_per_node": 8, "device": "cuda", "hardware": "h100"},
+                           "train": {"seq_len": 32768, "micro_batch_size": 1, "global_batch_size": 8,
+                                     "steps": 1, "precision": "bf16"}}, "spec.yaml", str(tmp_path))
+    for sp, longest in pipeline.plan(spec).plan.max_seq_len_by_sp.items():
+        assert 2 * longest ** 2 < 80 * 2**30, (sp, longest)  # an H100 holds 80 GiB

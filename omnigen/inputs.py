@@ -24,6 +24,7 @@ import inspect
 import math
 import re
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -201,7 +202,8 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     the tower's patch grid and what the model does after it, all read from config fields and signatures:
     a class token kept or dropped (vision_feature_select_strategy), pixel shuffle / downsampling
     (pixel_shuffle_ratio, downsample_ratio, scale_factor), a patch merger (spatial_merge_size), a pooled fixed count
-    (mm_tokens_per_image), and anyres tiling with image_newline (image_grid_pinpoints)."""
+    (mm_tokens_per_image), a query set per patch count (projector_patch_to_query_dict), and anyres tiling with
+    image_newline (image_grid_pinpoints)."""
     patch = _side(vision.patch_size)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", 3)
     image_args = set(inspect.signature(getattr(cls, "get_image_features")).parameters)
@@ -213,6 +215,10 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
         size = per_side * patch * merge
     else:
         size = _side(vision.image_size)
+    # A projector with a learned query set per patch count (Aria) takes only images of those counts: the smallest.
+    queries = {int(k): v for k, v in (getattr(config, "projector_patch_to_query_dict", None) or {}).items()}
+    if queries:
+        size = math.isqrt(min(queries)) * patch
     side = size // patch
     positions = side * side
     if "vision_feature_select_strategy" in image_args:
@@ -231,6 +237,8 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
         tokens //= config.scale_factor ** 2
     if getattr(config, "mm_tokens_per_image", None):
         tokens = config.mm_tokens_per_image  # pooled to a fixed count (Gemma3)
+    if queries:
+        tokens = queries[min(queries)]
     shape = [1, channels, size, size]
     item = {"layout": "crops", "image_size": [size, size], "concat_dim": 0,
             "item_kwargs": ["pixel_values"], "image_sizes": None, "pixel_attention_mask": False}
@@ -256,6 +264,29 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     return item
 
 
+def _measured_image_tokens(cls: type, config: Any, item: dict[str, Any]) -> int | None:
+    """The LLM tokens the model's own get_image_features makes of the synthetic image, run on the meta device
+    (shapes only: no memory, about a second for a 4B model). It settles what the config fields leave open (Aya
+    Vision's and Cohere2-Vision's pixel shuffle by downsample_factor). None where shapes depend on values (tiling
+    by image size, masks), which a meta tensor has none of: the count derived from the config stands."""
+    shape = item["pixel_values_shape"]
+    kwargs = {"pixel_values": torch.empty(shape, device="meta")}
+    if item["image_sizes"]:
+        kwargs["image_sizes"] = torch.tensor([item["image_sizes"]], device="meta")
+    if item["pixel_attention_mask"]:
+        kwargs["pixel_attention_mask"] = torch.ones(shape[:2] + shape[3:], dtype=torch.bool, device="meta")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            features = cls._from_config(config).get_image_features(**kwargs)
+    except Exception:  # noqa: BLE001 - a tower meta tensors cannot run: the derived count stands
+        return None
+    features = getattr(features, "pooler_output", features)
+    if not isinstance(features, (list, tuple)):
+        features = [features]
+    return sum(math.prod(f.shape[:-1]) for f in features) if all(torch.is_tensor(f) for f in features) else None
+
+
 def _side(value: Any) -> int:
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -267,6 +298,7 @@ def _image_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
         item = _patch_grid_image(config, vision, target_tokens)
     elif getattr(cls, "get_image_features", None) is not None and getattr(vision, "patch_size", None):
         item = _crops_image(config, vision, target_tokens, cls, class_name)
+        item["llm_tokens_per_item"] = _measured_image_tokens(cls, config, item) or item["llm_tokens_per_item"]
     else:
         raise SpecError(f"omnigen has no input recipe for vision tower {vision.model_type!r} of {class_name}: "
                         "it takes neither flattened patches with image_grid_thw nor whole crops through "
@@ -390,6 +422,21 @@ def _token_types(cls: type, config: Any, class_name: str, forward_args: set[str]
     return found
 
 
+def _check_packable(cls: type, class_name: str, forward_args: set[str], token_types: dict | None) -> None:
+    """Packed rows hand a multimodal model positions that restart in each document and let omnigen's attention keep
+    documents apart: models whose forward takes 1-D position_ids. A model that derives multi-axis rotary positions
+    from the whole row (get_rope_index: M-RoPE) or builds its own masks from token_type_ids would mix documents."""
+    module = sys.modules[cls.__module__]
+    why = ("computes multi-axis rotary positions (M-RoPE, get_rope_index) over the whole row, across documents"
+           if any(isinstance(c, type) and "get_rope_index" in vars(c) for c in vars(module).values())
+           else "builds its own attention masks from token_type_ids" if token_types
+           else "takes no position_ids, so positions cannot restart in each document"
+           if "position_ids" not in forward_args else "")
+    if why:
+        raise SpecError(f"train.packing: {class_name} {why}; packed rows with images or audio need 1-D positions "
+                        "the script can restart (use packing: false)")
+
+
 def _sorted(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _sorted(value[k]) for k in sorted(value)}
@@ -413,13 +460,11 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
     if documents_per_sample > 1 and modalities:
         raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
                         f"{class_name} takes {', '.join(modalities)} inputs (use pack_documents: 1)")
-    if packing and modalities:
-        raise SpecError(f"train.packing: packing is supported for text-only models; {class_name} takes "
-                        f"{', '.join(modalities)} inputs, whose towers and positions are not packed yet "
-                        "(use packing: false)")
     if documents_per_sample > 1 and seq_len < 2 * documents_per_sample:
         raise SpecError(f"train.pack_documents={documents_per_sample} needs seq_len >= {2 * documents_per_sample}")
     token_types = _token_types(cls, config, class_name, forward_args, modalities)
+    if packing and modalities:
+        _check_packable(cls, class_name, forward_args, token_types)
     mm_tokens = sum(m["llm_tokens_per_item"] + m["wrapper_tokens"] for m in modalities.values())
     min_seq_len = mm_tokens + MIN_TEXT_TOKENS
     if seq_len < min_seq_len:
@@ -432,14 +477,15 @@ def input_recipe(config: transformers.PretrainedConfig, class_name: str, seq_len
         "seq_len": seq_len,
         "min_seq_len": min_seq_len,
         "documents_per_sample": documents_per_sample,
-        # Models with 1-D rotary positions get them explicitly (multimodal M-RoPE models compute their own).
-        "position_ids": not modalities,
+        # Models with 1-D rotary positions get them explicitly (multimodal M-RoPE models compute their own); packed
+        # rows always do: they restart in each document.
+        "position_ids": not modalities or packing,
         "text": _text_range(config),
         **modalities,
         **({"token_types": token_types} if token_types else {}),
         "model_kwargs": sorted(_model_kwargs(modalities, forward_args)
                                + (["token_type_ids"] if token_types else [])
-                               + (["position_ids"] if not modalities else [])
+                               + (["position_ids"] if not modalities or packing else [])
                                + (["document_ids"] if documents_per_sample > 1 or packing else [])),
         "ignored_label_token_ids": sorted(i for i in ignored if i is not None),
     })

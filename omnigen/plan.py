@@ -277,9 +277,12 @@ def leanest_loss_chunk(spec: Spec, graph: ModelGraph) -> int:
 def train_shape(spec: Spec, mesh: Mesh, inputs: dict[str, Any]) -> TrainShape:
     t = spec.train
     if t.packing:  # one packed row per micro-batch; the most rows a rank runs, as if every sample were seq_len long
-        return TrainShape(seq_len=packed_row_tokens(spec, mesh.sp), micro_batch_size=1,
-                          grad_accum=grad_accum(spec, mesh.dp, mesh.sp), precision=t.precision,
-                          tokens_per_sample=tokens_per_sample(inputs), dense_mask="documents")
+        rows = grad_accum(spec, mesh.dp, mesh.sp)
+        samples_per_row = t.global_batch_size / (rows * mesh.dp)  # the towers run on every image / clip of a row
+        towers = {k: v * (samples_per_row if not k.endswith(":context") else 1)
+                  for k, v in tokens_per_sample(inputs).items()}
+        return TrainShape(seq_len=packed_row_tokens(spec, mesh.sp), micro_batch_size=1, grad_accum=rows,
+                          precision=t.precision, tokens_per_sample=towers, dense_mask="documents")
     dense_mask = "documents" if t.pack_documents > 1 else "model" if "token_types" in (inputs or {}) else ""
     return TrainShape(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                       grad_accum=grad_accum(spec, mesh.dp), precision=t.precision,

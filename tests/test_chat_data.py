@@ -318,3 +318,42 @@ def test_verify_on_manifests(llava_dir, audio_dir):
         write_manifest(folder / "data" / "chat.jsonl", rows)
         spec = load_spec(folder / "spec.yaml")
         assert runner.verify(spec, steps=3, workdir=str(folder / "verify")) == 0
+
+
+@pytest.mark.distributed
+def test_packed_rows_carry_their_images_and_audio(llava_dir, audio_dir):
+    """train.packing with images and audio: a packed row holds whole samples with their tower inputs in row order
+    (rows with no image among them), positions restart per document; dp_shard=2 and sp=2 (LLaVA) and dp_shard=2
+    (Qwen2-Audio) equal the single process."""
+    text_row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what shape is a square ?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "a square ."}]}]}
+    rows = [image_chat(f"img/{c}.png", "what colour is this ?", f"it is {c} .") for c in COLOURS] + [text_row]
+    write_manifest(llava_dir / "data" / "chat.jsonl", rows * 2)
+    packed = ["train.packing=true", "train.micro_batch_tokens=160", "train.global_batch_size=8"]
+    out = llava_dir / "packed"
+    result = CliRunner().invoke(main, ["compile", str(llava_dir / "spec.yaml"), "-o", str(out),
+                                       *[a for s in packed for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    ns = {"__name__": "train_module", "__file__": str(out / "train.py")}
+    exec(compile((out / "train.py").read_text(), str(out / "train.py"), "exec"), ns)
+    data = ns["open_data"]()
+    batches = ns["step_batches"](0, data, 0, 1, torch.device("cpu"))
+    images = sum(1 for i in range(8) if "pixel_values" in data.unpadded(i))
+    assert len(batches) < 8 and sum(len(b["pixel_values"]) for b in batches) == images == 6
+    for b in batches:  # every placeholder has its image, and positions restart at each document
+        assert int((b["input_ids"] == ns["IMAGE_TOKEN_ID"]).sum()) == len(b["pixel_values"]) * ns["IMAGE_LLM_TOKENS"]
+        starts = (b["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert starts == [0] + [i for i in range(1, 160) if b["document_ids"][0, i] != b["document_ids"][0, i - 1]]
+    # each packed row's loss is the sum of its samples' losses run one by one: no document sees another's tokens
+    model = ns["build_model"]()
+    ns["apply_sequence_parallel"](model)
+    indices, packing = ns["step_rows"](0, data)
+    with torch.no_grad():
+        for batch, row in zip(batches, packing):
+            alone = sum(ns["forward_with_loss"](model, ns["collate"]([data.sample(indices[p])]))[1] for p in row)
+            assert torch.allclose(ns["forward_with_loss"](model, dict(batch))[1], alone, rtol=1e-5), row
+    for folder, sets in ((llava_dir, ["parallel.dp_shard=1", "parallel.sp=2"]), (llava_dir, []), (audio_dir, [])):
+        write_manifest(folder / "data" / "chat.jsonl", rows * 2 if folder == llava_dir else
+                       [audio_chat(f"{n}.wav", "what sound is this ?", f"a {n} tone .") for n in ("low", "high")] * 4)
+        spec = load_spec(folder / "spec.yaml", [*packed, *sets])
+        assert runner.verify(spec, steps=2, workdir=str(folder / f"verify_packed{len(sets)}")) == 0

@@ -150,8 +150,14 @@ def collate(samples):
     """The model's keyword arguments (plus shift_labels) for a micro-batch of samples."""
     per_sequence = ("input_ids", "attention_mask", "shift_labels", "mm_token_type_ids")
     batch = {key: torch.stack([s[key] for s in samples]) for key in per_sequence}
-    # Per-item tensors are concatenated in sample order, which is the order the model meets the placeholders.
-    # A batch in which no sample carries a modality passes none of its arguments.
+    batch.update(item_inputs(samples))
+    return batch
+
+
+def item_inputs(samples):
+    """The image / audio tensors of the samples, concatenated in sample order, which is the order the model meets
+    the placeholders. A modality no sample carries passes none of its arguments."""
+    batch = {}
     for key in ("pixel_values", "image_grid_thw"):
         items = [s[key] for s in samples if key in s]
         if items:

@@ -203,9 +203,13 @@ def config_class(cls: type) -> type:
 def tiny_config(cls: type) -> transformers.PretrainedConfig:
     """A tiny instance of `cls`'s config (a config class or a model class)."""
     conf_cls = config_class(cls)
-    source = _modeling_source(conf_cls)
+    # the sub-configs' modeling modules too: GLM-4.6V's text model is GLM-4V's, which reads mrope_section
+    defaults = conf_cls()
+    subs = [type(getattr(defaults, k)) for k in getattr(conf_cls, "sub_configs", {})
+            if isinstance(getattr(defaults, k, None), transformers.PretrainedConfig)]
+    source = "".join(_modeling_source(c) for c in [conf_cls, *subs])
     read_ids = tuple(sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", source))))
-    return conf_cls.from_dict(tiny_dict(conf_cls().to_dict(), mrope="mrope_section" in source, read_token_ids=read_ids))
+    return conf_cls.from_dict(tiny_dict(defaults.to_dict(), mrope="mrope_section" in source, read_token_ids=read_ids))
 
 
 def _modeling_source(conf_cls: type) -> str:

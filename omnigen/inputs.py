@@ -20,6 +20,7 @@ arithmetic; tests/test_towers.py checks it against each real tiny tower.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -38,6 +39,7 @@ VIDEO_TEMPORAL_PATCHES = 2  # a synthetic video: two temporal patches (2 x tempo
 MIN_TEXT_TOKENS = 2       # at least one text token before the modality blocks and one after
 MM_TOKEN_TYPE = {"image": 1, "video": 2, "audio": 3}  # transformers' ProcessorMixin.create_mm_token_type_ids
 
+AUDIO_MASK_NAMES = ("feature_attention_mask", "input_features_mask")  # what forwards call the real-frames mask
 IMAGE_START_NAMES = ("vision_start_token_id", "image_start_token_id", "boi_token_index", "boi_token_id")
 IMAGE_END_NAMES = ("vision_end_token_id", "image_end_token_id", "eoi_token_index", "eoi_token_id")
 
@@ -123,8 +125,11 @@ def _feature_call(cls: type, modality: str, item_kwargs: list[str]) -> dict[str,
     if method is None:
         call = {"tower_call": "module", "feature_args": item_kwargs[:1]}
     else:
-        params = list(inspect.signature(method).parameters)
-        call = {"tower_call": f"get_{modality}_features", "feature_args": [p for p in params if p in item_kwargs]}
+        params = inspect.signature(method).parameters
+        named = [p for p in params if p in item_kwargs]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        # a getter of (*args, **kwargs) (Voxtral) names nothing: it takes the item's tensors by their names
+        call = {"tower_call": f"get_{modality}_features", "feature_args": named or (item_kwargs if takes_any else [])}
     return {**call, "projector": _projector_outside(cls, modality)}
 
 
@@ -264,27 +269,46 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     return item
 
 
+def _meta_features(cls: type, config: Any, modality: str, kwargs: dict[str, Any]) -> int | None:
+    """How many LLM tokens the model's own get_<modality>_features makes of these inputs, run on the meta device
+    (shapes only: no memory, about a second for a 4B model). None where it cannot say: no such method, or shapes
+    that depend on values (tiling by image size, masks), which meta tensors have none of."""
+    method = getattr(cls, f"get_{modality}_features", None)
+    if method is None:
+        return None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls._from_config(copy.deepcopy(config))  # _from_config writes into the config it is given
+            features = getattr(model, f"get_{modality}_features")(**kwargs)
+    except Exception:  # noqa: BLE001 - a tower meta tensors cannot run: the count derived from the config stands
+        return None
+    features = getattr(features, "pooler_output", features)
+    if not isinstance(features, (list, tuple)):
+        features = [features]
+    return sum(math.prod(f.shape[:-1]) for f in features) if all(torch.is_tensor(f) for f in features) else None
+
+
+def _measured_audio_tokens(cls: type, config: Any, mel_bins: int, window: int, frames: int,
+                           mask: str | None) -> int | None:
+    """The audio tower's LLM tokens for a clip of `frames` real frames in a `window`-frame input, asked of the model
+    (Voxtral's projector stacks frames, which no config field says)."""
+    kwargs = {"input_features": torch.empty(1, mel_bins, window, device="meta")}
+    if mask:
+        kwargs[mask] = torch.ones(1, window, dtype=torch.long, device="meta")
+    return _meta_features(cls, config, "audio", kwargs) if window == frames else None
+
+
 def _measured_image_tokens(cls: type, config: Any, item: dict[str, Any]) -> int | None:
-    """The LLM tokens the model's own get_image_features makes of the synthetic image, run on the meta device
-    (shapes only: no memory, about a second for a 4B model). It settles what the config fields leave open (Aya
-    Vision's and Cohere2-Vision's pixel shuffle by downsample_factor). None where shapes depend on values (tiling
-    by image size, masks), which a meta tensor has none of: the count derived from the config stands."""
+    """The LLM tokens of the synthetic image, asked of the model: it settles what the config fields leave open (Aya
+    Vision's and Cohere2-Vision's pixel shuffle by downsample_factor)."""
     shape = item["pixel_values_shape"]
     kwargs = {"pixel_values": torch.empty(shape, device="meta")}
     if item["image_sizes"]:
         kwargs["image_sizes"] = torch.tensor([item["image_sizes"]], device="meta")
     if item["pixel_attention_mask"]:
         kwargs["pixel_attention_mask"] = torch.ones(shape[:2] + shape[3:], dtype=torch.bool, device="meta")
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            features = cls._from_config(config).get_image_features(**kwargs)
-    except Exception:  # noqa: BLE001 - a tower meta tensors cannot run: the derived count stands
-        return None
-    features = getattr(features, "pooler_output", features)
-    if not isinstance(features, (list, tuple)):
-        features = [features]
-    return sum(math.prod(f.shape[:-1]) for f in features) if all(torch.is_tensor(f) for f in features) else None
+    return _meta_features(cls, config, "image", kwargs)
 
 
 def _side(value: Any) -> int:
@@ -316,17 +340,25 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
     audio = config.audio_config
     tower = _meta_tower(class_name, audio)
     chunked = getattr(audio, "n_window", None) is not None
+    forward_args = set(inspect.signature(cls.forward).parameters)
+    mask = next((name for name in AUDIO_MASK_NAMES if name in forward_args), None)
     # Whisper-style towers without chunking take a fixed window of 2 x max_source_positions frames (Qwen2-Audio
-    # checks it): the clip is padded to it and feature_attention_mask marks the real frames. A clip is at most
-    # that window long.
+    # checks it): the clip is padded to it and the mask marks the real frames. A clip is at most that window long,
+    # and exactly that long for a model that takes no mask (Voxtral).
     fixed = not chunked and getattr(audio, "max_source_positions", None)
     window = 2 * audio.max_source_positions if fixed else None
-    frames = 1
+    frames = window if fixed and mask is None else 1
     while _audio_lengths(frames, audio, tower)[1] < target_tokens and frames != window:  # fewest frames for the target
         frames += 1
     encoder_tokens, llm_tokens = _audio_lengths(frames, audio, tower)
     window = window or frames
-    item_kwargs = ["input_features", "feature_attention_mask"]
+    item_kwargs = ["input_features"] + ([mask] if mask else [])
+    measured = _measured_audio_tokens(cls, config, audio.num_mel_bins, window, frames, mask)
+    if measured is None and mask not in (None, "feature_attention_mask"):
+        # GLM-ASR, Qwen3-ASR, MOSS: their towers pool and chunk by the mask's values, which a meta run cannot see;
+        # the Whisper-stem count below is checked only for the feature_attention_mask towers (Qwen2-Audio, Omni)
+        raise SpecError(f"{class_name}: omnigen cannot tell how many LLM tokens its audio tower makes of a clip: "
+                        f"the count depends on the values of {mask}, which compile-time shape inference cannot see")
     return {
         "token_id": _token_id(config, "audio_token_id", "audio_token_index"),
         "start_token_id": _token_id(config, "audio_start_token_id", "audio_bos_token_id"),
@@ -338,7 +370,8 @@ def _audio_recipe(config: Any, target_tokens: int, cls: type, class_name: str) -
         "item_kwargs": item_kwargs,
         "concat_dim": 0,
         "encoder_tokens_per_item": _conv_stride2(window) if window != frames else encoder_tokens,
-        "llm_tokens_per_item": llm_tokens,
+        "llm_tokens_per_item": measured or llm_tokens,
+        "feature_mask": mask,
         **_feature_call(cls, "audio", item_kwargs),
     }
 
@@ -383,12 +416,10 @@ def _modalities(config: Any, cls: type, class_name: str, seq_len: int,
             raise SpecError(f"train.synthetic.video_every: {class_name} {refused}; use video_every: 0")
         found["video"] = _read_tower(_video_recipe, "vision", config, target, cls, class_name)
     if getattr(config, "audio_config", None) is not None and "input_features" in forward_args:
-        if "feature_attention_mask" not in forward_args:
-            raise SpecError("omnigen's audio recipe passes feature_attention_mask, which this model does not take")
         found["audio"] = _read_tower(_audio_recipe, "audio", config, target, cls, class_name)
     for name, item in found.items():
         if item["token_id"] is None:
-            raise SpecError(f"the model config has a {name} tower but no {name} placeholder token id")
+            raise SpecError(f"the model config has a tower for {name} but no {name} placeholder token id")
         item["wrapper_tokens"] = sum(item[k] is not None for k in ("start_token_id", "end_token_id")) * item.get("blocks", 1)
         if "mm_token_type_ids" in forward_args:
             item["token_type_id"] = MM_TOKEN_TYPE[name]
@@ -524,7 +555,7 @@ def _whisper_window_part(encoder: Any, model: torch.nn.Module, source: str) -> d
     tokens = encoder_tokens(model, encoder, shape)
     _check_tokens_per_item(encoder, tokens, f"clip of {window} frames", source)
     return {"num_mel_bins": config.num_mel_bins, "num_frames": window, "window_frames": window,
-            "input_features_shape": shape, "item_kwargs": ["input_features"], "concat_dim": 0,
+            "input_features_shape": shape, "item_kwargs": ["input_features"], "feature_mask": None, "concat_dim": 0,
             "encoder_tokens_per_item": tokens, "llm_tokens_per_item": tokens}
 
 

@@ -190,7 +190,7 @@ def tiny_dict(config_dict: dict[str, Any], mrope: bool = False, read_token_ids: 
     starts = [n for n in (*read_token_ids, *raw) if n.endswith("_start_token_id")]
     wanted = (*read_token_ids, *(n.replace("_start_", "_end_") for n in starts))  # a block's end with its start
     for name in dict.fromkeys(wanted):  # ids the modeling code reads that the default config lacks
-        if name not in raw:
+        if raw.get(name) is None:  # absent, or None by default (Voxtral's audio_token_id; checkpoints set it)
             raw[name], free = free, free - 1
     return raw
 

@@ -189,3 +189,22 @@ def test_jsonl_rows_pad_and_truncate(models):
     with pytest.raises(ValueError, match="out of range"):
         data["load_jsonl_sample"]({"input_ids": [5, 5000]}, 8)
     train_step(model_for(models, "qwen2_vl_tiny"), data["collate"]([short, long]))
+
+
+def test_audio_towers_are_asked_how_many_tokens_a_clip_makes():
+    """Voxtral takes no mask and stacks frames in its projector: the clip fills the tower's window and the count is
+    what the model's own get_audio_features returns on the meta device. GLM-ASR's tower pools by its mask's values,
+    which no shape inference sees: refused with that reason rather than a guess that crashes at step 0."""
+    from omnigen import zoo
+    name = "VoxtralForConditionalGeneration"
+    config = zoo.tiny_config(getattr(transformers, name))
+    audio = input_recipe(config, name, 128)["audio"]
+    assert audio["item_kwargs"] == ["input_features"] and audio["feature_mask"] is None
+    assert audio["num_frames"] == audio["window_frames"] == 2 * config.audio_config.max_source_positions
+    model = transformers.VoxtralForConditionalGeneration._from_config(config)
+    with torch.no_grad():
+        features = model.get_audio_features(input_features=torch.zeros(1, audio["num_mel_bins"], audio["num_frames"]))
+    assert getattr(features, "pooler_output", features).shape[0] == audio["llm_tokens_per_item"]
+    name = "GlmAsrForConditionalGeneration"
+    with pytest.raises(SpecError, match="input_features_mask"):
+        input_recipe(zoo.tiny_config(getattr(transformers, name)), name, 128)

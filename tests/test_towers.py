@@ -32,8 +32,8 @@ FAMILIES = {
               "LlavaOnevisionForConditionalGeneration", "Gemma3ForConditionalGeneration",
               "InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration",
               "SmolVLMForConditionalGeneration", "Mistral3ForConditionalGeneration",
-              "Llama4ForConditionalGeneration"],
-    "whisper_audio": ["Qwen2AudioForConditionalGeneration"],
+              "Llama4ForConditionalGeneration", "AyaVisionForConditionalGeneration"],
+    "whisper_audio": ["Qwen2AudioForConditionalGeneration", "VoxtralForConditionalGeneration"],
     "omni": ["Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration"],
 }
 LAYOUT = {"patches": {"image": "patches"}, "crops": {"image": "crops"}, "whisper_audio": {"audio": None},

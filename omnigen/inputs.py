@@ -281,8 +281,13 @@ def _meta_features(cls: type, config: Any, modality: str, kwargs: dict[str, Any]
             warnings.simplefilter("ignore")
             model = cls._from_config(copy.deepcopy(config))  # _from_config writes into the config it is given
             features = getattr(model, f"get_{modality}_features")(**kwargs)
-    except Exception:  # noqa: BLE001 - a tower meta tensors cannot run: the count derived from the config stands
-        return None
+    except Exception as e:  # noqa: BLE001 - the model's own code, any error
+        if isinstance(e, NotImplementedError) or "meta" in str(e):  # shapes that need values: the derived count stands
+            return None
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in kwargs.items())
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SpecError(f"{cls.__name__}: its get_{modality}_features rejects the {modality} omnigen makes from the "
+                        f"config ({shapes}): {type(e).__name__}: {first}") from None
     features = getattr(features, "pooler_output", features)
     if not isinstance(features, (list, tuple)):
         features = [features]

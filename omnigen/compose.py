@@ -63,19 +63,21 @@ class LoadedParts:
         return {"encoders": {e.part.modality: config_to_dict(e.config) for e in self.encoders},
                 "foundation": config_to_dict(self.foundation_config)}
 
-    def describe(self, spec: Spec) -> dict[str, Any]:
-        """What the script's composite section renders (Plan.parts)."""
+    def describe(self, spec: Spec, weights_prefixes: dict[str, str]) -> dict[str, Any]:
+        """What the script's composite section renders (Plan.parts); weights_prefixes: part_weights'."""
         hidden = self.foundation_config.get_text_config().hidden_size
         return {
             "encoders": [{"modality": e.part.modality, "module": encoder_path(e.part.modality),
                           "class": e.model_class, "config_class": type(e.config).__name__,
                           "projector": e.part.projector, "in_features": e.hidden_size, "out_features": hidden,
                           "placeholder_token_id": e.part.placeholder_token_id, "trainable": e.part.trainable,
+                          "weights_prefix": weights_prefixes.get(encoder_path(e.part.modality)),
                           "parallel": _pins(spec, e.part.parallel)}
                          for e in self.encoders],
             "foundation": {"module": FOUNDATION_PATH, "class": self.foundation_class,
                            "config_class": type(self.foundation_config).__name__,
                            "trainable": spec.model.parts.foundation.trainable,
+                           "weights_prefix": weights_prefixes.get(FOUNDATION_PATH),
                            "parallel": _pins(spec, spec.model.parts.foundation.parallel)},
             "decoders": [{**d.model_dump(mode="json"), "hidden_size": hidden,
                           "module": "foundation.lm_head" if d.kind == "lm_head" else decoder_path(d.modality)}
@@ -170,11 +172,6 @@ def load_parts(spec: Spec) -> LoadedParts:
         raise SpecError(f"{spec.source}: key 'model.parts.foundation.config': {', '.join(scaled)} set: this "
                         "foundation's forward changes its logits after lm_head, and a codebook decoder reads the "
                         "hidden states beside it; foundations without logit scaling are supported")
-    for key, part in [*((f"model.parts.encoders[{i}]", e) for i, e in enumerate(parts.encoders)),
-                      ("model.parts.foundation", parts.foundation)]:
-        if part.weights is not None:
-            raise SpecError(f"{spec.source}: key '{key}.weights': per-part weights are not loaded yet; "
-                            "parts start from random init (train.seed)")
     encoders = tuple(_encoder(spec, i, e) for i, e in enumerate(parts.encoders))
     return LoadedParts(encoders, foundation, cls, parts.decoders)
 
@@ -222,6 +219,25 @@ def build_meta(parts: LoadedParts) -> OmniModel:
             return OmniModel(parts)
         except Exception as e:  # a part's config its class rejects: the user's to fix
             raise SpecError(f"cannot build the composed model from its parts: {type(e).__name__}: {e}") from None
+
+
+def weight_folders(spec: Spec) -> dict[str, tuple[str, str]]:
+    """The parts that start from released weights: module path -> (spec key, folder as the spec gives it)."""
+    parts = spec.model.parts
+    given = [(encoder_path(e.modality), f"model.parts.encoders[{i}].weights", e.weights)
+             for i, e in enumerate(parts.encoders)]
+    given.append((FOUNDATION_PATH, "model.parts.foundation.weights", parts.foundation.weights))
+    return {path: (key, folder) for path, key, folder in given if folder is not None}
+
+
+def part_weights(spec: Spec, parts: LoadedParts) -> dict[str, str]:
+    """Each part's weights checked against the part (names and shapes): the prefix its tensors carry in their
+    files, by module path (a part may be one model of a bigger checkpoint: Whisper's encoder, CLIP's vision tower)."""
+    from .hf import match_weights
+    folders = weight_folders(spec)
+    model = build_meta(parts) if folders else None
+    return {path: match_weights(model.get_submodule(path), spec.resolve(folder), key, spec.source)
+            for path, (key, folder) in folders.items()}
 
 
 def encoder_tokens(model: OmniModel, encoder: LoadedEncoder, item_shape: list[int]) -> int:

@@ -31,6 +31,7 @@ class Paths:
     """Files the script reads at run time, relative to the output folder (None when unused)."""
     data: str | None = None
     weights: str | None = None
+    part_weights: dict[str, str] | None = None  # a composed model's: module path -> weights folder
     data_format: str | None = None  # None (synthetic), "jsonl", "chat" or "token_shards"
     processor: str | None = None  # the processor folder a chat manifest is read through
 
@@ -124,7 +125,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "router_aux": router_aux_loss(config["foundation"] if plan.parts is not None else config),
         # ep is carved out of dp_shard x sp (see build_expert_mesh), so it is not a dim of the world mesh
         "mesh_dict": "{" + ", ".join(f'"{k}": {v}' for k, v in plan.mesh.items() if k.startswith("dp") or k == "sp" and v > 1) + "}",
-        "data_path": repr(paths.data), "weights_path": repr(paths.weights),
+        "data_path": repr(paths.data), "weights_path": repr(paths.weights), "part_weights": paths.part_weights or {},
         "data_format": paths.data_format, "processor_path": repr(paths.processor),
         # where the prediction's figures come from: fitted on which machine, or uncalibrated and how to calibrate
         "hardware_provenance": hardware_provenance(plan),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,25 +119,46 @@ def check_produces_logits(model: torch.nn.Module, spec: Spec) -> None:
 
 
 def check_weights(model: torch.nn.Module, spec: Spec) -> None:
-    """Every *.safetensors file readable, and together exactly the model's parameters by name and shape, as the
-    script's load_safetensors requires (rotary buffers may be absent): found now, not when every rank starts."""
+    """model.weights: the tensors are exactly the model's parameters by name and shape, as the script's
+    load_safetensors requires (rotary buffers may be absent): found now, not when every rank starts."""
+    match_weights(model, spec.resolve(spec.model.weights), "model.weights", spec.source, whole=True)
+
+
+def match_weights(model: torch.nn.Module, folder: Path, key: str, source: str, whole: bool = False) -> str:
+    """Every *.safetensors file in folder readable, and the model's parameters in them by name and shape; the prefix
+    their names carry there. whole: the files hold this model and nothing else (prefix ""); otherwise the model may
+    be part of a released checkpoint (an encoder's weights under "model.encoder." of a Whisper checkpoint, the
+    vision tower inside a CLIP one) whose other tensors are left out."""
     from safetensors import safe_open
 
-    folder = spec.resolve(spec.model.weights)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         except Exception as e:
-            raise SpecError(f"{spec.source}: key 'model.weights': {file} is not a readable safetensors file: "
+            raise SpecError(f"{source}: key '{key}': {file} is not a readable safetensors file: "
                             f"{type(e).__name__}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"{k} has shape {list(shapes[k])}, the model {list(expected[k])}"
-                for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
-    problems += [f"unexpected {k}" for k in sorted(set(shapes) - set(expected))]
-    problems += [f"missing {k}" for k in sorted(set(expected) - set(shapes)) if "rotary" not in k]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # saved once, under the name they are tied to
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary" not in k and k not in tied}
+    prefix = "" if whole else _common_prefix(expected, shapes)
+    held = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    problems = [f"{prefix}{k} has shape {list(held[k])}, the model {list(expected[k])}"
+                for k in sorted(set(held) & set(expected)) if held[k] != expected[k]]
+    problems += [f"unexpected {k}" for k in sorted(set(held) - set(expected)) if whole and "rotary" not in k]
+    problems += [f"missing {prefix}{k}" for k in sorted(set(expected) - set(held))]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise SpecError(f"{spec.source}: key 'model.weights': the tensors in {folder} do not match "
+        raise SpecError(f"{source}: key '{key}': the tensors in {folder} do not match "
                         f"{type(model).__name__}: {'; '.join(problems[:5])}{more}")
+    return prefix
+
+
+def _common_prefix(expected: dict[str, Any], held: dict[str, Any]) -> str:
+    """The prefix under which the checkpoint holds the most of the model's tensor names ("" on a tie)."""
+    found = {""}
+    for name in held:
+        for k in expected:
+            if name.endswith("." + k):
+                found.add(name[: -len(k)])
+    return max(sorted(found), key=lambda p: sum(p + k in held for k in expected))

@@ -81,7 +81,8 @@ def plan_composite(spec: Spec) -> Compiled:
     every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
                               spec.source)
-    the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec))
+    prefixes = compose.part_weights(spec, parts)
+    the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec, prefixes))
     return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
 
 
@@ -103,10 +104,13 @@ def default_out_dir(spec: Spec) -> Path:
 
 
 def render(compiled: Compiled, out_dir: Path) -> dict[str, str]:
+    from .compose import weight_folders
     spec = compiled.spec
     rel = lambda p: os.path.relpath(spec.resolve(p), out_dir.resolve())  # noqa: E731  (paths stay portable)
     paths = emit.Paths(data=None if spec.train.data == "synthetic" else rel(spec.train.data),
                        weights=None if spec.model.weights is None else rel(spec.model.weights),
+                       part_weights=None if spec.model.parts is None else
+                       {path: rel(folder) for path, (_, folder) in weight_folders(spec).items()},
                        data_format=data_format(spec),
                        processor=None if spec.train.processor is None else rel(spec.train.processor))
     return emit.render(compiled.plan, compiled.config, spec.to_dict(), paths)

@@ -285,3 +285,54 @@ def test_explain_names_each_part_and_who_set_its_placement():
                for line in per_part)
     assert any("experts over ep=2 (parallel.ep), set by the part's parallel.placement" in line for line in per_part)
     assert any("decoders.image_tokens" in line and "in the root unit" in line for line in per_part)
+
+
+# --- released weights per part ------------------------------------------------------------------------------
+
+def test_parts_start_from_released_weights(tmp_path):
+    """Each part loads its own safetensors: a SigLIP vision checkpoint as saved, the encoder of a whole Whisper
+    checkpoint (its tensors under model.encoder., the decoder's left unread), a Qwen3-MoE causal LM with tied
+    embeddings (a dense Llama foundation: transformers saves MoE experts per expert, not in the fused layout the
+    script loads by name). The script's build_model holds exactly those tensors; weights of another model are
+    refused at compile, naming the part's key."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from click.testing import CliRunner
+
+    from omnigen.cli import main
+
+    torch.manual_seed(1)
+    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig.from_pretrained(MODELS / "siglip_vision_tiny"))
+    whisper = transformers.WhisperForConditionalGeneration(
+        transformers.WhisperConfig.from_pretrained(MODELS / "whisper_encoder_tiny"))
+    llama_config = transformers.AutoConfig.from_pretrained(MODELS / "llama_tiny")
+    llama_config.tie_word_embeddings = True
+    llama = transformers.LlamaForCausalLM(llama_config)
+    for name, model in (("siglip", siglip), ("whisper", whisper), ("llama", llama)):
+        model.save_pretrained(tmp_path / name)
+    spec = yaml.safe_load(SPEC_OMNI.read_text())
+    spec["name"] = "weights"
+    spec["model"]["parts"]["encoders"][0].update(config=str(MODELS / "siglip_vision_tiny"), weights=str(tmp_path / "siglip"))
+    spec["model"]["parts"]["encoders"][1].update(config=str(MODELS / "whisper_encoder_tiny"), weights=str(tmp_path / "whisper"))
+    spec["model"]["parts"]["foundation"] = {"config": str(tmp_path / "llama"), "weights": str(tmp_path / "llama")}
+    spec["parallel"]["ep"] = 1
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "train.py").read_text()
+    assert '"encoders.audio": ("../whisper", "model.encoder.")' in text and '"foundation": ("../llama", "")' in text
+    module_spec = importlib.util.spec_from_file_location("weights_train", tmp_path / "out" / "train.py")
+    script = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(script)
+    built = script.build_model().state_dict()
+    for path, part in (("encoders.image", siglip), ("encoders.audio", whisper.model.encoder), ("foundation", llama)):
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(built[f"{path}.{name}"], tensor), f"{path}.{name}"
+    spec["model"]["parts"]["foundation"]["weights"] = str(tmp_path / "siglip")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "key 'model.parts.foundation.weights'" in result.output and "missing" in result.output, result.output
+    assert not (tmp_path / "bad").exists()

@@ -210,15 +210,19 @@ def build_model():
     return model
 
 
-def load_safetensors(model, folder):
-    from safetensors.torch import load_file
+def load_safetensors(model, folder, prefix=""):
+    """The model's tensors from the *.safetensors files in folder, where their names carry `prefix` (a model that is
+    part of a bigger checkpoint); the checkpoint's other tensors are not read. Tied weights come with their twin."""
+    from safetensors import safe_open
 
     state = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(folder, name)))
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if unexpected or [k for k in missing if "rotary" not in k and k not in tied]:
         raise RuntimeError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 

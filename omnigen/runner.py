@@ -257,7 +257,8 @@ def run_pair(spec: Spec, steps: int, workdir: str | None = None) -> tuple[Run, R
         out = root / label
         compiled = make_compiled(s)
         emit.write(render(compiled, out), out)
-        print(f"== {label}: {out}/train.py", flush=True)
+        zeroed = dropout_off(out / "config.json")
+        print(f"== {label}: {out}/train.py" + (f" (dropout off: {', '.join(zeroed)})" if zeroed else ""), flush=True)
         # verify also records what the explicit collectives sent
         runs[label] = run_script(s, out, steps, single_process=label == "reference",
                                  count_comm_bytes=compiled.plan.has_explicit_collectives)
@@ -266,6 +267,28 @@ def run_pair(spec: Spec, steps: int, workdir: str | None = None) -> tuple[Run, R
             return None
     tol = tolerances(spec.train.precision, routed_experts=num_experts(compiled.graph) > 0)
     return runs["reference"], runs["parallel"], tol
+
+
+def dropout_off(config_file: Path) -> list[str]:
+    """Zero every dropout and drop-path rate in a verify run's config.json, nested configs included. One process
+    and N ranks draw different masks for the same samples, so only the computation without them can be compared.
+    Returns the keys it zeroed."""
+    config = json.loads(config_file.read_text())
+    zeroed = []
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{path}{key}.")
+            elif ("dropout" in key or "drop_path" in key) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool) and value:
+                node[key] = 0.0
+                zeroed.append(f"{path}{key} {value:g}")
+
+    walk(config, "")
+    if zeroed:
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return zeroed
 
 
 def relative(a: float, b: float) -> float:

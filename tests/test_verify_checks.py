@@ -8,6 +8,7 @@ absolute parameter tolerance verify used before failed such a script). The CI su
 10-step sweep is marked slow (pytest --slow).
 """
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -183,3 +184,20 @@ def test_correct_scripts_pass_over_ten_steps(case, lr, tmp_path):
     found = checks(run(s, tmp_path / "reference", 10, single_process=True), run(s, tmp_path / "parallel", 10), 10,
                    routed_experts=routed)
     assert all(c.ok for c in found.values())
+
+
+def test_dropout_is_off_in_both_verify_runs(tmp_path):
+    """One process and N ranks draw different dropout masks for the same samples: verify zeroes every dropout and
+    drop-path rate (nested configs too) in both runs' config.json, and says which."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"attention_dropout": 0.2, "use_dropout": True, "hidden_size": 64,
+                                  "vision_config": {"drop_path_rate": 0.1, "dropout": 0.0}}))
+    assert runner.dropout_off(config) == ["attention_dropout 0.2", "vision_config.drop_path_rate 0.1"]
+    assert json.loads(config.read_text()) == {"attention_dropout": 0.0, "use_dropout": True, "hidden_size": 64,
+                                              "vision_config": {"drop_path_rate": 0.0, "dropout": 0.0}}
+
+
+@pytest.mark.distributed
+def test_verify_passes_on_a_model_with_dropout(tmp_path):
+    spec = load_spec(ROOT / "specs" / "llama_tiny.yaml", ["model.overrides.attention_dropout=0.2"])
+    assert runner.verify(spec, steps=2, workdir=str(tmp_path)) == 0

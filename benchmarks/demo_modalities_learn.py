@@ -58,15 +58,17 @@ IMAGE_QUESTION = "what is this ?"
 AUDIO_QUESTION = "what sound is this ?"
 CANVAS = 32  # pixels drawn; the LLaVA processor resizes to the tower's 16 x 16
 SHAPE_SIZES = (26, 31)  # [low, high) pixels: most of the canvas, so a square's corners and a circle's fall in different patches
+SHADE = 25  # each channel of the shape within +-SHADE of its colour's
 SEQ_LEN = 40
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 16  # rows a step, 8 a rank in one micro-batch
+TRAIN_ROWS = 360  # read for as many epochs as the steps take; held-out rows are drawn apart
 
 
 @dataclass(frozen=True)
 class Modality:
     name: str
     model: str            # the transformers class, for the report
-    slots: tuple          # the answer words' slots: each a tuple of equally likely words
+    slots: dict           # the answer words' slots: name -> the equally likely words
     write_processor: object  # chat_fixtures' builder: folder -> spec dict
     write_row: object     # (data folder, row number, answer, rng, blank) -> manifest row
     lr: float
@@ -76,16 +78,15 @@ class Modality:
 # --- the data set ---------------------------------------------------------------------------------------------
 
 def draw_shape(path: Path, colour: str, shape: str, rng: random.Random, blank: bool) -> None:
-    """A filled shape in a shade of `colour` on a dark random background; with `blank`, the same black canvas."""
+    """A filled shape in a shade of `colour` on black; with `blank`, the black canvas alone."""
     from PIL import Image, ImageDraw
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if blank:
         Image.new("RGB", (CANVAS, CANVAS)).save(path)
         return
-    background = tuple(rng.randrange(0, 70) for _ in range(3))
-    image = Image.new("RGB", (CANVAS, CANVAS), background)
-    fill = tuple(max(0, min(255, c + rng.randrange(-25, 26))) for c in COLOURS[colour])
+    image = Image.new("RGB", (CANVAS, CANVAS))
+    fill = tuple(max(0, min(255, c + rng.randrange(-SHADE, SHADE + 1))) for c in COLOURS[colour])
     size = rng.randrange(*SHAPE_SIZES)
     x, y = (CANVAS - size) // 2 + rng.randrange(-2, 3), (CANVAS - size) // 2 + rng.randrange(-2, 3)
     draw = ImageDraw.Draw(image)
@@ -113,15 +114,15 @@ def audio_row(data: Path, n: int, answer: tuple, rng: random.Random, blank: bool
 
 
 MODALITIES = {
-    "image": Modality("image", "LlavaForConditionalGeneration", (tuple(COLOURS), SHAPES), llava, image_row, lr=3e-3, steps=300),
-    "audio": Modality("audio", "Qwen2AudioForConditionalGeneration", (tuple(TONES),), qwen2_audio, audio_row, lr=3e-3, steps=100),
+    "image": Modality("image", "LlavaForConditionalGeneration", {"colour": tuple(COLOURS), "shape": SHAPES}, llava, image_row, lr=3e-3, steps=200),
+    "audio": Modality("audio", "Qwen2AudioForConditionalGeneration", {"pitch": tuple(TONES)}, qwen2_audio, audio_row, lr=3e-3, steps=100),
 }
 
 
 def answers(modality: Modality) -> list[tuple]:
     """Every combination of the answer slots' words, each once."""
     combos = [()]
-    for slot in modality.slots:
+    for slot in modality.slots.values():
         combos = [c + (w,) for c in combos for w in slot]
     return combos
 
@@ -136,17 +137,17 @@ def write_rows(modality: Modality, data: Path, manifest: str, count: int, seed: 
 def text_only_floor(modality: Modality) -> float:
     """The best mean loss per answer word from the text alone: each slot's words are equally likely whatever the
     question, so the best prediction is uniform over them, log(slot size) nats."""
-    return sum(math.log(len(slot)) for slot in modality.slots) / len(modality.slots)
+    return sum(math.log(len(slot)) for slot in modality.slots.values()) / len(modality.slots)
 
 
 # --- training and evaluation ------------------------------------------------------------------------------------
 
-def prepare(modality: Modality, folder: Path, steps: int, heldout: int, blank: bool = False, seed: int = 0) -> Path:
+def prepare(modality: Modality, folder: Path, steps: int, train_rows: int, heldout: int, blank: bool = False,
+            seed: int = 0) -> Path:
     """The processor folder, tiny model config, training and held-out manifests and the spec, in `folder`: the
     rows drawn from `seed` (training) and seed + 1 (held out), the model initialised from `seed`."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = modality.write_processor(folder)
-    train_rows = steps * GLOBAL_BATCH  # one epoch: every step trains on rows it has never seen
     write_rows(modality, folder / "data", "train.jsonl", train_rows, seed=seed, first=0, blank=blank)
     write_rows(modality, folder / "data", "heldout.jsonl", heldout, seed=seed + 1, first=train_rows, blank=blank)
     spec["model"]["config"] = "model"
@@ -175,7 +176,7 @@ def train(spec_path: Path, quiet: bool = True):
     return export, runner.read_metrics(metrics), compiled
 
 
-def answer_loss(modality: Modality, spec_path: Path, export: Path, compiled) -> tuple[float, list[float], int]:
+def answer_loss(modality: Modality, spec_path: Path, export: Path, compiled) -> tuple[float, dict, int]:
     """Mean cross-entropy at the answer words of the held-out rows, per slot too (colour, shape / pitch), and how
     many answer words there were: the exported model on samples read by the generated script's own reader."""
     spec = load_spec(spec_path, [])
@@ -189,44 +190,54 @@ def answer_loss(modality: Modality, spec_path: Path, export: Path, compiled) -> 
         losses = torch.nn.functional.cross_entropy(model(**batch).logits.float().transpose(1, 2), labels,
                                                    reduction="none")  # 0 where the label is ignored
     slot_masks = [torch.isin(labels, torch.tensor(manifest.tokenizer.convert_tokens_to_ids(list(slot))))
-                  for slot in modality.slots]
+                  for slot in modality.slots.values()]
     at_answer = torch.stack(slot_masks).any(0)
-    return (float(losses[at_answer].mean()), [float(losses[m].mean()) for m in slot_masks], int(at_answer.sum()))
+    per_slot = {name: float(losses[m].mean()) for name, m in zip(modality.slots, slot_masks)}
+    return float(losses[at_answer].mean()), per_slot, int(at_answer.sum())
 
 
-def demo(name: str, folder: Path, steps: int | None = None, heldout: int = 90, blank: bool = False, seed: int = 0,
-         quiet: bool = True) -> dict:
+def demo(name: str, folder: Path, steps: int | None = None, rows: int = TRAIN_ROWS, heldout: int = 90,
+         blank: bool = False, seed: int = 0, quiet: bool = True) -> dict:
     """Generate, train on 2 ranks, evaluate: the figures for one modality."""
     modality = MODALITIES[name]
     steps = steps or modality.steps
+    # One thread here: the compile-time check runs every row through the processor (many tiny tensor ops), which
+    # two threads contending for the cores the ranks also use ran 7x slower (75 vs 10 ms a row of Whisper features).
+    torch.set_num_threads(1)
     started = time.perf_counter()
-    spec_path = prepare(modality, folder, steps, heldout, blank, seed)
+    spec_path = prepare(modality, folder, steps, rows, heldout, blank, seed)
     export, records, compiled = train(spec_path, quiet)
     loss, per_slot, count = answer_loss(modality, spec_path, export, compiled)
     return {"modality": name, "model": modality.model, "answer_loss": loss, "per_slot": per_slot, "answer_tokens": count,
-            "floor": text_only_floor(modality), "steps": steps, "train_rows": steps * GLOBAL_BATCH,
+            "floor": text_only_floor(modality), "steps": steps, "train_rows": rows,
             "first_step_loss": records[0]["loss"], "last_step_loss": records[-1]["loss"],
             "seconds": time.perf_counter() - started}
+
+
+def report(r: dict, blank: bool) -> str:
+    slots = ", ".join(f"{name} {loss:.3f}" for name, loss in r["per_slot"].items())
+    return (f"{r['modality']}: {r['model']}{', one blank medium in every row' if blank else ''}, {r['steps']} steps of "
+            f"{GLOBAL_BATCH} rows on 2 ranks over {r['train_rows']} training rows, {r['seconds']:.0f} s (step loss "
+            f"{r['first_step_loss']:.3f} -> {r['last_step_loss']:.3f})\n"
+            f"  held-out answer-word loss {r['answer_loss']:.3f} ({slots}; {r['answer_tokens']} words)  vs  text-only "
+            f"floor {r['floor']:.3f}: {r['answer_loss'] / r['floor']:.2f} x the floor")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modality", choices=["image", "audio", "both"], default="both")
-    ap.add_argument("--steps", type=int, help="optimizer steps of 8 rows, one epoch of fresh rows (default: image "
+    ap.add_argument("--steps", type=int, help=f"optimizer steps of {GLOBAL_BATCH} rows (default: image "
                     f"{MODALITIES['image'].steps}, audio {MODALITIES['audio'].steps})")
+    ap.add_argument("--rows", type=int, default=TRAIN_ROWS, help="training rows")
     ap.add_argument("--heldout", type=int, default=90, help="held-out rows (a multiple of 9 keeps them balanced)")
     ap.add_argument("--blank", action="store_true", help="the control: one blank image / silence in every row")
     ap.add_argument("--seed", type=int, default=0, help="draws the rows (held-out ones from seed + 1) and the init")
     args = ap.parse_args()
     names = ["image", "audio"] if args.modality == "both" else [args.modality]
     for name in names:
-        r = demo(name, WORK / (name + ("_blank" if args.blank else "")), args.steps, args.heldout, args.blank, args.seed)
-        print(f"{name} ({r['model']}, {'blank media, ' if args.blank else ''}{r['steps']} steps on 2 ranks over "
-              f"{r['train_rows']} fresh rows, {r['seconds']:.0f} s): step loss {r['first_step_loss']:.3f} -> "
-              f"{r['last_step_loss']:.3f}; held-out answer-token loss {r['answer_loss']:.3f} over "
-              f"{r['answer_tokens']} answer words ({', '.join(f'{s:.3f}' for s in r['per_slot'])} per slot) vs text-only floor {r['floor']:.3f}: "
-              f"{r['answer_loss'] / r['floor']:.2f} x the floor", flush=True)
-
+        r = demo(name, WORK / (name + ("_blank" if args.blank else "")), args.steps, args.rows, args.heldout, args.blank,
+                 args.seed)
+        print(report(r, args.blank), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -16,9 +16,9 @@ pytest.importorskip("PIL", reason="images need Pillow: pip install -e '.[media]'
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("modality, steps", [("image", 250), ("audio", 100)])
+@pytest.mark.parametrize("modality, steps", [("image", 150), ("audio", 80)])
 def test_answer_loss_falls_below_the_text_only_floor(tmp_path, modality, steps):
     r = demo(modality, tmp_path / modality, steps=steps, heldout=45)
     assert r["answer_tokens"] == 45 * (2 if modality == "image" else 1)  # every held-out answer word is scored
     assert r["answer_loss"] < 0.5 * r["floor"], r
-    assert max(r["per_slot"]) < 0.8 * r["floor"], r  # the shape (or pitch) is learnt too, not the colour alone
+    assert max(r["per_slot"].values()) < 0.8 * r["floor"], r  # the shape (or pitch) is learnt too, not the colour alone

@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from omnigen import zoo
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("USER ASSISTANT user assistant what colour shape is this sound the a it red green blue square circle triangle low high tone "
+WORDS = ("USER ASSISTANT user assistant what colour shape is this sound the a it red green blue square circle triangle low middle high tone "
          "describe picture hello world").split()
 PUNCTUATION = list("?.,!:")
 
@@ -118,13 +118,14 @@ def write_image(path: Path, colour: str, size=(16, 16)) -> Path:
     return path
 
 
-def write_wav(path: Path, hertz: float, seconds: float = 0.25, rate: int = 16000, width: int = 2) -> Path:
-    """A sine tone as PCM WAV, through the standard library."""
+def write_wav(path: Path, hertz: float, seconds: float = 0.25, rate: int = 16000, width: int = 2,
+              amplitude: float = 0.5) -> Path:
+    """A sine tone (`amplitude` of full scale) as PCM WAV, through the standard library."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = int(seconds * rate)
     peak = 2 ** (8 * width - 1) - 1
     fmt = {1: "B", 2: "h", 4: "i"}[width]
-    values = [int(0.5 * peak * math.sin(2 * math.pi * hertz * t / rate)) + (128 if width == 1 else 0) for t in range(n)]
+    values = [int(amplitude * peak * math.sin(2 * math.pi * hertz * t / rate)) + (128 if width == 1 else 0) for t in range(n)]
     with wave.open(str(path), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(width)

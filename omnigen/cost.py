@@ -189,6 +189,9 @@ def padded_seq_len(seq_len: int, sp: int) -> int:
     return -(-seq_len // sp) * sp
 
 
+SP_CALLS_PER_PASS = 2  # Ulysses all-to-alls per layer and pass: query, key and value in one, then the output
+
+
 def sp_all_to_all_bytes(g: Group, shape: TrainShape, sp: int, recompute: bool) -> int:
     """Bytes one rank sends in Ulysses all-to-alls for one member and one micro-batch.
 
@@ -333,8 +336,8 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         a2a_hops += moe_layers(graph, g) * ep_calls * (mesh.ep - 1)
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
-        a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
-        a2a_hops += g.count * 4 * passes * (mesh.sp - 1)
+        a2a += g.count * all_to_all_s(sp_bytes, SP_CALLS_PER_PASS * passes, mesh.sp, a2a_l)
+        a2a_hops += g.count * SP_CALLS_PER_PASS * passes * (mesh.sp - 1)
 
     tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     per_layer = g.act_bytes_per_token * tokens * to_compute

@@ -126,9 +126,9 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(dp_shard=4), SHAPE, profile, 8)
     assert (frozen.fsdp_hops, frozen.tensors) == (4 * 2 * 3, 0)
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
-    assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes; 1 hop each
+    assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 2 * 3)  # Ulysses: q/k/v together, out x 3 passes; 1 hop each
     assert cost.group_time_s(sp, profile) - cost.group_time_s(sp, hw()) == pytest.approx(
-        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
+        4 * 3 * 1.5e-3 + 4 * 2 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
     one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
 
@@ -139,11 +139,11 @@ def test_all_to_all_link_and_encoder_tower_host_time_by_hand():
     ring = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, hw(), 8)
     direct = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, pairwise, 8)
     sent = cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 2, False)
-    calls = 4 * 4 * 2  # q, k, v, out; forward and backward; 4 layers
+    calls = 2 * 2 * 4  # q, k and v together, then out; forward and backward; 4 layers
     assert ring.all_to_all_s == pytest.approx(calls * 5e-6 + 4 * sent / 100e9)
     assert direct.all_to_all_s == pytest.approx(calls * 1e-6 + 4 * sent / 50e9)
     assert cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=16), SHAPE, pairwise, 8).all_to_all_s == \
-        pytest.approx(4 * 4 * 2 * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
+        pytest.approx(calls * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
     vision, audio = group("model.visual.blocks", "encoder:vision", 2, MB), group("model.audio.layers", "encoder:audio",
                                                                                  2, MB)
     omni = model(FOUNDATION, vision, audio)

@@ -415,13 +415,14 @@ def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) 
     """What is alive at the step's high-water mark, whichever comes higher:
     - end of forward: parameters, optimizer state, every kept activation, the prefetch window of unsharded layers
       (gradients only when an earlier micro-batch left them: zero_grad frees them after each step);
-    - optimizer step: parameters, gradients, optimizer state and AdamW's foreach temporaries (about one gradient)."""
+    - optimizer step: parameters, gradients and optimizer state (the fused AdamW and the in-place clipping allocate
+      nothing more; foreach AdamW made about one gradient of temporaries)."""
     params, grads, optim = (sum(getattr(c, k) for c in costs) for k in ("parameters", "gradients", "optimizer"))
     transient = (FSDP_PREFETCH_UNITS * max(c.gathered_member for c in costs)
                  + sum(c.kept_gathered for c in costs))
     forward = {"parameters": params, "gradients": grads if shape.grad_accum > 1 else 0.0, "optimizer": optim,
                "activations": sum(c.activations for c in costs), "transient": transient}
-    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": grads}
+    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": 0.0}
     at_peak = max((forward, step), key=lambda m: sum(m.values()))
     return {**{k: int(v) for k, v in at_peak.items()}, "overhead": int(hw.overhead_gib * GIB)}
 

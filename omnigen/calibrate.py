@@ -78,7 +78,7 @@ def format_summary(c: Calibration) -> str:
         out.append(f"  {what:<34} {primary:>5} {_si(r['seconds'], 's'):>10}  fitted {_si(fitted, 's'):>9} "
                    f"{fitted / r['seconds'] - 1:>+5.0%}  FLOPs {_si(r['flops'])}")
     opt = raw["optimizer"][0]
-    out.append(f"\noptimizer: clip_grad_norm_ + AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params in "
+    out.append(f"\noptimizer: clip_grad_norm_ + AdamW(fused) over {opt['params'] / 1e6:.3g} M fp32 params in "
                f"{opt['tensors']} tensors: {_si(opt['seconds'], 's')} -> effective "
                f"{c.profile['memory_bandwidth_gbps']} GB/s")
     out.append(f"process memory: peak RSS at start {', '.join(f'{x:.3f}' for x in raw['rss_gib_by_rank'])} GiB by rank")

@@ -4,7 +4,7 @@
   efficiency     fwd+bwd of a real LlamaForCausalLM stack, each step paired with a block of the best GEMM timed just
                  before it (calibrate_fit turns the pairs into matmul_efficiency)
   host overhead  fwd+bwd of tiny Llamas at a few layer counts, timed round-robin
-  optimizer      clip_grad_norm_ + AdamW(foreach) over model-shaped fp32 parameters
+  optimizer      clip_grad_norm_ + AdamW(fused, as the generated scripts) over model-shaped fp32 parameters
   attention      fwd+bwd SDPA at a long-ish sequence, whole and causal
   collectives    all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single from 4 KiB to 64 MiB
   overlap        a GEMM block, an all-gather of about the same length, and both at once (async all-gather)
@@ -225,7 +225,7 @@ def measure_host(dev, s: Settings, now, dtype_name: str) -> list[dict]:
 
 
 def measure_optimizer(dev, s: Settings, now) -> list[dict]:
-    """clip_grad_norm_ + AdamW(foreach) step over fp32 parameters shaped like Llama layers, after a warm-up step
+    """clip_grad_norm_ + AdamW(fused) step over fp32 parameters shaped like Llama layers, after a warm-up step
     (which allocates the optimizer state); grads stay as they are between steps."""
     import torch
     h, layers = s.optimizer
@@ -235,7 +235,7 @@ def measure_optimizer(dev, s: Settings, now) -> list[dict]:
     params = [torch.nn.Parameter(0.02 * torch.randn(shape, device=dev)) for _ in range(layers) for shape in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)

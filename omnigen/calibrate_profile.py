@@ -85,7 +85,7 @@ def _how(raw: dict[str, Any], primary: str, fit: Fit | None, overlap: dict[str, 
            f"{T['hidden_size']}, seq {T['seq_len']}, at {', '.join(str(r['layers']) for r in raw['host'])} layers) "
            "less its compute time, solved together with matmul_efficiency",
            f"memory_bandwidth_gbps = effective: cost.py's bytes per parameter x {opt['params'] / 1e6:.3g} M fp32 "
-           f"parameters in {opt['tensors']} tensors / clip_grad_norm_ + AdamW(foreach) step time"]
+           f"parameters in {opt['tensors']} tensors / clip_grad_norm_ + AdamW(fused) step time"]
     if overlap:
         how.append(f"overlap = (GEMM block + all-gather of {format_bytes(overlap['comm']['bytes'])} apart - together) / "
                    "GEMM block, async all-gather")
@@ -273,7 +273,7 @@ def profile_yaml(c: Calibration, command: str) -> str:
              *(f"{term}: {_num(p[term])}   # host time {what}: {stack or 'not fitted (--no-stack)'}"
                for term, what in STACK_ONLY_TERMS.items()),
              f"memory_bandwidth_gbps: {_num(p['memory_bandwidth_gbps'])}   # effective: reproduces clip_grad_norm_ + "
-             f"AdamW(foreach) over {opt['params'] / 1e6:.3g} M fp32 params",
+             f"AdamW(fused) over {opt['params'] / 1e6:.3g} M fp32 params",
              f"overlap: {_num(p['overlap'])}   # {overlap_note}",
              f"memory_gib: {_num(p['memory_gib'])}   # {mem_note}",
              f"intra_node: {{bandwidth_gbps: {_num(p['intra_node']['bandwidth_gbps'])}, "

@@ -203,6 +203,9 @@ def padded_seq_len(seq_len: int, sp: int) -> int:
     return -(-seq_len // sp) * sp
 
 
+SP_CALLS_PER_PASS = 2  # Ulysses all-to-alls per layer and pass: query, key and value in one, then the output
+
+
 def sp_all_to_all_bytes(g: Group, shape: TrainShape, sp: int, recompute: bool) -> int:
     """Bytes one rank sends in Ulysses all-to-alls for one member and one micro-batch.
 
@@ -347,8 +350,8 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         a2a_hops += moe_layers(graph, g) * ep_calls * (mesh.ep - 1)
     sp_bytes = sp_all_to_all_bytes(g, shape, mesh.sp, recomputes)
     if sp_bytes:
-        a2a += g.count * all_to_all_s(sp_bytes, 4 * passes, mesh.sp, a2a_l)
-        a2a_hops += g.count * 4 * passes * (mesh.sp - 1)
+        a2a += g.count * all_to_all_s(sp_bytes, SP_CALLS_PER_PASS * passes, mesh.sp, a2a_l)
+        a2a_hops += g.count * SP_CALLS_PER_PASS * passes * (mesh.sp - 1)
 
     tokens = shape.tokens(g.role) * sp_share(g.role, mesh)
     per_layer = g.act_bytes_per_token * tokens * to_compute
@@ -427,13 +430,14 @@ def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) 
     """What is alive at the step's high-water mark, whichever comes higher:
     - end of forward: parameters, optimizer state, every kept activation, the prefetch window of unsharded layers
       (gradients only when an earlier micro-batch left them: zero_grad frees them after each step);
-    - optimizer step: parameters, gradients, optimizer state and AdamW's foreach temporaries (about one gradient)."""
+    - optimizer step: parameters, gradients and optimizer state (the fused AdamW and the in-place clipping allocate
+      nothing more; foreach AdamW made about one gradient of temporaries)."""
     params, grads, optim = (sum(getattr(c, k) for c in costs) for k in ("parameters", "gradients", "optimizer"))
     transient = (FSDP_PREFETCH_UNITS * max(c.gathered_member for c in costs)
                  + sum(c.kept_gathered for c in costs))
     forward = {"parameters": params, "gradients": grads if shape.grad_accum > 1 else 0.0, "optimizer": optim,
                "activations": sum(c.activations for c in costs), "transient": transient}
-    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": grads}
+    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": 0.0}
     at_peak = max((forward, step), key=lambda m: sum(m.values()))
     return {**{k: int(v) for k, v in at_peak.items()}, "overhead": int(hw.overhead_gib * GIB)}
 

@@ -30,7 +30,7 @@ def load_config(spec: Spec) -> transformers.PretrainedConfig:
                         "which this transformers version does not know")
     config_class = transformers.CONFIG_MAPPING[model_type]
     base = _config_from_dict(config_class, raw, f"{spec.source}: key 'model.config': {path}")
-    for key, value in spec.model.overrides.items():
+    for key, value in _flat_overrides(spec.model.overrides, base):
         _apply_override(raw, base, key, value, f"{spec.source}: key 'model.overrides.{key}'", path.name)
     if not spec.model.overrides:
         return base
@@ -43,6 +43,21 @@ def _config_from_dict(config_class: type, raw: dict[str, Any], where: str) -> tr
     except Exception as e:  # transformers validates configs (heads dividing hidden, ...): the user's to fix
         reason = str(e).strip().splitlines()[-1].strip()
         raise SpecError(f"{where}: transformers rejects this {config_class.__name__}: {reason}") from None
+
+
+def _flat_overrides(overrides: dict[str, Any], config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs. A mapping given for a sub-config (`--set model.overrides.text_config.hidden_size=256`
+    arrives as {"text_config": {"hidden_size": 256}}) sets those keys inside it: replaced whole, the sub-config would
+    silently fall back to its class defaults for every other key (a tiny MoE's 8 experts would become 128). A
+    mapping for any other attribute (rope_parameters) is a value and replaces it."""
+    pairs = []
+    for key, value in overrides.items():
+        sub = getattr(config, key, None) if config is not None and "." not in key else None
+        if isinstance(value, dict) and isinstance(sub, transformers.PretrainedConfig):
+            pairs += _flat_overrides(value, sub, f"{prefix}{key}.")
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
 
 
 def _apply_override(raw: dict[str, Any], config: Any, key: str, value: Any, where: str, file_name: str) -> None:

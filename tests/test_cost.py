@@ -148,9 +148,9 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(dp_shard=4), SHAPE, profile, 8)
     assert (frozen.fsdp_hops, frozen.tensors) == (4 * 2 * 3, 0)
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
-    assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 4 * 3)  # Ulysses: q, k, v, out x 3 passes; 1 hop each
+    assert (sp.fsdp_hops, sp.all_to_all_hops) == (4 * 3, 4 * 2 * 3)  # Ulysses: q/k/v together, out x 3 passes; 1 hop each
     assert cost.group_time_s(sp, profile) - cost.group_time_s(sp, hw()) == pytest.approx(
-        4 * 3 * 1.5e-3 + 4 * 4 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
+        4 * 3 * 1.5e-3 + 4 * 2 * 3 * 200e-6)  # bare all-to-alls pay their own hops, not FSDP's hooks
     one = cost.estimate(g, Mesh(), {"model.layers": GroupChoice()}, shape, profile, 8)
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
 
@@ -161,11 +161,11 @@ def test_all_to_all_link_and_encoder_tower_host_time_by_hand():
     ring = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, hw(), 8)
     direct = cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=2), SHAPE, pairwise, 8)
     sent = cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 2, False)
-    calls = 4 * 4 * 2  # q, k, v, out; forward and backward; 4 layers
+    calls = 2 * 2 * 4  # q, k and v together, then out; forward and backward; 4 layers
     assert ring.all_to_all_s == pytest.approx(calls * 5e-6 + 4 * sent / 100e9)
     assert direct.all_to_all_s == pytest.approx(calls * 1e-6 + 4 * sent / 50e9)
     assert cost.group_cost(g, FOUNDATION, GroupChoice(), Mesh(sp=16), SHAPE, pairwise, 8).all_to_all_s == \
-        pytest.approx(4 * 4 * 2 * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
+        pytest.approx(calls * 15 * 10e-6 + 4 * cost.sp_all_to_all_bytes(FOUNDATION, SHAPE, 16, False) / 10e9)
     vision, audio = group("model.visual.blocks", "encoder:vision", 2, MB), group("model.audio.layers", "encoder:audio",
                                                                                  2, MB)
     omni = model(FOUNDATION, vision, audio)
@@ -310,7 +310,7 @@ def test_peak_memory_picks_the_higher_phase():
         costs = cost.all_costs(g, mesh, choices, shape, hw(), 1)
         transient = 2 * 4 * 10 * MB + 4 * MB  # two unsharded layers (running + prefetched) and the root, kept
         forward = params * (3 if shape.grad_accum == 1 else 4) + sum(c.activations for c in costs) + transient
-        step = params * 5  # parameters, gradients, two Adam states, foreach temporaries
+        step = params * 4  # parameters, gradients, two Adam states (fused AdamW: no temporaries)
         return max(forward, step) + GIB
 
     for shape in (SHAPE, TrainShape(seq_len=65536, micro_batch_size=1, grad_accum=2, precision="fp32")):
@@ -318,10 +318,10 @@ def test_peak_memory_picks_the_higher_phase():
         assert sum(memory.values()) == pytest.approx(by_hand(shape), abs=8)
     long = cost.memory_breakdown(g, mesh, choices, TrainShape(65536, 1, 2, "fp32"), hw())
     assert long["gradients"] == params  # an earlier micro-batch left its gradients
-    # Replicated layers gather nothing: the optimizer step (with its temporaries) is the high-water mark.
+    # Replicated layers gather nothing: the optimizer step is the high-water mark.
     whole = {"model.layers": GroupChoice(replicate=True)}
     short = cost.memory_breakdown(g, mesh, whole, TrainShape(16, 1, 1, "fp32"), hw())
-    assert short["activations"] == 0 and short["transient"] == short["gradients"] == 4 * 40 * MB + MB
+    assert short["activations"] == short["transient"] == 0 and short["gradients"] == 4 * 40 * MB + MB
 
 
 def test_expert_parallel_bytes_by_hand():

@@ -89,3 +89,16 @@ def test_cli_sizes_that_do_not_multiply_to_the_world(tmp_path):
     path = write_spec(tmp_path, base(cluster={"procs_per_node": 4}, parallel={"dp_replicate": 3}))
     result = CliRunner().invoke(main, ["plan", str(path)])
     assert result.exit_code == 2 and "world size 4" in result.output and "Traceback" not in result.output
+
+
+def test_set_inside_a_sub_config_keeps_its_other_keys():
+    """--set model.overrides.text_config.X=... arrives as {"text_config": {"X": ...}}: it sets X inside the
+    sub-config; replacing it whole dropped every other key to the class default (8 experts became 128)."""
+    from omnigen.hf import load_config
+
+    spec = load_spec(ROOT / "specs" / "qwen3_omni_moe_tiny_sp2_ep2.yaml",
+                     ["model.overrides.text_config.hidden_size=128",
+                      "model.overrides.text_config.rope_parameters={rope_type: default, rope_theta: 10.0}"])
+    text = load_config(spec).text_config
+    assert text.hidden_size == 128 and text.num_experts == 8 and text.moe_intermediate_size == 64
+    assert text.rope_parameters["rope_theta"] == 10.0 and "mrope_section" not in text.rope_parameters  # a value: replaced

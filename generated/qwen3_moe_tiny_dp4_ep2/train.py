@@ -278,14 +278,13 @@ def inverse_permutation(perm):
 
 
 def run_local_experts(experts, rows, rows_per_expert):
-    """The eager experts math of transformers, down(gate(x) * up(x)), on this rank's experts; `rows` are grouped
-    by local expert. Idle experts run on zero rows so their weights still get a (zero) gradient on every rank:
-    FSDP reduce-scatters the same set of gradients everywhere."""
-    outputs = []
-    for e, x in enumerate(rows.split(rows_per_expert)):
-        gate_up = x @ experts.gate_up_proj[e].T
-        outputs.append(experts._apply_gate(gate_up) @ experts.down_proj[e].T)  # the model's activation(gate) * up
-    return torch.cat(outputs)
+    """The experts math of transformers, down(gate(x) * up(x)), on this rank's experts: `rows` are grouped by local
+    expert, and each projection is one grouped matmul over all of them (expert e's rows end at ends[e]), as
+    transformers' default "grouped_mm" experts compute it. Every local expert's weights get a gradient, zero for an
+    idle one: FSDP reduce-scatters the same set of gradients everywhere."""
+    ends = torch.tensor(rows_per_expert, device=rows.device).cumsum(0).to(torch.int32)
+    gate_up = F.grouped_mm(rows, experts.gate_up_proj.transpose(1, 2), offs=ends)
+    return F.grouped_mm(experts._apply_gate(gate_up), experts.down_proj.transpose(1, 2), offs=ends)  # activation(gate) * up
 
 
 def record_expert_load(experts, tokens_per_expert):
@@ -673,9 +672,10 @@ EPS = 1e-08
 
 
 def build_optimizer(model):
-    """AdamW over the trainable parameters (frozen ones get no optimizer state)."""
+    """AdamW over the trainable parameters (frozen ones get no optimizer state). The fused kernel updates each
+    parameter and its two moments in one pass, with no temporaries (foreach makes a gradient-sized one)."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
-                             weight_decay=WEIGHT_DECAY, foreach=True)
+                             weight_decay=WEIGHT_DECAY, fused=True)
 
 
 def lr_at(step):

@@ -233,6 +233,7 @@ def test_the_models_dense_masks_bound_the_context_it_plans(tmp_path):
     attention pattern (sliding and full), which every Ulysses rank holds whole. The longest context the plan reports
     per sp degree leaves room for both masks: without them it reported 263,043 tokens at sp=1 (129 GiB of masks)."""
     config = transformers.Gemma3Config()
+    config.vision_config.image_size = 896  # the released 4B's; the class default 224 has 14 x 14 patches for 16 x 16 tokens
     config.architectures = ["Gemma3ForConditionalGeneration"]
     folder = M.write(config, tmp_path / "gemma3")
     spec = spec_from_dict({"name": "g3", "model": {"config": str(folder)},

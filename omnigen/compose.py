@@ -8,8 +8,9 @@ Module paths (what the planner's groups, model.freeze and FSDP name):
     encoders.<modality>    the HF encoder model (SiglipVisionModel, CLIPVisionModel, ...)
     projectors.<modality>  Linear, or Linear-GELU-Linear (mlp2x_gelu), encoder hidden -> foundation hidden
     foundation             the HF causal LM; its lm_head is the text decoder
-    decoders.<modality>    a codebook decoder (image_tokens): head Linear(hidden, codebook_size) predicting the
-                           codebook tokens, embed Embedding(codebook_size, hidden) feeding them back as input
+    decoders.<modality>    a codebook decoder (image_tokens, audio_codec): head Linear(hidden, codebooks x
+                           codebook_size) predicting the codebook tokens, embed Embedding(codebooks x codebook_size,
+                           hidden) feeding them back as input
 """
 
 from __future__ import annotations
@@ -160,9 +161,6 @@ def load_parts(spec: Spec) -> LoadedParts:
                             f"{e.placeholder_token_id} is outside the foundation's vocabulary [0, {vocab})")
     for i, d in enumerate(parts.decoders):
         key = f"{spec.source}: key 'model.parts.decoders[{i}]"
-        if d.modality == "audio_codec":
-            raise SpecError(f"{key}.modality': audio_codec decoders are not built yet; text (the foundation's "
-                            "lm_head) and image_tokens (a codebook head) are")
         if d.placeholder_token_id is not None and d.placeholder_token_id >= vocab:
             raise SpecError(f"{key}.placeholder_token_id': {d.placeholder_token_id} is outside the foundation's "
                             f"vocabulary [0, {vocab})")
@@ -185,13 +183,14 @@ def projector(kind: str, in_features: int, out_features: int) -> nn.Module:
 
 
 class CodebookDecoder(nn.Module):
-    """A decoder of discrete tokens (a VQ codebook): head predicts them from the foundation's hidden states, embed
-    feeds them back as the foundation's input at their positions."""
+    """A decoder of discrete tokens (VQ codebooks): head predicts them from the foundation's hidden states, embed
+    feeds them back as the foundation's input at their positions; codebook c's entries sit at rows
+    [c x codebook_size, (c + 1) x codebook_size) of both."""
 
-    def __init__(self, codebook_size: int, hidden: int):
+    def __init__(self, codebook_size: int, hidden: int, codebooks: int = 1):
         super().__init__()
-        self.embed = nn.Embedding(codebook_size, hidden)
-        self.head = nn.Linear(hidden, codebook_size, bias=False)
+        self.embed = nn.Embedding(codebooks * codebook_size, hidden)
+        self.head = nn.Linear(hidden, codebooks * codebook_size, bias=False)
 
 
 class OmniModel(nn.Module):
@@ -203,7 +202,7 @@ class OmniModel(nn.Module):
         self.projectors = nn.ModuleDict({e.part.modality: projector(e.part.projector, e.hidden_size, hidden)
                                          for e in parts.encoders})
         self.foundation = getattr(transformers, parts.foundation_class)._from_config(parts.foundation_config)
-        self.decoders = nn.ModuleDict({d.modality: CodebookDecoder(d.codebook_size, hidden)
+        self.decoders = nn.ModuleDict({d.modality: CodebookDecoder(d.codebook_size, hidden, d.codebooks)
                                        for d in parts.codebook_decoders})
 
     def get_input_embeddings(self):
@@ -261,7 +260,4 @@ def analyze_composite(spec: Spec, parts: LoadedParts):
     graph = analyze_model(model, parts.foundation_config, COMPOSITE_CLASS, part_roles(parts))
     kinds = " + ".join([*(e.config.model_type for e in parts.encoders), parts.foundation_config.model_type,
                         *(f"{d.modality} head" for d in parts.codebook_decoders)])
-    # The placeholder scatter happens before the foundation sees the sequence; Ulysses for composed models is not built.
-    return replace(graph, model_type=f"parts: {kinds}",
-                   attention_refused="the placeholder scatter of a model composed from parts (model.parts; not built "
-                                     "yet)")
+    return replace(graph, model_type=f"parts: {kinds}")

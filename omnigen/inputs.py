@@ -570,12 +570,11 @@ PART_FAMILIES = {"siglip_vision_model": _whole_crop_part, "clip_vision_model": _
 
 
 def _codebook_output(decoder: Any, every: int) -> dict[str, Any]:
-    """A generated item of a codebook decoder (image_tokens): tokens_per_item placeholder positions that end the
-    sample, whose inputs are codebook embeddings of random codes (batch key <modality>) and whose next-token targets
-    are those codes (batch key <modality>_labels), predicted by the decoder's head."""
-    return {"token_id": decoder.placeholder_token_id, "codebook_size": decoder.codebook_size,
-            "llm_tokens_per_item": decoder.tokens_per_item, "every": every,
-            "labels_key": f"{decoder.modality}_labels"}
+    """A generated item of a codebook decoder (an image, a clip): tokens_per_item placeholder positions that end the
+    sample, whose inputs are codebook embeddings of random codes (batch key <modality>, [positions, codebooks]) and
+    whose next-token targets are those codes (batch key <modality>_labels), predicted by the decoder's head."""
+    return {"token_id": decoder.placeholder_token_id, "positions": decoder.tokens_per_item,
+            "codebooks": decoder.codebooks, "codebook_size": decoder.codebook_size, "every": every}
 
 
 def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
@@ -593,7 +592,8 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
                                              "start_token_id": None, "end_token_id": None, "wrapper_tokens": 0,
                                              "every": (every or {}).get(encoder.part.modality, 1)}
     outputs = {d.modality: _codebook_output(d, (every or {}).get(d.modality, 1)) for d in parts.codebook_decoders}
-    min_seq_len = sum(m["llm_tokens_per_item"] for m in [*modalities.values(), *outputs.values()]) + MIN_TEXT_TOKENS
+    min_seq_len = (sum(m["llm_tokens_per_item"] for m in modalities.values())
+                   + sum(o["positions"] for o in outputs.values()) + MIN_TEXT_TOKENS)
     if seq_len < min_seq_len:
         raise SpecError(f"train.seq_len={seq_len} is too short for the composed model: a sample needs {min_seq_len} "
                         f"tokens; use seq_len >= {min_seq_len}")
@@ -608,6 +608,6 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
     kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]} | set(outputs)
     return _sorted({
         "class_name": COMPOSITE_CLASS, "seq_len": seq_len, "min_seq_len": min_seq_len,
-        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities, **outputs,
-        "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders,
+        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities,
+        "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders, "outputs": outputs,
     })

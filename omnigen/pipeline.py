@@ -78,11 +78,17 @@ def plan_composite(spec: Spec) -> Compiled:
         t = spec.train
         check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
     synthetic = spec.train.synthetic
-    every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every}
+    every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every,
+             "audio_codec": synthetic.audio_codec_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
                               spec.source)
     prefixes = compose.part_weights(spec, parts)
     the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec, prefixes))
+    sp, seq_len = the_plan.mesh["sp"], spec.train.seq_len
+    if parts.codebook_decoders and seq_len % sp:  # the per-position codes would need padding of their own
+        raise SpecError(f"{spec.source}: key 'train.seq_len': {seq_len} does not split evenly over parallel.sp={sp}, "
+                        f"which a model with a {parts.codebook_decoders[0].modality} decoder needs; use seq_len "
+                        f"{seq_len + -seq_len % sp}")
     return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
 
 

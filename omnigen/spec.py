@@ -59,15 +59,18 @@ class FoundationPart(_Strict):
 class DecoderPart(_Strict):
     """An output head on the foundation's hidden states, and its weight in the objective.
 
-    text: the foundation's own lm_head. image_tokens: a codebook head (Janus/Emu3/Chameleon style), the foundation
-    predicts the discrete tokens of a VQ image tokenizer at the positions of an image being generated; the codebook
-    embeddings are fed back as the input at those positions."""
+    text: the foundation's own lm_head. image_tokens, audio_codec: a codebook head. The foundation predicts the
+    discrete tokens of a VQ tokenizer at the positions of an item being generated (an image: Janus/Emu3/Chameleon
+    style; a clip: an audio codec's frames), and the codebook embeddings are fed back as the input at those
+    positions. A codec with several codebooks (residual VQ) has `codebooks` tokens per position: their embeddings
+    are summed, and each codebook has its own head."""
     modality: Literal["text", "image_tokens", "audio_codec"]
     kind: Literal["lm_head", "codebook_head"] | None = None   # default: lm_head for text, codebook_head otherwise
     loss_weight: FiniteFloat = Field(1.0, gt=0.0)
     codebook_size: PositiveInt | None = None      # codebook_head: entries of the VQ codebook (its head's outputs)
     placeholder_token_id: int | None = Field(None, ge=0)  # codebook_head: the foundation's token id at its positions
-    tokens_per_item: PositiveInt | None = None    # codebook_head: codebook tokens per generated image
+    tokens_per_item: PositiveInt | None = None    # codebook_head: positions per generated item (image, clip)
+    codebooks: PositiveInt = 1                    # codebook_head: tokens per position, one from each codebook
 
     @model_validator(mode="after")
     def _kind_of_modality(self) -> "DecoderPart":
@@ -77,6 +80,7 @@ class DecoderPart(_Strict):
         elif self.kind != natural:
             raise ValueError(f"the {self.modality} decoder is a {natural} (got kind: {self.kind})")
         given = [k for k in CODEBOOK_KEYS if getattr(self, k) is not None]
+        given += ["codebooks"] if self.codebooks != 1 else []
         if natural == "lm_head" and given:
             raise ValueError(f"{', '.join(given)}: the text decoder is the foundation's lm_head, sized by its config")
         missing = [k for k in CODEBOOK_KEYS if getattr(self, k) is None]
@@ -185,6 +189,7 @@ class SyntheticSpec(_Strict):
     audio_every: PositiveInt = 1
     video_every: Annotated[int, Field(ge=0)] = 0
     image_tokens_every: PositiveInt = 1  # sample i ends in an image to generate iff i % image_tokens_every == 0
+    audio_codec_every: PositiveInt = 1   # likewise a clip to generate (a model with an audio_codec decoder)
 
 
 class TrainSpec(_Strict):
@@ -303,8 +308,9 @@ class Spec(_Strict):
         raw = self.model_dump(mode="json", by_alias=True)
         if raw["model"]["parts"] is None:  # a whole-model spec reads (and hashes) as it did before parts existed
             del raw["model"]["parts"]
-        if raw["train"]["synthetic"]["image_tokens_every"] == 1:  # likewise for specs without image outputs
-            del raw["train"]["synthetic"]["image_tokens_every"]
+        for output in ("image_tokens_every", "audio_codec_every"):  # likewise for specs without generated outputs
+            if raw["train"]["synthetic"][output] == 1:
+                del raw["train"]["synthetic"][output]
         return raw
 
 

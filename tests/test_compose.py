@@ -14,9 +14,12 @@ MODELS = ROOT / "specs" / "models"
 SPEC = ROOT / "specs" / "siglip_qwen3_moe_tiny_parts.yaml"
 SPEC_EP = ROOT / "specs" / "siglip_qwen3_moe_tiny_parts_ep2.yaml"
 SPEC_OMNI = ROOT / "specs" / "siglip_whisper_qwen3_moe_tiny_omni_ep2.yaml"
+SPEC_OMNI_SP = ROOT / "specs" / "siglip_whisper_qwen3_moe_tiny_omni_sp2_ep2.yaml"
 
 
 IMAGE_TOKENS = {"modality": "image_tokens", "codebook_size": 256, "placeholder_token_id": 1001, "tokens_per_item": 8}
+AUDIO_CODEC = {"modality": "audio_codec", "codebook_size": 64, "codebooks": 4, "placeholder_token_id": 1003,
+               "tokens_per_item": 6}
 
 
 def parts(**changes) -> dict:
@@ -67,6 +70,9 @@ def test_trainable_false_and_part_parallel_map_onto_freeze_and_placement():
     ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "kind": "lm_head"}])},
      "the image_tokens decoder is a codebook_head"),
     ({"parts": parts(decoders=[{"modality": "text", "codebook_size": 8}])}, "the text decoder is the foundation's"),
+    ({"parts": parts(decoders=[{"modality": "text", "codebooks": 4}])}, "codebooks: the text decoder is the"),
+    ({"parts": parts(decoders=[{"modality": "text"}, {**AUDIO_CODEC, "codebooks": 0}])},
+     "model.parts.decoders.1.codebooks"),
     ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "placeholder_token_id": 1000}])},
      "an encoder and a decoder share a placeholder_token_id"),
     ({"parts": parts(decoders=[{"modality": "text"}, IMAGE_TOKENS, IMAGE_TOKENS])}, "one decoder per modality"),
@@ -82,14 +88,12 @@ def test_bad_part_specs_are_refused_by_key(tmp_path, model, expected):
     ({"parts": parts(encoder_placeholder_token_id=4096)}, "outside the foundation's vocabulary [0, 1024)"),
     ({"parts": parts(encoder_config=str(MODELS / "llama_tiny"))}, "is not an image encoder omnigen can feed"),
     ({"parts": parts(encoder_modality="audio")}, "is not an audio encoder omnigen can feed; supported: whisper"),
-    ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "modality": "audio_codec"}])},
-     "audio_codec decoders are not built yet"),
     ({"parts": parts(decoders=[{"modality": "text"}, {**IMAGE_TOKENS, "placeholder_token_id": 5000}])},
      "decoders[1].placeholder_token_id': 5000 is outside the foundation's vocabulary"),
     ({"parts": parts(foundation={"config": str(MODELS / "qwen3_moe_tiny"), "class": "Qwen2VLModel"})},
      "is not a causal LM taking inputs_embeds"),
     ({"parts": parts(encoder_tokens_per_item=9)}, "tokens_per_item=9, but SiglipVisionModel puts out 16"),
-], ids=["vocab", "not-an-encoder", "audio", "audio-codec", "decoder-vocab", "foundation-class", "tokens"])
+], ids=["vocab", "not-an-encoder", "audio", "decoder-vocab", "foundation-class", "tokens"])
 def test_parts_transformers_cannot_serve_are_refused_at_compile(tmp_path, model, expected):
     assert expected in error_of(tmp_path, model, {"train": {"seq_len": 64}})
 
@@ -124,12 +128,13 @@ def test_each_part_gets_its_own_plan(compiled_ep):
     assert p.inputs["text"]["token_high"] == 1000  # synthetic text never draws the placeholder
 
 
-def test_a_pinned_replicate_on_experts_and_ulysses_are_refused(tmp_path):
+def test_a_pinned_replicate_on_experts_and_an_uneven_sp_split_of_codes_are_refused(tmp_path):
     spec = {"parts": parts(foundation={"config": str(MODELS / "qwen3_moe_tiny"),
                                        "parallel": {"placement": "replicate"}})}
     assert "its layers hold routed experts" in error_of(tmp_path, spec, {"train": {"seq_len": 64}})
-    assert "placeholder scatter of a model composed from parts" in error_of(
-        tmp_path, {"parts": parts()}, {"train": {"seq_len": 64}, "parallel": {"sp": 2}})
+    codes = {"parts": parts(decoders=[{"modality": "text"}, AUDIO_CODEC])}
+    assert "key 'train.seq_len': 63 does not split evenly over parallel.sp=2" in error_of(
+        tmp_path, {**codes}, {"train": {"seq_len": 63}, "parallel": {"sp": 2}, "cluster": {"procs_per_node": 2}})
 
 
 def test_the_scripts_omnimodel_builds_what_the_analyzer_read(tmp_path, compiled_ep):
@@ -214,11 +219,64 @@ def test_image_token_head_samples_forward_and_weighted_objective(tmp_path):
     batch = dict(batches[0])
     with torch.no_grad():
         output, loss, terms = script.prediction_loss(model, dict(batch), text_count)
-    assert output.logits.shape == (1, 64, 1024) and output.decoder_logits["image_tokens"].shape == (1, 64, 256)
+    assert output.logits.shape == (1, 64, 1024) and output.decoder_logits["image_tokens"].shape == (1, 64, 1, 256)
     assert torch.allclose(loss, terms["loss_text"] + 0.5 * terms["loss_image_tokens"])
-    expected = torch.nn.functional.cross_entropy(output.decoder_logits["image_tokens"][0], batch["image_tokens_labels"][0],
-                                                 ignore_index=-100, reduction="sum") / 8
+    expected = torch.nn.functional.cross_entropy(output.decoder_logits["image_tokens"][0, :, 0],
+                                                 batch["image_tokens_labels"][0, :, 0], ignore_index=-100,
+                                                 reduction="sum") / 8
     assert torch.allclose(terms["loss_image_tokens"], expected)
+
+
+def test_audio_codec_head_feeds_back_and_predicts_every_codebook(tmp_path):
+    """A codec decoder with 4 residual codebooks: each generated position holds one code of each, its input is the
+    sum of their embeddings (one slice of the table per codebook), the head predicts all four one position early,
+    and the decoder's loss is the mean over every code of the step."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    from omnigen.emit import write
+    from omnigen.pipeline import plan, render
+    path = tmp_path / "codec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "codec", "model": {"parts": parts(decoders=[{"modality": "text"}, {**AUDIO_CODEC, "loss_weight": 2.0}])},
+        "train": {"seq_len": 64, "global_batch_size": 4, "steps": 2, "synthetic": {"audio_codec_every": 2}},
+        "parallel": {"dp_shard": 2}}))
+    write(render(plan(load_spec(path)), tmp_path / "out"), tmp_path / "out")
+    module_spec = importlib.util.spec_from_file_location("codec_train", tmp_path / "out" / "train.py")
+    script = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(script)
+    sample = script.make_sample(0, 64, 0)
+    at = sample["input_ids"] == 1003
+    assert at[-6:].all() and int(at.sum()) == 6 and not (script.make_sample(1, 64, 0)["input_ids"] == 1003).any()
+    codes, labels = sample["audio_codec"], sample["audio_codec_labels"]
+    assert codes.shape == labels.shape == (64, 4) and (codes[:-6] == 0).all() and len(codes[-6:].unique()) > 4
+    assert torch.equal(labels[-7:-1], codes[-6:]) and (labels[:-7] == -100).all() and (labels[-1] == -100).all()
+
+    model = script.build_model()
+    decoder = model.decoders["audio_codec"]
+    assert tuple(decoder.embed.weight.shape) == tuple(decoder.head.weight.shape) == (4 * 64, 64)
+    summed = sum(decoder.embed.weight[c * 64 + codes[-1, c]] for c in range(4))
+    assert torch.allclose(decoder.embed_codes(codes[None, -1:])[0, 0], summed)
+
+    batches = [script.collate([script.make_sample(i, 64, 0)]) for i in range(2)]
+    script.count_decoder_labels(batches, torch.device("cpu"))
+    assert [b["audio_codec_label_count"] for b in batches] == [24.0, 24.0]  # 6 positions x 4 codebooks
+    text_count = sum(int((b["shift_labels"] != -100).sum()) for b in batches)
+    with torch.no_grad():
+        output, loss, terms = script.prediction_loss(model, dict(batches[0]), text_count)
+        other = dict(batches[0], audio_codec=batches[0]["audio_codec"].clone())
+        other["audio_codec"][0, -6, 2] += 1  # one code of the third codebook at the first generated position
+        changed = script.prediction_loss(model, other, text_count)[0].decoder_logits["audio_codec"]
+    logits = output.decoder_logits["audio_codec"]
+    assert logits.shape == (1, 64, 4, 64)
+    assert torch.allclose(loss, terms["loss_text"] + 2.0 * terms["loss_audio_codec"])
+    expected = F.cross_entropy(logits[0].flatten(0, 1), batches[0]["audio_codec_labels"][0].flatten(),
+                               ignore_index=-100, reduction="sum") / 24
+    assert torch.allclose(terms["loss_audio_codec"], expected)
+    assert torch.allclose(changed[0, :-6], logits[0, :-6], atol=1e-6)  # causal: earlier positions cannot see it
+    assert not torch.allclose(changed[0, -6:], logits[0, -6:], atol=1e-3)
 
 
 def test_image_token_head_needs_synthetic_data(tmp_path):
@@ -258,18 +316,20 @@ def test_whisper_encoder_part_takes_its_fixed_mel_window(tmp_path):
            {n: tuple(p.shape) for n, p in twin.named_parameters()}
     batch = script.collate([script.make_sample(0, 64, 0)])  # sample 0 carries an image, a clip and an image to make
     assert int((batch["input_ids"] == 1002).sum()) == 8 and tuple(batch["input_features"].shape) == (1, 16, 16)
-    labels = {k: batch.pop(k) for k in ("shift_labels", "image_tokens_labels")}
+    labels = {k: batch.pop(k) for k in list(batch) if k.endswith("labels")}
     with torch.no_grad():
         heard = model(**batch).logits
         deaf = model(**{k: v for k, v in batch.items() if k != "input_features"}).logits
     assert not torch.allclose(heard, deaf) and (labels["image_tokens_labels"] != -100).sum() == 16
 
 
-def test_verify_any_to_any_on_4_ranks(tmp_path):
-    """The issue's proof: SigLIP (frozen, replicated) + Whisper + Qwen3-MoE (FSDP over 4 ranks, ep=2) with a text
-    head and an image-token head, against one process; the per-decoder losses agree too (verify compares loss_*)."""
+@pytest.mark.parametrize("spec", [SPEC_OMNI, SPEC_OMNI_SP], ids=["dp4-ep2", "dp2-sp2-ep2"])
+def test_verify_any_to_any_on_4_ranks(tmp_path, spec):
+    """The issue's proof: SigLIP (frozen, replicated) + Whisper + Qwen3-MoE (FSDP, ep=2) with a text head, an
+    image-token head and a 4-codebook audio-codec head, against one process, with and without Ulysses sp=2; the
+    per-decoder losses agree too (verify compares loss_*)."""
     from omnigen import runner
-    assert runner.verify(load_spec(SPEC_OMNI), steps=2, workdir=str(tmp_path)) == 0
+    assert runner.verify(load_spec(spec), steps=2, workdir=str(tmp_path)) == 0
 
 
 def test_explain_names_each_part_and_who_set_its_placement():

@@ -379,10 +379,11 @@ def apply_sequence_parallel(model, sp_group):
 
 
 def split_labels(batches, sp_rank):
-    """The model sees whole sequences (split_sequence_hook splits them inside); the loss and its labels cover this
-    rank's chunk only."""
+    """The model sees whole sequences (split_sequence_hook splits them inside); the loss and its labels (the text's
+    shift_labels, and a codebook decoder's <modality>_labels) cover this rank's chunk only."""
     for batch in batches:
-        batch["shift_labels"] = local_chunk(batch["shift_labels"], 1, sp_rank)
+        for key in [key for key in batch if key.endswith("labels")]:
+            batch[key] = local_chunk(batch[key], 1, sp_rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,8 +458,8 @@ def apply_fsdp(model, mesh):
 
 def summed_cross_entropy(logits, labels):
     """Next-token cross entropy summed over the valid labels (labels were shifted on the full sequence when the
-    sample was built), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    sample was built), in fp32. logits [..., classes] for labels [...]."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward_with_loss(model, batch):

@@ -636,8 +636,8 @@ def apply_fsdp(model, mesh):
 
 def summed_cross_entropy(logits, labels):
     """Next-token cross entropy summed over the valid labels (labels were shifted on the full sequence when the
-    sample was built), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    sample was built), in fp32. logits [..., classes] for labels [...]."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward_with_loss(model, batch):

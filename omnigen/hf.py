@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,14 @@ def match_weights(model: torch.nn.Module, folder: Path, key: str, source: str, w
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary" not in k and k not in tied}
     prefix = "" if whole else _common_prefix(expected, shapes)
     held = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    merged: dict[str, dict[str, int]] = {}
+    if not prefix and set(held) - set(expected):  # another layout: the script's loader has transformers convert it
+        held, merged = _converted_names(model, held)
     problems = [f"{prefix}{k} has shape {list(held[k])}, the model {list(expected[k])}"
-                for k in sorted(set(held) & set(expected)) if held[k] != expected[k]]
+                for k in sorted(set(held) & set(expected)) if held[k] is not None and held[k] != expected[k]]
+    problems += [f"{k} would stack {n} tensors {source}, the model holds {expected[k][0]}"
+                 for k, counts in sorted(merged.items()) if k in expected
+                 for source, n in counts.items() if n != expected[k][0]]
     problems += [f"unexpected {k}" for k in sorted(set(held) - set(expected)) if whole and "rotary" not in k]
     problems += [f"missing {prefix}{k}" for k in sorted(set(expected) - set(held))]
     if problems:
@@ -167,6 +174,32 @@ def match_weights(model: torch.nn.Module, folder: Path, key: str, source: str, w
         raise SpecError(f"{source}: key '{key}': the tensors in {folder} do not match "
                         f"{type(model).__name__}: {'; '.join(problems[:5])}{more}")
     return prefix
+
+
+def _converted_names(model: torch.nn.Module, held: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """The checkpoint's tensor names as transformers' from_pretrained loads them into this model: its conversion
+    rules rename keys and stack tensors (one per expert, as save_pretrained writes them, into the fused [experts,
+    ...] tensors the model holds). Returns the names (a stacked tensor's shape None) and, per stacked name, how many
+    tensors of each source pattern it stacks."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    try:
+        rules = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a model transformers converts nothing for keeps its names
+        return held, {}
+    converted, merged = dict(held), {}
+    for rule in rules:
+        stacks = len(rule.source_patterns) > 1 or "*" in rule.source_patterns[0]
+        for source, target in zip(rule.source_patterns, rule.target_patterns * len(rule.source_patterns)):
+            pattern = re.escape(source).replace(r"\*", r"\d+") if stacks else source
+            renamed = {}
+            for name, shape in converted.items():
+                new = re.sub(pattern, target, name)
+                if new != name and stacks:
+                    counts = merged.setdefault(new, {})
+                    counts[source] = counts.get(source, 0) + 1
+                renamed[new] = None if new != name and stacks else shape
+            converted = renamed
+    return converted, merged
 
 
 def _common_prefix(expected: dict[str, Any], held: dict[str, Any]) -> str:

@@ -351,9 +351,8 @@ def test_explain_names_each_part_and_who_set_its_placement():
 
 def test_parts_start_from_released_weights(tmp_path):
     """Each part loads its own safetensors: a SigLIP vision checkpoint as saved, the encoder of a whole Whisper
-    checkpoint (its tensors under model.encoder., the decoder's left unread), a Qwen3-MoE causal LM with tied
-    embeddings (a dense Llama foundation: transformers saves MoE experts per expert, not in the fused layout the
-    script loads by name). The script's build_model holds exactly those tensors; weights of another model are
+    checkpoint (its tensors under model.encoder., the decoder's left unread), a Llama causal LM with tied
+    embeddings (MoE foundations: the test below). The script's build_model holds exactly those tensors; weights of another model are
     refused at compile, naming the part's key."""
     import importlib.util
 
@@ -396,3 +395,48 @@ def test_parts_start_from_released_weights(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "key 'model.parts.foundation.weights'" in result.output and "missing" in result.output, result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_moe_checkpoints_saved_per_expert_load_through_transformers_conversion(tmp_path):
+    """transformers' save_pretrained writes a Qwen3-MoE's experts one tensor each (experts.3.gate_proj.weight); the
+    model trains them fused (experts.gate_up_proj). Compile checks the names through transformers' conversion rules
+    and the script's loader has from_pretrained merge them: as a foundation part and as a whole model
+    (model.weights). A checkpoint lacking one expert is refused at compile, naming the key."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from omnigen.cli import main
+
+    torch.manual_seed(2)
+    moe = transformers.Qwen3MoeForCausalLM(transformers.AutoConfig.from_pretrained(MODELS / "qwen3_moe_tiny"))
+    moe.save_pretrained(tmp_path / "moe")
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in load_file(tmp_path / "moe" / "model.safetensors")
+    part_spec = yaml.safe_load(SPEC_EP.read_text())
+    part_spec["model"]["parts"]["foundation"].update(config=str(tmp_path / "moe"), weights=str(tmp_path / "moe"))
+    part_spec["model"]["parts"]["encoders"][0]["config"] = str(MODELS / "siglip_vision_tiny")
+    whole_spec = yaml.safe_load((ROOT / "specs" / "qwen3_moe_tiny_ep2.yaml").read_text())
+    whole_spec["model"].update(config=str(tmp_path / "moe"), weights=str(tmp_path / "moe"))
+    for name, spec, prefix in (("part", part_spec, "foundation."), ("whole", whole_spec, "")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        result = CliRunner().invoke(main, ["compile", str(tmp_path / f"{name}.yaml"), "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        module_spec = importlib.util.spec_from_file_location(f"{name}_train", tmp_path / name / "train.py")
+        script = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(script)
+        built = script.build_model().state_dict()
+        for key, tensor in moe.state_dict().items():
+            assert torch.equal(built[prefix + key], tensor), key
+
+    held = load_file(tmp_path / "moe" / "model.safetensors")
+    (tmp_path / "lacking").mkdir()
+    save_file({k: v for k, v in held.items() if ".experts.3." not in k or ".layers.1." not in k},
+              tmp_path / "lacking" / "model.safetensors")
+    whole_spec["model"]["weights"] = str(tmp_path / "lacking")
+    (tmp_path / "lacking.yaml").write_text(yaml.safe_dump(whole_spec))
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "lacking.yaml"), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "key 'model.weights'" in result.output and "layers.1.mlp.experts" in result.output, result.output

@@ -220,10 +220,23 @@ def load_safetensors(model, folder, prefix=""):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), framework="pt") as f:
                 state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+    if not prefix and set(state) - set(model.state_dict()):  # another layout than the model holds in memory
+        state = converted_state(model, folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     if unexpected or [k for k in missing if "rotary" not in k and k not in tied]:
         raise RuntimeError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def converted_state(model, folder):
+    """The checkpoint in folder as the model holds it in memory, converted by transformers' own loader: e.g. one
+    tensor per expert (as save_pretrained writes them) merged into the fused [experts, ...] tensors the model trains."""
+    loaded, info = type(model).from_pretrained(folder, config=model.config, dtype=torch.float32,
+                                               attn_implementation="sdpa", output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise RuntimeError(f"weights do not match the model: missing {sorted(info['missing_keys'])[:5]}, "
+                           f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+    return loaded.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------

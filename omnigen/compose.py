@@ -212,6 +212,38 @@ class OmniModel(nn.Module):
         return self.foundation.get_output_embeddings()
 
 
+def parts_from_compiled(parts: dict[str, Any], config: dict[str, Any]) -> LoadedParts:
+    """The parts a compiled folder describes (plan.json's parts, config.json's configs by module path): what
+    `omnigen export` rebuilds the script's OmniModel from, without the spec."""
+    def hf_config(class_name: str, raw: dict[str, Any]) -> transformers.PretrainedConfig:
+        built = getattr(transformers, class_name).from_dict(raw)
+        built.dtype = torch.float32
+        return built
+
+    encoders = tuple(LoadedEncoder(EncoderPart(modality=e["modality"], config="config.json", projector=e["projector"],
+                                               placeholder_token_id=e["placeholder_token_id"]),
+                                   hf_config(e["config_class"], config["encoders"][e["modality"]]), e["class"],
+                                   e["in_features"])
+                     for e in parts["encoders"])
+    decoders = tuple(DecoderPart.model_validate({k: d[k] for k in DecoderPart.model_fields}, strict=False)
+                     for d in parts["decoders"])
+    foundation = parts["foundation"]
+    return LoadedParts(encoders, hf_config(foundation["config_class"], config["foundation"]), foundation["class"],
+                       decoders)
+
+
+def save_parts(model: OmniModel, folder: Path) -> None:
+    """The layout the script's export_hf writes: each HF part as its own from_pretrained folder (foundation,
+    encoders.<modality>), the projectors in projectors.pt and the codebook decoders in decoders.pt (state dicts
+    under their module paths)."""
+    for path, part in {FOUNDATION_PATH: model.foundation,
+                       **{encoder_path(m): e for m, e in model.encoders.items()}}.items():
+        part.save_pretrained(folder / path)
+    torch.save({f"projectors.{k}": v for k, v in model.projectors.state_dict().items()}, folder / "projectors.pt")
+    if len(model.decoders):
+        torch.save({f"decoders.{k}": v for k, v in model.decoders.state_dict().items()}, folder / "decoders.pt")
+
+
 def build_meta(parts: LoadedParts) -> OmniModel:
     with torch.device("meta"):
         try:

@@ -3,7 +3,8 @@
 The checkpoint holds the model under HF parameter names with the shapes of the model without EP (the script saves
 expert tensors whole), so one process reads it without a process group: build the model from the compiled
 config.json, load the checkpoint's `model.*` entries into it in place, and let transformers' own save_pretrained
-write safetensors + config.json (tied weights and the on-disk layout of experts are its business, not ours).
+write safetensors + config.json (tied weights and the on-disk layout of experts are its business, not ours). A model
+composed from parts comes out part by part, as the script's own --export-hf writes it (compose.save_parts).
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ def read_model_shapes(folder: Path) -> tuple[dict[str, torch.Size], dict[str, to
 
 # --- the model -------------------------------------------------------------------------------------------------
 
-def read_compiled(source: Path, sets: tuple[str, ...] = ()) -> tuple[str, dict]:
-    """(model class name, config dict) from an `omnigen compile` output folder (plan.json, config.json), or from a
-    spec compiled in memory."""
+def read_compiled(source: Path, sets: tuple[str, ...] = ()) -> tuple[str, dict, dict | None]:
+    """(model class name, config dict, parts or None) from an `omnigen compile` output folder (plan.json,
+    config.json), or from a spec compiled in memory. parts: plan.json's description of a model composed from parts."""
     if not source.exists():
         raise ExportError(f"--from {source}: no such file or folder (give the compiled output folder, e.g. "
                           "generated/<name>/, or the spec)")
@@ -107,7 +108,7 @@ def read_compiled(source: Path, sets: tuple[str, ...] = ()) -> tuple[str, dict]:
         from .pipeline import plan as compile_spec
         from .spec import load_spec
         compiled = compile_spec(load_spec(source, sets))
-        return compiled.plan.model_class, compiled.config
+        return compiled.plan.model_class, compiled.config, compiled.plan.parts
     if sets:
         raise ExportError(f"--set applies to a spec; --from {source} is a compiled folder, whose config.json is used "
                           "as written")
@@ -123,17 +124,21 @@ def read_compiled(source: Path, sets: tuple[str, ...] = ()) -> tuple[str, dict]:
     model_class = files["plan.json"].get("model_class") if isinstance(files["plan.json"], dict) else None
     if not isinstance(model_class, str):
         raise ExportError(f"--from {source}: plan.json has no model_class")
-    return model_class, files["config.json"]
+    return model_class, files["config.json"], files["plan.json"].get("parts")
 
 
-def build_model(model_class: str, config: dict):
-    """The HF model in fp32 like the script builds it, weights left unset (the checkpoint fills every one); buffers
-    computed in __init__ (rotary inv_freq) come out as transformers makes them."""
+def build_model(model_class: str, config: dict, parts: dict | None = None):
+    """The HF model in fp32 like the script builds it (or its OmniModel, from parts), weights left unset (the
+    checkpoint fills every one); buffers computed in __init__ (rotary inv_freq) come out as transformers makes them."""
     import transformers
     from transformers.initialization import no_init_weights
 
-    if model_class == "OmniModel":  # omnigen/compose.py
-        raise ExportError("a model composed from parts (model.parts): exporting it, part by part, is not built yet")
+    if parts is not None:
+        from .compose import OmniModel, parts_from_compiled
+        with no_init_weights():
+            model = OmniModel(parts_from_compiled(parts, config))
+        model.foundation.tie_weights()
+        return model.eval()
     cls = getattr(transformers, model_class, None)
     if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise ExportError(f"plan.json model_class {model_class!r} is not a transformers model class in this "
@@ -190,7 +195,10 @@ def check_out_free(out: Path) -> None:
 
 
 def write_pretrained(model, out: Path) -> None:
-    """save_pretrained into a temporary sibling, renamed to `out` at the end: never a half-written folder."""
+    """save_pretrained (a composed model: save_parts, one folder per part) into a temporary sibling, renamed to `out`
+    at the end: never a half-written folder."""
+    from .compose import OmniModel, save_parts
+
     check_out_free(out)
     out = out.resolve()  # "." or "hf/" have a parent to stage in and a name
     staged = out.parent / f".{out.name}.partial-{os.getpid()}"  # mkdir, not mkdtemp: the umask's mode, not 0700
@@ -200,7 +208,10 @@ def write_pretrained(model, out: Path) -> None:
     except OSError as e:
         raise ExportError(f"output folder {out}: {e.strerror or e}") from None
     try:
-        model.save_pretrained(staged)  # transformers 5 writes safetensors only
+        if isinstance(model, OmniModel):
+            save_parts(model, staged)
+        else:
+            model.save_pretrained(staged)  # transformers 5 writes safetensors only
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(staged, out)
@@ -218,8 +229,8 @@ def export(checkpoint: Path, out: Path, source: Path, sets: tuple[str, ...] = ()
     check_out_free(out)  # before the slow part
     folder, chosen_because = find_checkpoint(checkpoint)
     shapes, checkpoint_dtypes, has_steps = read_model_shapes(folder)
-    model_class, config = read_compiled(source, sets)
-    model = build_model(model_class, config)
+    model_class, config, parts = read_compiled(source, sets)
+    model = build_model(model_class, config, parts)
     steps_done = load_model_entries(folder, load_targets(model, shapes, folder), has_steps)
     model.to(DTYPES[dtype])
     write_pretrained(model, out)
@@ -236,4 +247,6 @@ def describe(result: Exported, out: Path) -> str:
     return (f"read {result.checkpoint}{how}{steps}: {result.tensors} model tensors "
             f"({'/'.join(result.checkpoint_dtypes)})\n"
             f"wrote {out}/: {result.model_class}, {result.parameters:,} parameters in {result.dtype} "
-            f"(load with transformers.{result.model_class}.from_pretrained)")
+            + (f"(load with transformers.{result.model_class}.from_pretrained)" if result.model_class != "OmniModel" else
+               "(one from_pretrained folder per part; projectors.pt and decoders.pt hold the projectors and codebook "
+               "decoders)"))

@@ -126,3 +126,44 @@ def test_bad_inputs_are_refused(runs, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "config.json").write_text("{}")
     refused(tmp_path, dense_checkpoint, dense, "exists and is not empty", out=tmp_path / "taken")
+
+
+def test_a_model_composed_from_parts_exports_part_by_part(tmp_path):
+    """A composed model (a frozen SigLIP encoder, a Qwen3-MoE foundation with ep=2, a text head and a 4-codebook
+    audio-codec head) trained 2 steps on 2 ranks: `omnigen export` of its DCP checkpoint writes what the script's
+    own --export-hf writes, one from_pretrained folder per part plus projectors.pt and decoders.pt, holding exactly
+    the parameters the run ended with."""
+    import yaml
+
+    spec_raw = yaml.safe_load((ROOT / "specs" / "siglip_qwen3_moe_tiny_parts_ep2.yaml").read_text())
+    spec_raw["model"]["parts"]["decoders"] = [
+        {"modality": "text"}, {"modality": "audio_codec", "codebook_size": 64, "codebooks": 4,
+                               "placeholder_token_id": 1003, "tokens_per_item": 6}]
+    for part in (*spec_raw["model"]["parts"]["encoders"], spec_raw["model"]["parts"]["foundation"]):
+        part["config"] = str(ROOT / "specs" / part["config"])
+    (tmp_path / "parts.yaml").write_text(yaml.safe_dump(spec_raw))
+    spec = load_spec(tmp_path / "parts.yaml")
+    compiled, final, own = tmp_path / "compiled", tmp_path / "final.pt", tmp_path / "own_export"
+    runner.compile_to(spec, compiled)
+    args = ["--steps", "2", "--checkpoint-dir", str(tmp_path / "run"), "--dump-params", str(final),
+            "--export-hf", str(own)]
+    assert runner.launch(spec, compiled / "train.py", args) == 0
+    final = torch.load(final, weights_only=True)
+
+    result = export(tmp_path / "run", tmp_path / "hf", "--from", compiled)
+    assert result.exit_code == 0, result.output
+    assert "one from_pretrained folder per part" in result.output
+    names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert names == sorted(p.name for p in own.iterdir()) == \
+        ["decoders.pt", "encoders.image", "foundation", "projectors.pt"]
+    loaded = {"foundation": transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf" / "foundation"),
+              "encoders.image": transformers.SiglipVisionModel.from_pretrained(tmp_path / "hf" / "encoders.image")}
+    state = {f"{path}.{k}": v for path, model in loaded.items() for k, v in model.state_dict().items()}
+    for file in ("projectors.pt", "decoders.pt"):
+        mine, script = (torch.load(folder / file, weights_only=True) for folder in (tmp_path / "hf", own))
+        assert set(mine) == set(script) and all(torch.equal(mine[k], script[k]) for k in mine), file
+        state.update(mine)
+    assert set(final) <= set(state)
+    for key, value in final.items():
+        assert torch.equal(state[key], value), key
+    assert state["decoders.audio_codec.head.weight"].shape == (4 * 64, 64)

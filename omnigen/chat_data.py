@@ -19,7 +19,7 @@ import torch
 from .errors import SpecError
 
 MAX_REPORTED = 5
-PRELUDE = "import json\nimport os\n\nimport torch\nimport transformers\n\nIGNORE_INDEX = -100\nSEQ_LEN = {seq_len}\nSEED = 0\n"
+PRELUDE = "import json\nimport os\nimport re\n\nimport torch\nimport transformers\n\nIGNORE_INDEX = -100\nSEQ_LEN = {seq_len}\nSEED = 0\n"
 
 
 def reader_source(inputs: dict[str, Any], long_samples: str, processor_path: str) -> str:

@@ -59,9 +59,6 @@ def plan_composite(spec: Spec) -> Compiled:
     """A model composed from parts (model.parts): the same stages, each part read from its own config."""
     from . import compose
     from .inputs import composite_recipe
-    if data_format(spec) == "chat":
-        raise SpecError(f"{spec.source}: key 'train.processor': chat manifests for models composed from parts are not "
-                        "read yet (synthetic or jsonl data)")
     if spec.train.packing:
         raise SpecError(f"{spec.source}: key 'train.packing': models composed from parts are not packed yet "
                         "(use packing: false)")
@@ -69,7 +66,7 @@ def plan_composite(spec: Spec) -> Compiled:
     if parts.codebook_decoders and data_format(spec) is not None:
         raise SpecError(f"{spec.source}: key 'train.data': a model with a {parts.codebook_decoders[0].modality} decoder "
                         "trains on synthetic samples for now (train.data: synthetic); jsonl rows and token shards "
-                        "hold text only")
+                        "hold text only, and chat manifests no item to generate")
     graph = compose.analyze_composite(spec, parts)
     vocab_size = parts.foundation_config.get_text_config().vocab_size
     if data_format(spec) == "jsonl":
@@ -82,6 +79,9 @@ def plan_composite(spec: Spec) -> Compiled:
              "audio_codec": synthetic.audio_codec_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
                               spec.source)
+    if data_format(spec) == "chat":
+        t = spec.train
+        check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
     prefixes = compose.part_weights(spec, parts)
     the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec, prefixes))
     sp, seq_len = the_plan.mesh["sp"], spec.train.seq_len

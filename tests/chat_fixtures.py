@@ -106,6 +106,33 @@ def qwen2_audio(folder: Path) -> dict:
     return spec
 
 
+# A chat template over string contents, as plain LLM tokenizers ship them (PartsProcessor joins each content list).
+CHATML_TEXT = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def omni_parts(folder: Path) -> dict:
+    """specs/siglip_whisper_qwen3_moe_tiny_omni_ep2.yaml's parts with a text decoder only, and the folders released
+    parts come with: the foundation's tokenizer (placeholders <image> 1000 and <audio> 1002 added as special
+    tokens) in folder/processor, SigLIP's image processor (32 x 32) in processor/image, Whisper's feature extractor
+    (16 mel bins, a window of 16 frames) in processor/audio."""
+    import yaml
+    spec = yaml.safe_load((ROOT / "specs" / "siglip_whisper_qwen3_moe_tiny_omni_ep2.yaml").read_text())
+    parts = spec["model"]["parts"]
+    for part in (*parts["encoders"], parts["foundation"]):
+        part["config"] = str(ROOT / "specs" / part["config"])
+    parts["decoders"] = [{"modality": "text"}]
+    specials = {"<image>": 1000, "<audio>": 1002, "<|im_start|>": 1004, "<|im_end|>": 1005, "<|endoftext|>": 2,
+                "<|pad|>": 0}
+    tok = fast_tokenizer(word_tokenizer(specials, 1024), eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tok.chat_template = CHATML_TEXT
+    tok.save_pretrained(folder / "processor")
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "processor" / "image")
+    transformers.WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=1000,
+                                         chunk_length=1).save_pretrained(folder / "processor" / "audio")
+    return {"model": {"parts": parts}}
+
+
 # --- media files ------------------------------------------------------------------------------------------------
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

@@ -15,7 +15,7 @@ import transformers
 import yaml
 from click.testing import CliRunner
 
-from chat_fixtures import (CHATML, COLOURS, ROOT, audio_chat, image_chat, llava, qwen2_audio, qwen2_vl_parts,
+from chat_fixtures import (CHATML, COLOURS, ROOT, audio_chat, image_chat, llava, omni_parts, qwen2_audio, qwen2_vl_parts,
                            write_image, write_manifest, write_wav)
 from omnigen import pipeline, runner
 from omnigen.chat_data import reader_namespace
@@ -357,3 +357,47 @@ def test_packed_rows_carry_their_images_and_audio(llava_dir, audio_dir):
                        [audio_chat(f"{n}.wav", "what sound is this ?", f"a {n} tone .") for n in ("low", "high")] * 4)
         spec = load_spec(folder / "spec.yaml", [*packed, *sets])
         assert runner.verify(spec, steps=2, workdir=str(folder / f"verify_packed{len(sets)}")) == 0
+
+
+@pytest.mark.distributed
+def test_a_model_composed_from_parts_reads_chat_manifests(tmp_path):
+    """Parts come with no processor class: the script's PartsProcessor joins the foundation's tokenizer (its chat
+    template on string contents) with SigLIP's image processor and Whisper's feature extractor. A sample holds each
+    image as 16 placeholders and each clip as 8 (what the encoders put out), labels on the assistant's words only;
+    a row with a missing file is refused at compile by file:line; dp_shard=2 equals the single process."""
+    spec = omni_parts(tmp_path)
+    write_image(tmp_path / "data" / "red.png", "red", size=(40, 24))
+    write_wav(tmp_path / "data" / "low.wav", 300, seconds=0.5)
+    both = {"messages": [
+        {"role": "user", "content": [{"type": "image", "path": "red.png"}, {"type": "text", "text": "and"},
+                                     {"type": "audio", "path": "low.wav"}, {"type": "text", "text": "describe"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red square , a low tone ."}]}]}
+    rows = [image_chat("red.png", "what colour is this ?", "red ."), audio_chat("low.wav", "what sound is this ?",
+                                                                            "a low tone ."), both,
+            {"messages": [{"content": [{"type": "text", "text": "hello world"}, {"type": "image", "path": "red.png"}]}]}]
+    write_manifest(tmp_path / "data" / "chat.jsonl", rows)
+    spec.update(name="parts_chat", cluster={"procs_per_node": 2}, parallel={"dp_shard": 2},
+                train={"seq_len": 64, "global_batch_size": 4, "steps": 3, "data": "data/chat.jsonl",
+                       "processor": "processor"})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    compiled = pipeline.plan(load_spec(tmp_path / "spec.yaml"))
+    ns = reader_namespace(compiled.plan.inputs, "truncate", str(tmp_path / "processor"))
+    ns["epoch_order"] = lambda index, size: index % size
+    manifest = ns["ChatManifest"](str(tmp_path / "data" / "chat.jsonl"), str(tmp_path / "processor"))
+    samples = [manifest.sample(i) for i in range(4)]
+    counts = [(int((s["input_ids"] == 1000).sum()), int((s["input_ids"] == 1002).sum())) for s in samples]
+    assert counts == [(16, 0), (0, 8), (16, 8), (16, 0)]
+    assert samples[2]["pixel_values"].shape == (1, 3, 32, 32) and samples[2]["input_features"].shape == (1, 16, 16)
+    said = [manifest.tokenizer.convert_ids_to_tokens(int(i)) for i in samples[2]["shift_labels"] if i != IGNORE]
+    assert said == ["a", "red", "square", ",", "a", "low", "tone", ".", "<|im_end|>"]
+    # pre-training text: every text token after the first (this tokenizer adds no BOS), never a placeholder
+    assert tokens(manifest, samples[3]["shift_labels"]) == ["world", "<|endoftext|>"]
+
+    script = pipeline.render(compiled, tmp_path / "out")
+    assert "class PartsProcessor" in script["train.py"] and "AutoProcessor.from_pretrained" not in script["train.py"]
+    write_manifest(tmp_path / "data" / "chat.jsonl", rows + [image_chat("gone.png", "what ?", "gone .")])
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "chat.jsonl:5" in result.output and "gone.png does not exist" in result.output, \
+        result.output
+    write_manifest(tmp_path / "data" / "chat.jsonl", rows)
+    assert runner.verify(load_spec(tmp_path / "spec.yaml"), steps=3, workdir=str(tmp_path / "verify")) == 0

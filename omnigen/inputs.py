@@ -271,6 +271,10 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     return item
 
 
+# The narrow CPU run attends over all of an image's patches at once (eager attention: patches^2 scores per head);
+# above this many patches it is skipped and the derived count stands.
+NARROW_RUN_MAX_PATCHES = 8192
+
 PIXEL_MASK_SHAPES = {"per_pixel": lambda shape: shape[:2] + shape[3:],  # [batch, images, h, w]: padded pixels
                      "per_tile": lambda shape: shape[:2]}                # [batch, tiles]: padding tiles
 
@@ -379,8 +383,10 @@ def _image_kwargs(item: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
 def _measured_image_tokens(cls: type, config: Any, item: dict[str, Any]) -> int | None:
     """The LLM tokens of the synthetic image, asked of the model: it settles what the config fields leave open (Aya
     Vision's and Cohere2-Vision's pixel shuffle by downsample_factor, Step3p7's convolutional downsampler)."""
-    return (_meta_features(cls, config, "image", _image_kwargs(item, "meta"))
-            or _narrow_features(cls, config, "image", _image_kwargs(item, "cpu")))
+    measured = _meta_features(cls, config, "image", _image_kwargs(item, "meta"))
+    if measured is None and item["encoder_tokens_per_item"] <= NARROW_RUN_MAX_PATCHES:
+        measured = _narrow_features(cls, config, "image", _image_kwargs(item, "cpu"))
+    return measured
 
 
 def _side(value: Any) -> int:

@@ -174,3 +174,11 @@ def test_the_pixel_mask_shape_is_asked_of_the_model():
     assert docling["pixel_attention_mask"] == "per_tile" and docling["llm_tokens_per_item"] == 64
     idefics = input_recipe(transformers.Idefics3Config(), "Idefics3ForConditionalGeneration", 256)["image"]
     assert idefics["pixel_attention_mask"] == "per_pixel"
+
+
+def test_a_tower_that_reads_values_is_counted_on_a_narrow_copy():
+    """Step3p7's tower builds its rotary grid with .tolist() (no meta run) and halves the patch grid twice with
+    strided convolutions, which no config field says: at the released 728 x 728 image and patch 14, 52 x 52
+    patches become 13 x 13 = 169 LLM tokens, counted by a CPU run of a narrow copy of the config."""
+    image = input_recipe(transformers.Step3p7Config(), "Step3p7ForConditionalGeneration", 4096)["image"]
+    assert image["encoder_tokens_per_item"] == 52 * 52 and image["llm_tokens_per_item"] == 13 * 13

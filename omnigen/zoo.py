@@ -33,6 +33,7 @@ INTERMEDIATE, EXPERT_INTERMEDIATE = 128, 32
 EXPERTS, TOP_K = 4, 2
 VOCAB = 1024
 PATCH, PATCHES_PER_SIDE = 4, 4
+MLP_KIND_KEYS = ("mlp_layer_types",)  # per-layer MLP kinds (dense / sparse): every kind keeps a tiny layer
 SLIDING_WINDOW = 64  # for configs that name no window but whose model builds sliding-window masks anyway
 
 WIDTH_KEYS = ("hidden_size", "d_model", "embed_dim", "vision_output_dim", "projector_input_dim",
@@ -59,12 +60,23 @@ def _like(old: Any, new: int) -> Any:
     return [new] * len(old) if isinstance(old, (list, tuple)) else new
 
 
+def _every_kind(kinds: list[Any], new: int) -> list[Any]:
+    """The first `new` layers' kinds, the last ones replaced so every kind of the full stack keeps a layer as far as
+    `new` allows (Step3p7, DeepSeek-V3.2: three dense layers, then MoE: the first two alone would leave the tiny
+    model without experts)."""
+    missing = [k for k in dict.fromkeys(kinds) if k not in kinds[:new]]
+    keep = max(new - len(missing), 1)
+    return (kinds[:keep] + missing)[:new]
+
+
 def _shrink_layers(node: dict[str, Any], old: int, new: int) -> None:
     """Per-layer lists cut to `new`; layer-index lists mapped onto range(new)."""
     for key, value in list(node.items()):
         if not (isinstance(value, list) and value) or key in ("image_grid_pinpoints",):
             continue
-        if len(value) == old and key in ("layer_types", "no_rope_layers", "mlp_only_layers_mask") or (
+        if key in MLP_KIND_KEYS and len(value) == old:
+            node[key] = _every_kind(value, new)
+        elif len(value) == old and key in ("layer_types", "no_rope_layers", "mlp_only_layers_mask") or (
                 len(value) == old and not all(isinstance(v, int) and 0 <= v < old for v in value)):
             node[key] = value[:new]
         elif all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < old for v in value) and (

@@ -86,3 +86,13 @@ def test_zoo_keeps_the_mla_rotary_width(name):
     out = model(input_ids=torch.randint(0, 500, (1, 16)), labels=torch.randint(0, 500, (1, 16)))
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_zoo_keeps_a_layer_of_every_mlp_kind():
+    """Step3p7's and DeepSeek-V3.2's stacks start with three dense layers, then MoE: the two tiny layers are one of
+    each, so the tiny model routes tokens to experts as the released one does (EP has experts to place)."""
+    for name in ("Step3p7ForConditionalGeneration", "DeepseekV32ForCausalLM"):
+        text = zoo.tiny_config(getattr(transformers, name)).get_text_config()
+        assert text.mlp_layer_types == ["dense", "sparse"], name
+    assert zoo._every_kind(["a", "a", "a", "b", "c"], 2) == ["a", "b"]
+    assert zoo._every_kind(["a", "a", "b"], 3) == ["a", "a", "b"]

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 
 from . import attention as A
@@ -339,7 +340,8 @@ class _Analyzer:
             return ()
         modules = [next(m for m in layer.modules() if F.is_attention(m)) for _, layer in members]
         config = getattr(modules[0], "config", None) or self.text_config
-        spans, refused = A.layer_attention(config, modules)
+        own_masks = A.builds_token_type_masks(getattr(transformers, self.class_name, None), self.config)
+        spans, refused = A.layer_attention(config, modules, own_masks=own_masks)
         self.attention_refused = refused and f"{self.class_name} '{_parent(members[0][0])}': {refused}"
         self.query_position_scaling = A.query_position_scaling(modules)
         return spans

@@ -21,9 +21,14 @@ SLIDING = "sliding_window"
 CHUNKED = "chunked"
 
 
-def layer_attention(config, attention_modules: list[nn.Module]) -> tuple[tuple[tuple[str, int], ...], str]:
+def layer_attention(config, attention_modules: list[nn.Module],
+                    own_masks: bool = False) -> tuple[tuple[tuple[str, int], ...], str]:
     """((pattern, span) per layer, refusal). pattern is CAUSAL (span 0), SLIDING (span = window) or CHUNKED
-    (span = chunk); refusal is "" or why omnigen's attention cannot compute what these layers compute."""
+    (span = chunk); refusal is "" or why omnigen's attention cannot compute what these layers compute.
+    own_masks: the model builds its masks from token_type_ids on the whole sequence, which the script keeps under
+    Ulysses (plan: model_masks); then attention modules that are not causal (PaliGemma's
+    use_bidirectional_attention) are served too: they follow the model's mask, and where it builds none the script
+    attends as the module's is_causal says, as transformers' sdpa_attention does."""
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     chunk = getattr(config, "attention_chunk_size", None)
@@ -52,7 +57,7 @@ def layer_attention(config, attention_modules: list[nn.Module]) -> tuple[tuple[t
     if softcap:
         problems.insert(0, f"attn_logit_softcapping={softcap} (tanh on the attention logits) cannot be expressed "
                            "in scaled_dot_product_attention")
-    if getattr(config, "use_bidirectional_attention", None):
+    if getattr(config, "use_bidirectional_attention", None) and not own_masks:
         problems.insert(0, "use_bidirectional_attention: the model attends both ways; omnigen's attention is causal")
     return tuple(patterns), "; ".join(dict.fromkeys(problems))
 
@@ -68,6 +73,17 @@ def query_position_scaling(attention_modules: list[nn.Module]) -> dict:
         return {}
     first = scaled[0][1]
     return {"layers": [index for index, _ in scaled], "floor_scale": float(first.floor_scale), "attn_scale": float(first.attn_scale)}
+
+
+def builds_token_type_masks(cls, config) -> bool:
+    """Whether the model's forward builds its attention masks from token_type_ids (token_type_attention finds a
+    pattern); the input recipe then always passes them (omnigen.inputs._token_types)."""
+    if cls is None or "token_type_ids" not in inspect.signature(cls.forward).parameters:
+        return False
+    try:
+        return token_type_attention(cls, config) is not None
+    except (ValueError, TypeError, AttributeError):  # a pattern omnigen cannot mark: refused where inputs are made
+        return False
 
 
 TOKEN_TYPE_PROBE = (0, 0, 1, 1, 0, 1, 1, 0)  # two runs of each value: tells "each run" from "every marked token"

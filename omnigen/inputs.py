@@ -238,8 +238,10 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     for ratio in (getattr(vision, "pixel_shuffle_ratio", None), getattr(config, "downsample_ratio", None)):
         if ratio:
             tokens = round(tokens * ratio ** 2)
-    if getattr(config, "scale_factor", None) and "pixel_attention_mask" in forward_args:
-        tokens //= config.scale_factor ** 2
+    # Idefics3's connector shuffles pixels by config.scale_factor; GraniteDocling's (per tile) by the vision config's
+    scale = getattr(config, "scale_factor", None) or getattr(vision, "scale_factor", None)
+    if scale and "pixel_attention_mask" in forward_args:
+        tokens //= scale ** 2
     if getattr(config, "mm_tokens_per_image", None):
         tokens = config.mm_tokens_per_image  # pooled to a fixed count (Gemma3)
     if queries:
@@ -263,10 +265,49 @@ def _crops_image(config: Any, vision: Any, target_tokens: int, cls: type, class_
     if "pixel_attention_mask" in image_args:
         # pixel_values [batch, images, channels, h, w]: a batch's images go side by side in one row (dim 1).
         shape = [1, 1, channels, size, size]
-        item.update(pixel_attention_mask=True, concat_dim=1)
+        item.update(pixel_attention_mask=_pixel_mask_kind(cls, config, class_name, shape), concat_dim=1)
         item["item_kwargs"].append("pixel_attention_mask")
     item.update(pixel_values_shape=shape, encoder_tokens_per_item=encoder_tokens, llm_tokens_per_item=tokens)
     return item
+
+
+# The narrow CPU run attends over all of an image's patches at once (eager attention: patches^2 scores per head);
+# above this many patches it is skipped and the derived count stands.
+NARROW_RUN_MAX_PATCHES = 8192
+
+PIXEL_MASK_SHAPES = {"per_pixel": lambda shape: shape[:2] + shape[3:],  # [batch, images, h, w]: padded pixels
+                     "per_tile": lambda shape: shape[:2]}                # [batch, tiles]: padding tiles
+
+
+def _pixel_mask_kind(cls: type, config: Any, class_name: str, pixel_shape: list[int]) -> str:
+    """Which pixel_attention_mask the model's get_image_features takes beside pixel_values [batch, images, channels,
+    h, w]: one flag per pixel (Idefics3, SmolVLM: padded pixels of each image) or one per tile (GraniteDocling: its
+    padding tiles), asked of the model. Both index pixel_values with the mask (`pixel_values[mask]`, a nonzero
+    whose shape depends on the mask's values), so the meta run is told to assume every element true, which the
+    synthetic all-true mask is; the shape the model indexes or views wrongly raises an IndexError / RuntimeError
+    about shapes, the right one runs on (or stops at a later call that needs values, e.g. .tolist())."""
+    import torch.fx.experimental._config as meta_config
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls._from_config(copy.deepcopy(config))
+    except Exception:  # noqa: BLE001 - a model that does not build on meta: the compile's own build says why
+        return "per_pixel"
+    rejected = {}
+    for kind, mask_shape in PIXEL_MASK_SHAPES.items():
+        kwargs = {"pixel_values": torch.empty(pixel_shape, device="meta"),
+                  "pixel_attention_mask": torch.ones(mask_shape(pixel_shape), dtype=torch.bool, device="meta")}
+        try:
+            with meta_config.patch(meta_nonzero_assume_all_nonzero=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.get_image_features(**kwargs)
+            return kind
+        except Exception as e:  # noqa: BLE001 - the model's own code, any error
+            if isinstance(e, NotImplementedError) or "meta" in str(e):  # past the mask: needs values from here on
+                return kind
+            rejected[kind] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    raise SpecError(f"{class_name}: its get_image_features takes neither pixel_attention_mask omnigen makes for "
+                    f"pixel_values {pixel_shape}: " + "; ".join(f"{k} {v}" for k, v in rejected.items()))
 
 
 def _meta_features(cls: type, config: Any, modality: str, kwargs: dict[str, Any]) -> int | None:
@@ -288,10 +329,33 @@ def _meta_features(cls: type, config: Any, modality: str, kwargs: dict[str, Any]
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise SpecError(f"{cls.__name__}: its get_{modality}_features rejects the {modality} omnigen makes from the "
                         f"config ({shapes}): {type(e).__name__}: {first}") from None
+    return _rows(features)
+
+
+def _rows(features: Any) -> int | None:
+    """The LLM tokens a get_<modality>_features result holds: rows of its pooled tensor(s)."""
     features = getattr(features, "pooler_output", features)
     if not isinstance(features, (list, tuple)):
         features = [features]
     return sum(math.prod(f.shape[:-1]) for f in features) if all(torch.is_tensor(f) for f in features) else None
+
+
+def _narrow_features(cls: type, config: Any, modality: str, kwargs: dict[str, Any]) -> int | None:
+    """What the meta run cannot say, asked of a real run: the model rebuilt on the CPU from a narrow copy of the
+    config (omnigen.zoo: widths, depths and vocabulary shrunk, image and patch sizes kept, so an image becomes as
+    many tokens as in the full model), its get_<modality>_features run once on the item's inputs. For towers whose forward reads values the meta device has none of (Step3p7's tower builds
+    its rotary grid with .tolist(), then halves the grid twice with strided convolutions, which no config field
+    says). kwargs: real CPU tensors. None where the narrow copy does not build or run: the derived count stands."""
+    from . import zoo
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            narrow = zoo.tiny_config(cls, start=copy.deepcopy(config), geometry=False)
+            model = cls._from_config(narrow).eval()
+            with torch.no_grad():
+                return _rows(getattr(model, f"get_{modality}_features")(**kwargs))
+    except Exception:  # noqa: BLE001 - the model's own code on a shrunk config, any error
+        return None
 
 
 def _measured_audio_tokens(cls: type, config: Any, mel_bins: int, window: int, frames: int,
@@ -304,16 +368,25 @@ def _measured_audio_tokens(cls: type, config: Any, mel_bins: int, window: int, f
     return _meta_features(cls, config, "audio", kwargs) if window == frames else None
 
 
+def _image_kwargs(item: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    """The synthetic image's get_image_features inputs as data.py.j2 makes them (random pixels, true masks)."""
+    shape = item["pixel_values_shape"]
+    kwargs = {"pixel_values": torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)}
+    if item["image_sizes"]:
+        kwargs["image_sizes"] = torch.tensor([item["image_sizes"]], device=device)
+    if item["pixel_attention_mask"]:
+        mask_shape = PIXEL_MASK_SHAPES[item["pixel_attention_mask"]](shape)
+        kwargs["pixel_attention_mask"] = torch.ones(mask_shape, dtype=torch.bool, device=device)
+    return kwargs
+
+
 def _measured_image_tokens(cls: type, config: Any, item: dict[str, Any]) -> int | None:
     """The LLM tokens of the synthetic image, asked of the model: it settles what the config fields leave open (Aya
-    Vision's and Cohere2-Vision's pixel shuffle by downsample_factor)."""
-    shape = item["pixel_values_shape"]
-    kwargs = {"pixel_values": torch.empty(shape, device="meta")}
-    if item["image_sizes"]:
-        kwargs["image_sizes"] = torch.tensor([item["image_sizes"]], device="meta")
-    if item["pixel_attention_mask"]:
-        kwargs["pixel_attention_mask"] = torch.ones(shape[:2] + shape[3:], dtype=torch.bool, device="meta")
-    return _meta_features(cls, config, "image", kwargs)
+    Vision's and Cohere2-Vision's pixel shuffle by downsample_factor, Step3p7's convolutional downsampler)."""
+    measured = _meta_features(cls, config, "image", _image_kwargs(item, "meta"))
+    if measured is None and item["encoder_tokens_per_item"] <= NARROW_RUN_MAX_PATCHES:
+        measured = _narrow_features(cls, config, "image", _image_kwargs(item, "cpu"))
+    return measured
 
 
 def _side(value: Any) -> int:

@@ -33,6 +33,8 @@ INTERMEDIATE, EXPERT_INTERMEDIATE = 128, 32
 EXPERTS, TOP_K = 4, 2
 VOCAB = 1024
 PATCH, PATCHES_PER_SIDE = 4, 4
+MLP_KIND_KEYS = ("mlp_layer_types",)  # per-layer MLP kinds (dense / sparse): every kind keeps a tiny layer
+SLIDING_WINDOW = 64  # for configs that name no window but whose model builds sliding-window masks anyway
 
 WIDTH_KEYS = ("hidden_size", "d_model", "embed_dim", "vision_output_dim", "projector_input_dim",
               "projector_output_dim", "projection_dim", "out_hidden_size", "output_dim", "audio_hidden_size")
@@ -58,12 +60,23 @@ def _like(old: Any, new: int) -> Any:
     return [new] * len(old) if isinstance(old, (list, tuple)) else new
 
 
+def _every_kind(kinds: list[Any], new: int) -> list[Any]:
+    """The first `new` layers' kinds, the last ones replaced so every kind of the full stack keeps a layer as far as
+    `new` allows (Step3p7, DeepSeek-V3.2: three dense layers, then MoE: the first two alone would leave the tiny
+    model without experts)."""
+    missing = [k for k in dict.fromkeys(kinds) if k not in kinds[:new]]
+    keep = max(new - len(missing), 1)
+    return (kinds[:keep] + missing)[:new]
+
+
 def _shrink_layers(node: dict[str, Any], old: int, new: int) -> None:
     """Per-layer lists cut to `new`; layer-index lists mapped onto range(new)."""
     for key, value in list(node.items()):
         if not (isinstance(value, list) and value) or key in ("image_grid_pinpoints",):
             continue
-        if len(value) == old and key in ("layer_types", "no_rope_layers", "mlp_only_layers_mask") or (
+        if key in MLP_KIND_KEYS and len(value) == old:
+            node[key] = _every_kind(value, new)
+        elif len(value) == old and key in ("layer_types", "no_rope_layers", "mlp_only_layers_mask") or (
                 len(value) == old and not all(isinstance(v, int) and 0 <= v < old for v in value)):
             node[key] = value[:new]
         elif all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < old for v in value) and (
@@ -74,10 +87,31 @@ def _shrink_layers(node: dict[str, Any], old: int, new: int) -> None:
                 node[key] = sorted({v * new // old for v in value})
 
 
+def _shrink_mla_heads(node: dict[str, Any], old: dict[str, Any]) -> None:
+    """Multi-head latent attention rotates only the rope part of each query/key head (qk_rope_head_dim wide), and
+    its rotary embedding is head_dim x partial_rotary_factor wide: the two must stay equal. head_dim keeps the
+    relation the defaults have: the rope part itself (DeepSeek-V3), the whole query/key head, nope + rope
+    (Mistral4, which rotates the rope part through partial_rotary_factor = rope / head_dim), or neither
+    (DeepSeek-V4, whose config derives qk_rope_head_dim = head_dim x partial_rotary_factor); the factor is then
+    rope / head_dim wherever the config carries one (a factor kept from the defaults would rotate the wrong width:
+    apply_rotary_pos_emb_interleave's cos/sin and q_rot disagree)."""
+    rope, nope = node["qk_rope_head_dim"], node.get("qk_nope_head_dim") or 0
+    node["qk_head_dim"] = nope + rope
+    if isinstance(node.get("head_dim"), int) and old["head_dim"] == old["qk_rope_head_dim"]:
+        node["head_dim"] = rope
+    elif isinstance(node.get("head_dim"), int) and old["head_dim"] == (old["qk_nope_head_dim"] or 0) + old["qk_rope_head_dim"]:
+        node["head_dim"] = nope + rope
+    # otherwise (DeepSeek-V4: a 512-wide head, 64 of it rotated) head_dim keeps the generic WIDTH / HEADS
+    for holder in (node, node.get("rope_parameters"), node.get("rope_scaling")):
+        if isinstance(holder, dict) and isinstance(holder.get("partial_rotary_factor"), (int, float)):
+            holder["partial_rotary_factor"] = rope / (node.get("head_dim") or nope + rope)
+
+
 def _shrink_node(node: dict[str, Any], mrope: bool) -> None:
     old_heads = next((node[k] for k in HEAD_KEYS if isinstance(node.get(k), int)), None)
     old_kv = node.get("num_key_value_heads")
     old_layers = next((node[k] for k in LAYER_KEYS if isinstance(node.get(k), int)), None)
+    old_mla = {k: node.get(k) for k in ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim")}
     for key in WIDTH_KEYS:
         if isinstance(node.get(key), int):
             node[key] = WIDTH
@@ -115,9 +149,7 @@ def _shrink_node(node: dict[str, Any], mrope: bool) -> None:
         if isinstance(node.get(key), int) and node[key] > value:
             node[key] = value
     if isinstance(node.get("qk_rope_head_dim"), int):  # MLA: derived dims the defaults carry at the full size
-        node["qk_head_dim"] = node.get("qk_nope_head_dim", 0) + node["qk_rope_head_dim"]
-        if isinstance(node.get("head_dim"), int):  # the rotary width (DeepSeek-V3 sets it to the rope part)
-            node["head_dim"] = node["qk_rope_head_dim"]
+        _shrink_mla_heads(node, old_mla)
     if node.get("pixel_shuffle_ratio"):  # Llama4: the adapter's input is the shuffled width, hidden / ratio**2
         node["intermediate_size"] = int(WIDTH / node["pixel_shuffle_ratio"] ** 2)
     if isinstance(node.get("max_source_positions"), int) and not node.get("n_window"):
@@ -165,16 +197,31 @@ def _remap_token_ids(node: Any, mapping: dict[int, int]) -> None:
             node[key] = [mapping.get(v, v) for v in value] if isinstance(value, list) else mapping.get(value, value)
 
 
-def tiny_dict(config_dict: dict[str, Any], mrope: bool = False, read_token_ids: tuple[str, ...] = ()) -> dict[str, Any]:
+def _window_for_sliding_masks(node: dict[str, Any]) -> None:
+    """A config with per-layer attention types but no sliding_window, for a model that builds sliding-window masks
+    (Step3p7's text model builds one on every forward, used by its layers of type "sliding_attention" only; transformers
+    raises without a window): a window the size of the tiny sequences. No layer's attention changes (none slides)."""
+    types = node.get("layer_types")
+    if isinstance(types, list) and set(types) == {"full_attention"} and "sliding_window" in node \
+            and node["sliding_window"] is None:
+        node["sliding_window"] = SLIDING_WINDOW
+
+
+def tiny_dict(config_dict: dict[str, Any], mrope: bool = False, read_token_ids: tuple[str, ...] = (),
+              geometry: bool = True, sliding_masks: bool = False) -> dict[str, Any]:
     """The shrunk copy of a config dict (as PretrainedConfig.to_dict() gives it). mrope: the model reads
-    rope_parameters.mrope_section (with its own default when the config has none)."""
+    rope_parameters.mrope_section (with its own default when the config has none). geometry=False keeps the image
+    and patch sizes (and so the tokens an image becomes): only widths, depths, experts and the vocabulary shrink.
+    sliding_masks: the model builds sliding-window masks (_window_for_sliding_masks)."""
     raw = json.loads(json.dumps(config_dict))
     patches = None
     stack = [raw]
     while stack:
         node = stack.pop()
         _shrink_node(node, mrope)
-        patches = _shrink_image(node) or patches
+        if sliding_masks:
+            _window_for_sliding_masks(node)
+        patches = (_shrink_image(node) if geometry else None) or patches
         stack.extend(v for v in node.values() if _is_config(v))
     if patches:
         old, new = patches
@@ -200,16 +247,20 @@ def config_class(cls: type) -> type:
     return cls if issubclass(cls, transformers.PretrainedConfig) else cls.config_class
 
 
-def tiny_config(cls: type) -> transformers.PretrainedConfig:
-    """A tiny instance of `cls`'s config (a config class or a model class)."""
+def tiny_config(cls: type, start: transformers.PretrainedConfig | None = None,
+                geometry: bool = True) -> transformers.PretrainedConfig:
+    """A tiny instance of `cls`'s config (a config class or a model class), shrunk from `start` (default: the config
+    class's defaults); geometry=False keeps its image and patch sizes (tiny_dict)."""
     conf_cls = config_class(cls)
     # the sub-configs' modeling modules too: GLM-4.6V's text model is GLM-4V's, which reads mrope_section
-    defaults = conf_cls()
+    defaults = conf_cls() if start is None else start
     subs = [type(getattr(defaults, k)) for k in getattr(conf_cls, "sub_configs", {})
             if isinstance(getattr(defaults, k, None), transformers.PretrainedConfig)]
     source = "".join(_modeling_source(c) for c in [conf_cls, *subs])
     read_ids = tuple(sorted(set(re.findall(r"self\.config\.(\w+_token_id)\b", source))))
-    return conf_cls.from_dict(tiny_dict(defaults.to_dict(), mrope="mrope_section" in source, read_token_ids=read_ids))
+    return conf_cls.from_dict(tiny_dict(defaults.to_dict(), mrope="mrope_section" in source, read_token_ids=read_ids,
+                                        geometry=geometry,
+                                        sliding_masks="create_sliding_window_causal_mask(" in source))
 
 
 def _modeling_source(conf_cls: type) -> str:

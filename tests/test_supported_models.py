@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from omnigen import zoo
 from omnigen.errors import OmnigenError
@@ -65,3 +67,32 @@ def test_suite_verifies_in_ci(name, layout):
 def test_every_class_verifies_or_is_refused(model, layout):
     outcome = supported_models.run_case(model.name, layout, model.moe)
     assert outcome["result"] in ("verified", "refused", "n/a", "no tiny config"), outcome
+
+
+@pytest.mark.parametrize("name", ["Mistral4ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV4ForCausalLM"])
+def test_zoo_keeps_the_mla_rotary_width(name):
+    """Multi-head latent attention rotates the qk_rope_head_dim part of each query/key head with a rotary embedding
+    head_dim x partial_rotary_factor wide; the tiny config keeps the two equal (Mistral4's head_dim is nope + rope,
+    DeepSeek-V3's the rope part, DeepSeek-V4's neither), and the tiny model runs a forward and backward."""
+    cls = getattr(transformers, name)
+    config = zoo.tiny_config(cls)
+    rope = config.rope_parameters or {}
+    factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    assert int(config.head_dim * factor) == config.qk_rope_head_dim
+    default = zoo.config_class(cls)()
+    assert (config.head_dim == config.qk_rope_head_dim) == (default.head_dim == default.qk_rope_head_dim)
+    torch.manual_seed(0)
+    model = cls._from_config(config)
+    out = model(input_ids=torch.randint(0, 500, (1, 16)), labels=torch.randint(0, 500, (1, 16)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_zoo_keeps_a_layer_of_every_mlp_kind():
+    """Step3p7's and DeepSeek-V3.2's stacks start with three dense layers, then MoE: the two tiny layers are one of
+    each, so the tiny model routes tokens to experts as the released one does (EP has experts to place)."""
+    for name in ("Step3p7ForConditionalGeneration", "DeepseekV32ForCausalLM"):
+        text = zoo.tiny_config(getattr(transformers, name)).get_text_config()
+        assert text.mlp_layer_types == ["dense", "sparse"], name
+    assert zoo._every_kind(["a", "a", "a", "b", "c"], 2) == ["a", "b"]
+    assert zoo._every_kind(["a", "a", "b"], 3) == ["a", "a", "b"]

@@ -32,7 +32,8 @@ FAMILIES = {
               "LlavaOnevisionForConditionalGeneration", "Gemma3ForConditionalGeneration",
               "InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration",
               "SmolVLMForConditionalGeneration", "Mistral3ForConditionalGeneration",
-              "Llama4ForConditionalGeneration", "AyaVisionForConditionalGeneration"],
+              "Llama4ForConditionalGeneration", "AyaVisionForConditionalGeneration",
+              "GraniteDoclingForConditionalGeneration", "Step3p7ForConditionalGeneration"],
     "whisper_audio": ["Qwen2AudioForConditionalGeneration", "VoxtralForConditionalGeneration"],
     "omni": ["Qwen2_5OmniThinkerForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration"],
 }
@@ -163,3 +164,21 @@ def test_a_fixed_audio_window_caps_the_clip():
     assert audio["num_frames"] == audio["window_frames"] == 3000 and audio["llm_tokens_per_item"] == 750
     short = input_recipe(config, "Qwen2AudioForConditionalGeneration", 256)["audio"]
     assert short["window_frames"] == 3000 and short["num_frames"] < 3000 and short["llm_tokens_per_item"] == 32
+
+
+def test_the_pixel_mask_shape_is_asked_of_the_model():
+    """Idefics3 masks padded pixels ([batch, images, h, w]); GraniteDocling marks real tiles ([batch, tiles]) and
+    shuffles by its vision config's scale_factor: at the released sizes a 512 x 512 tile is (512/16)^2 / 4^2 = 64
+    LLM tokens. The recipe tells the two apart by a meta run of get_image_features, not by the class name."""
+    docling = input_recipe(transformers.GraniteDoclingConfig(), "GraniteDoclingForConditionalGeneration", 256)["image"]
+    assert docling["pixel_attention_mask"] == "per_tile" and docling["llm_tokens_per_item"] == 64
+    idefics = input_recipe(transformers.Idefics3Config(), "Idefics3ForConditionalGeneration", 256)["image"]
+    assert idefics["pixel_attention_mask"] == "per_pixel"
+
+
+def test_a_tower_that_reads_values_is_counted_on_a_narrow_copy():
+    """Step3p7's tower builds its rotary grid with .tolist() (no meta run) and halves the patch grid twice with
+    strided convolutions, which no config field says: at the released 728 x 728 image and patch 14, 52 x 52
+    patches become 13 x 13 = 169 LLM tokens, counted by a CPU run of a narrow copy of the config."""
+    image = input_recipe(transformers.Step3p7Config(), "Step3p7ForConditionalGeneration", 4096)["image"]
+    assert image["encoder_tokens_per_item"] == 52 * 52 and image["llm_tokens_per_item"] == 13 * 13

@@ -651,9 +651,10 @@ def _codebook_output(decoder: Any, every: int) -> dict[str, Any]:
 
 
 def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents_per_sample: int = 1,
-                     every: dict[str, int] | None = None, source: str = "<spec>") -> dict[str, Any]:
+                     every: dict[str, int] | None = None, source: str = "<spec>", packing: bool = False) -> dict[str, Any]:
     """input_recipe for a model composed from parts: the same dict (data.py.j2 renders it unchanged), each modality
-    from its encoder's family, placeholders bare (no start/end wrappers: the parts come with no processor)."""
+    from its encoder's family, placeholders bare (no start/end wrappers: the parts come with no processor). Packed
+    rows (packing) pass the foundation 1-D positions that restart per document, and the documents."""
     from .compose import COMPOSITE_CLASS
     if documents_per_sample > 1:
         raise SpecError(f"train.pack_documents={documents_per_sample}: packing is supported for text-only models; "
@@ -679,8 +680,9 @@ def composite_recipe(parts: Any, model: torch.nn.Module, seq_len: int, documents
                         "omnigen's synthetic text draws from below the placeholders: use ids near the top")
     text["token_high"] = min([text["token_high"], *placeholders])
     kwargs = {"input_ids", "attention_mask"} | {k for m in modalities.values() for k in m["item_kwargs"]} | set(outputs)
+    kwargs |= {"position_ids", "document_ids"} if packing else set()
     return _sorted({
         "class_name": COMPOSITE_CLASS, "seq_len": seq_len, "min_seq_len": min_seq_len,
-        "documents_per_sample": 1, "position_ids": False, "text": text, **modalities,
+        "documents_per_sample": 1, "position_ids": packing, "text": text, **modalities,
         "model_kwargs": sorted(kwargs), "ignored_label_token_ids": placeholders, "outputs": outputs,
     })

@@ -59,10 +59,11 @@ def plan_composite(spec: Spec) -> Compiled:
     """A model composed from parts (model.parts): the same stages, each part read from its own config."""
     from . import compose
     from .inputs import composite_recipe
-    if spec.train.packing:
-        raise SpecError(f"{spec.source}: key 'train.packing': models composed from parts are not packed yet "
-                        "(use packing: false)")
     parts = compose.load_parts(spec)
+    if spec.train.packing and router_aux_loss(config_to_dict(parts.foundation_config)):
+        raise SpecError(f"{spec.source}: key 'train.packing': the foundation's config turns on the router "
+                        "load-balancing loss, which averages over a fixed count of micro-batches per step; packed "
+                        "steps vary it (use packing: false, or router_aux_loss_coef: 0 in the foundation's config)")
     if parts.codebook_decoders and data_format(spec) is not None:
         raise SpecError(f"{spec.source}: key 'train.data': a model with a {parts.codebook_decoders[0].modality} decoder "
                         "trains on synthetic samples for now (train.data: synthetic); jsonl rows and token shards "
@@ -78,7 +79,7 @@ def plan_composite(spec: Spec) -> Compiled:
     every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every,
              "audio_codec": synthetic.audio_codec_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
-                              spec.source)
+                              spec.source, spec.train.packing)
     if data_format(spec) == "chat":
         t = spec.train
         check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)

@@ -364,7 +364,8 @@ def test_a_model_composed_from_parts_reads_chat_manifests(tmp_path):
     """Parts come with no processor class: the script's PartsProcessor joins the foundation's tokenizer (its chat
     template on string contents) with SigLIP's image processor and Whisper's feature extractor. A sample holds each
     image as 16 placeholders and each clip as 8 (what the encoders put out), labels on the assistant's words only;
-    a row with a missing file is refused at compile by file:line; dp_shard=2 equals the single process."""
+    a row with a missing file is refused at compile by file:line; dp_shard=2 equals the single process. Packed
+    (a Llama foundation): each row's loss is its samples' run alone; dp_shard=2 and sp=2 equal the single process."""
     spec = omni_parts(tmp_path)
     write_image(tmp_path / "data" / "red.png", "red", size=(40, 24))
     write_wav(tmp_path / "data" / "low.wav", 300, seconds=0.5)
@@ -401,3 +402,31 @@ def test_a_model_composed_from_parts_reads_chat_manifests(tmp_path):
         result.output
     write_manifest(tmp_path / "data" / "chat.jsonl", rows)
     assert runner.verify(load_spec(tmp_path / "spec.yaml"), steps=3, workdir=str(tmp_path / "verify")) == 0
+
+    # Packed rows: whole samples with their images and clips in row order, documents kept apart. The Qwen3-MoE's
+    # router loss averages over a fixed count of micro-batches, so packing it is refused; a Llama foundation packs.
+    packed = ["train.packing=true", "train.micro_batch_tokens=96", "train.global_batch_size=8"]
+    write_manifest(tmp_path / "data" / "chat.jsonl", rows * 2)
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "refused"),
+                                       *[a for s in packed for a in ("--set", s)]])
+    assert result.exit_code == 2 and "key 'train.packing'" in result.output and "router" in result.output
+    spec["model"]["parts"]["foundation"] = {"config": str(ROOT / "specs" / "models" / "llama_tiny")}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "packed"
+    runner.compile_to(load_spec(tmp_path / "spec.yaml", packed), out)
+    ns = {"__name__": "train_module", "__file__": str(out / "train.py")}
+    exec(compile((out / "train.py").read_text(), str(out / "train.py"), "exec"), ns)
+    data = ns["open_data"]()
+    batches = ns["step_batches"](0, data, 0, 1, torch.device("cpu"))
+    indices, packing = ns["step_rows"](0, data)
+    assert len(batches) < 8 and sum(len(b.get("pixel_values", ())) for b in batches) == 6  # 3 rows of 4 carry one
+    model = ns["build_model"]()
+    ns["apply_sequence_parallel"](model)
+    with torch.no_grad():
+        for batch, row in zip(batches, packing):  # each row's loss is its samples' run one by one
+            assert int((batch["input_ids"] == 1002).sum()) == 8 * len(batch.get("input_features", ()))
+            alone = sum(ns["forward_with_loss"](model, ns["collate"]([data.sample(indices[p])]))[1] for p in row)
+            assert torch.allclose(ns["forward_with_loss"](model, dict(batch))[1], alone, rtol=1e-5), row
+    for sets in ([], ["parallel.dp_shard=1", "parallel.sp=2"]):
+        spec_packed = load_spec(tmp_path / "spec.yaml", [*packed, *sets])
+        assert runner.verify(spec_packed, steps=2, workdir=str(tmp_path / f"verify_packed{len(sets)}")) == 0

@@ -426,6 +426,9 @@ class ThinkerTalker(transformers.Qwen2_5OmniThinkerForConditionalGeneration):
         # in place) is not taken
         output.codec_logits = self.talker(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
                                           position_ids=self.talker_positions(thinker_inputs)).logits
+        # Not returned: FSDP hooks the backward of every tensor the model returns, and a hook on a hidden state
+        # fires mid-backward, where it would gather a layer again on some ranks only
+        output.hidden_states = None
         return output
 
     def talker_inputs(self, input_ids, hidden_states, codes):
@@ -453,7 +456,8 @@ class ThinkerTalker(transformers.Qwen2_5OmniThinkerForConditionalGeneration):
             thinker_inputs["attention_mask"], False, None if features_mask is None else features_mask.sum(dim=1))
         prompt = positions[:, :, :PROMPT_TOKENS]
         after = torch.arange(1, 2 + CODEC_TOKENS, device=prompt.device)
-        return torch.cat([prompt, prompt.amax(dim=(0, 2))[None, :, None] + after], dim=2)
+        following = prompt.amax(dim=(0, 2))[None, :, None] + after  # the same on all three M-RoPE axes
+        return torch.cat([prompt, following.expand(3, -1, -1)], dim=2)
 
 
 def build_model():

@@ -119,8 +119,8 @@ def analyze_talker(spec: Spec, config: transformers.PretrainedConfig):
     config.thinker_config.dtype = config.talker_config.dtype = torch.float32
     graph = analyze_model(build_meta(config), config.thinker_config, WHOLE_CLASS, {TALKER_PATH: "decoder"})
     return replace(graph, model_type=f"{config.model_type}: thinker + talker",
-                   attention_refused="the talker reads the thinker's whole sequence of hidden states (Ulysses for "
-                                     "the thinker + talker is not built yet)",
+                   attention_refused="the talker's sequence, built from the thinker's whole sequence of hidden "
+                                     "states (Ulysses for the thinker + talker: not built yet)",
                    chunked_loss_refused="the talker's section computes the text and speech losses itself")
 
 

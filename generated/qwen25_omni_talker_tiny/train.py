@@ -445,7 +445,8 @@ class ThinkerTalker(transformers.Qwen2_5OmniThinkerForConditionalGeneration):
     def talker_inputs(self, input_ids, hidden_states, codes):
         """[batch, TALKER_SEQ_LEN, thinker hidden]: the talker's input embeddings, before thinker_to_talker_proj."""
         batch = input_ids.shape[0]
-        token_embeds = hidden_states[0].masked_fill(torch.isin(input_ids, MEDIA_TOKEN_IDS.to(input_ids.device))[..., None], 0.0)
+        media = torch.isin(input_ids, MEDIA_TOKEN_IDS.to(input_ids.device)).unsqueeze(-1)
+        token_embeds = hidden_states[0].masked_fill(media, 0.0)  # the thinker's input embeddings, media zeroed
         thinker = hidden_states[-1] + token_embeds
         text = self.get_input_embeddings()(torch.tensor([TEXT_BOS, TEXT_EOS, TEXT_PAD], device=input_ids.device))
         text_bos, text_eos, text_pad = (e.expand(batch, 1, -1) for e in text.split(1))

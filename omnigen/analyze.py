@@ -51,6 +51,9 @@ def analyze(spec: Spec) -> ModelGraph:
         from .compose import analyze_composite, load_parts
         return analyze_composite(spec, load_parts(spec))
     config = hf.load_config(spec)
+    from .talker import analyze_talker, trains_talker
+    if trains_talker(spec, config):
+        return analyze_talker(spec, config)
     cls = hf.model_class(spec, config)
     # The generated script builds fp32 master weights whatever the checkpoint's dtype (bf16 for most
     # published configs), so analyse that build: param_bytes are what training holds.
@@ -152,6 +155,9 @@ class _Analyzer:
             embed = None
         if embed is not None and _parent(self.path_of.get(id(embed), "?")) == _parent(path):
             return _Tower("foundation", _parent(path))
+        decoder = next((p for p, role in self.part_roles.items() if role == "decoder" and _under(path, p)), None)
+        if decoder is not None:  # a decoder with layers of its own (Qwen2.5-Omni's talker)
+            return _Tower("decoder", decoder)
         tower = self._encoder_tower(path)
         if tower is None:
             cls = type(self.model.get_submodule(path)[0]).__name__
@@ -289,6 +295,8 @@ class _Analyzer:
 
     @staticmethod
     def _top_kind(path: str, module: nn.Module, role: str) -> str:
+        if role == "decoder" and (isinstance(module, nn.Embedding) or F.is_norm(module)):  # a talker's own
+            return "embedding" if isinstance(module, nn.Embedding) else "norm"
         if role in ("head", "decoder"):  # a codebook decoder: its head's matmul is the work
             return "head"
         if isinstance(module, nn.Embedding) or "embed" in path.rpartition(".")[2]:

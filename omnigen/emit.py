@@ -80,6 +80,7 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
         "router_aux": context["router_aux"] is not None,
         "model": True, "composite_model": plan.parts is not None,
         "codebook_decoders": plan.parts is not None and any(d["kind"] == "codebook_head" for d in plan.parts["decoders"]),
+        "talker": "talker" in plan.inputs,  # Qwen2.5-Omni's talker beside its thinker (omnigen/talker.py)
         "activation_checkpointing": True,
         "fsdp": parallel, "single_process": not parallel,
         "loss": True, "chunked_loss": plan.train.get("loss_chunk_tokens", 0) > 0, "optimizer": True, "dumps": True,

@@ -17,6 +17,7 @@ from .inputs import input_recipe
 from .model_graph import ModelGraph, router_aux_loss
 from .plan import Plan, make_plan
 from .spec import Spec
+from .talker import trains_talker
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Compiled:
 def plan(spec: Spec) -> Compiled:
     if spec.model.parts is not None:
         return plan_composite(spec)
-    graph = analyze(spec)
     config = load_config(spec)
+    if trains_talker(spec, config):
+        return plan_talker(spec, config)
+    graph = analyze(spec)
     vocab_size = config.get_text_config().vocab_size
     if data_format(spec) == "jsonl":
         check_jsonl(spec.resolve(spec.train.data), vocab_size, spec.source)
@@ -91,6 +94,15 @@ def plan_composite(spec: Spec) -> Compiled:
                         f"which a model with a {parts.codebook_decoders[0].modality} decoder needs; use seq_len "
                         f"{seq_len + -seq_len % sp}")
     return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
+
+
+def plan_talker(spec: Spec, config) -> Compiled:
+    """Qwen2.5-Omni's thinker + talker (omnigen/talker.py): the thinker's recipe plus the talker's sequence."""
+    from .talker import recipe
+    graph = analyze(spec)
+    hw = load_profile(spec)
+    the_plan = make_plan(spec, graph, hw, recipe(spec, config))
+    return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 
 
 def data_format(spec: Spec) -> str | None:

@@ -314,6 +314,8 @@ def tokens_per_sample(inputs: dict[str, Any]) -> dict[str, float]:
             # one item per sample that has the modality; images and videos share the vision tower
             out[role] = out.get(role, 0.0) + m["encoder_tokens_per_item"] / every
             out[f"{role}:context"] = max(out.get(f"{role}:context", 0), m["encoder_tokens_per_item"])
+    if "talker" in inputs:  # a decoder with its own sequence (Qwen2.5-Omni's talker): prompt, text bos, codec steps
+        out["decoder"] = out["decoder:context"] = inputs["talker"]["sequence_length"]
     return out
 
 

@@ -132,6 +132,16 @@ def decoder_path(modality: str) -> str:
     return f"decoders.{modality}"
 
 
+class TalkerSpec(_Strict):
+    """Qwen2.5-Omni's talker, trained beside its thinker (model.class Qwen2_5OmniForConditionalGeneration with
+    enable_audio_output): it reads the thinker's last hidden states plus input embeddings and predicts codec tokens.
+    Each synthetic sample's last reply_tokens positions are the thinker's reply, the text the talker speaks in
+    codec_tokens steps (the last one the codec's end token)."""
+    loss_weight: FiniteFloat = Field(1.0, gt=0.0)  # the speech loss's weight in the objective (the text loss has 1)
+    reply_tokens: PositiveInt = 16                 # the sample's last positions that are the thinker's reply
+    codec_tokens: PositiveInt = 32                 # codec steps per sample: the talker's targets
+
+
 class ModelSpec(_Strict):
     config: str | None = None
     class_name: str | None = Field(None, alias="class")
@@ -142,11 +152,17 @@ class ModelSpec(_Strict):
     # Or a model composed from parts (README: "Composing a model from parts"): then config, class, overrides and
     # weights belong to the parts.
     parts: PartsSpec | None = None
+    # Qwen2.5-Omni's talker (README: "Qwen2.5-Omni's talker"): with class Qwen2_5OmniForConditionalGeneration whose
+    # config enables audio output; omitted there, these defaults apply.
+    talker: TalkerSpec | None = None
 
     @model_validator(mode="after")
     def _one_model(self) -> "ModelSpec":
         if self.parts is None and self.config is None:
             raise ValueError("give either config (one HF model) or parts (encoders, foundation, decoders)")
+        if self.parts is not None and self.talker is not None:
+            raise ValueError("talker belongs to a whole Qwen2_5OmniForConditionalGeneration (model.config and "
+                             "model.class), not to a model composed from parts")
         if self.parts is not None:
             given = [k for k, v in (("config", self.config), ("class", self.class_name), ("weights", self.weights),
                                     ("overrides", self.overrides or None)) if v is not None]
@@ -308,6 +324,8 @@ class Spec(_Strict):
         raw = self.model_dump(mode="json", by_alias=True)
         if raw["model"]["parts"] is None:  # a whole-model spec reads (and hashes) as it did before parts existed
             del raw["model"]["parts"]
+        if raw["model"]["talker"] is None:  # likewise for specs without a talker
+            del raw["model"]["talker"]
         for output in ("image_tokens_every", "audio_codec_every"):  # likewise for specs without generated outputs
             if raw["train"]["synthetic"][output] == 1:
                 del raw["train"]["synthetic"][output]
@@ -381,7 +399,7 @@ def _fields(model: type[BaseModel]) -> list[str]:
 _SECTIONS: dict[str, type[BaseModel]] = {
     "": Spec, "model": ModelSpec, "cluster": ClusterSpec, "train": TrainSpec, "parallel": ParallelSpec,
     "train.synthetic": SyntheticSpec, "model.parts": PartsSpec, "model.parts.encoders": EncoderPart,
-    "model.parts.foundation": FoundationPart, "model.parts.decoders": DecoderPart,
+    "model.parts.foundation": FoundationPart, "model.talker": TalkerSpec, "model.parts.decoders": DecoderPart,
     "model.parts.encoders.parallel": PartParallel, "model.parts.foundation.parallel": PartParallel,
 }
 

@@ -377,10 +377,23 @@ def load_safetensors(model, folder, prefix=""):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), framework="pt") as f:
                 state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+    if not prefix and set(state) - set(model.state_dict()):  # another layout than the model holds in memory
+        state = converted_state(model, folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     if unexpected or [k for k in missing if "rotary" not in k and k not in tied]:
         raise RuntimeError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def converted_state(model, folder):
+    """The checkpoint in folder as the model holds it in memory, converted by transformers' own loader: e.g. one
+    tensor per expert (as save_pretrained writes them) merged into the fused [experts, ...] tensors the model trains."""
+    loaded, info = type(model).from_pretrained(folder, config=model.config, dtype=torch.float32,
+                                               attn_implementation="sdpa", output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise RuntimeError(f"weights do not match the model: missing {sorted(info['missing_keys'])[:5]}, "
+                           f"unexpected {sorted(info['unexpected_keys'])[:5]}")
+    return loaded.state_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,8 +609,8 @@ def apply_fsdp(model, mesh):
 
 def summed_cross_entropy(logits, labels):
     """Next-token cross entropy summed over the valid labels (labels were shifted on the full sequence when the
-    sample was built), in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    sample was built), in fp32. logits [..., classes] for labels [...]."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward_with_loss(model, batch):

@@ -124,3 +124,61 @@ def token_type_attention(cls, config) -> dict | None:
     raise ValueError(f"token_type_ids {list(TOKEN_TYPE_PROBE)} let queries see later keys at "
                      f"{[tuple(p) for p in ahead.nonzero().tolist()]}: neither bidirectional runs of one type nor a "
                      "bidirectional prefix, which are all omnigen's samples can mark")
+
+
+class _AttentionReached(Exception):
+    """Stops the probe's forward at the first attention call: nothing after it is needed (and MoE routing on the
+    meta device could not run anyway)."""
+
+
+PROBE_TOKENS = 16
+
+
+def mask_built_in_layer(stack: nn.Module, attention_modules: list[tuple[str, nn.Module]]) -> str:
+    """Whether the layers' attention hands transformers' attention interface a mask it built itself, asked of the
+    model rather than of its name: "" when it does not (or the probe cannot tell), else why omnigen's attention
+    cannot serve it. attention_modules: (module path, module) of each layer's attention.
+
+    Under Ulysses or packed documents the script registers its own attention function and no mask function, so the
+    decoder stack builds no mask (masking_utils returns None for an unregistered implementation) and the function
+    receives attention_mask=None, building the causal/document mask itself on the whole sequence. A layer that
+    makes its own bias from the values (Doge's dynamic mask attention: dt_proj, a top-k keep window) passes it
+    anyway, built from this rank's chunk only, and the script would train another attention. The probe runs the
+    stack's forward on the meta device (no memory, no arithmetic: milliseconds at real size) on a short row, with a
+    recording attention function that stops at the first call and looks at the mask it was given.
+
+    A stack the probe cannot run (one needing inputs besides input_ids, data-dependent ops that meta tensors
+    cannot answer, real weights of a composed model) is not refused here: the generated attention function refuses
+    at run time any mask the stack did not pass (sequence_parallel.py.j2, check_attention_mask)."""
+    import torch
+    import transformers
+
+    config = getattr(stack, "config", None)
+    if config is None or not attention_modules or any(p.device.type != "meta" for p in stack.parameters()):
+        return ""  # not a transformers model, or real weights that would compute for real: the run-time check
+    seen: dict = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen.update(module=module, mask=attention_mask)
+        raise _AttentionReached
+
+    transformers.AttentionInterface.register("omnigen_mask_probe", record)
+    before = config._attn_implementation
+    config._attn_implementation = "omnigen_mask_probe"
+    try:
+        with torch.device("meta"):
+            stack(input_ids=torch.zeros(1, PROBE_TOKENS, dtype=torch.long), attention_mask=None, use_cache=False)
+    except _AttentionReached:
+        pass
+    except Exception:  # the stack needs more than input_ids to run, or meta tensors cannot answer it: see above
+        return ""
+    finally:
+        config._attn_implementation = before
+    module, mask = seen.get("module"), seen.get("mask")
+    path = next((p for p, m in attention_modules if m is module), None)
+    if mask is None or path is None:
+        return ""
+    shape = "x".join(map(str, mask.shape)) if hasattr(mask, "shape") else type(mask).__name__
+    return (f"{type(module).__name__} ('{path}') builds its own attention mask inside the layer (given no mask, it "
+            f"hands the attention function a {shape} one, e.g. a bias computed from the values, which under Ulysses "
+            "a rank would build from its chunk alone); omnigen's attention would replace it with a causal mask")

@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import libcst
+import transformers
 
 from .errors import OmnigenError
 from .merge import Conflict, Merged, merge
@@ -113,6 +114,14 @@ def render_train_py(env: jinja2.Environment, plan: Plan, context: dict[str, Any]
     return "\n\n\n".join(body for body in bodies if body) + "\n"
 
 
+def attn_implementation(model_class: str) -> str:
+    """The attention the script builds the model with: SDPA, unless transformers says the class cannot run it
+    (_supports_sdpa = False: attention sinks, compressed or indexed attention), then the model's own eager attention.
+    (A class omnigen's own attention replaces under Ulysses or packing is refused there when SDPA cannot compute it.)"""
+    cls = getattr(transformers, model_class, None)
+    return "eager" if cls is not None and getattr(cls, "_supports_sdpa", True) is False else "sdpa"
+
+
 def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:
     """All output files as {name: text}."""
     env = environment()
@@ -130,6 +139,7 @@ def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths:
         "data_format": paths.data_format, "processor_path": repr(paths.processor),
         # where the prediction's figures come from: fitted on which machine, or uncalibrated and how to calibrate
         "hardware_provenance": hardware_provenance(plan),
+        "attn_implementation": attn_implementation(plan.model_class),
     }
     try:
         train_py = render_train_py(env, plan, context)

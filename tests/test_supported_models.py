@@ -27,7 +27,7 @@ SERVED = {"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration
           "Idefics3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
           "Qwen2AudioForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration",
           "MixtralForCausalLM", "OlmoeForCausalLM", "GraniteMoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"}
-VERIFIED_IN_CI = [("MixtralForCausalLM", "ep"), ("LlavaForConditionalGeneration", "sp")]
+VERIFIED_IN_CI = [("MixtralForCausalLM", "ep"), ("LlavaForConditionalGeneration", "sp"), ("DeepseekV4ForCausalLM", "fsdp")]
 
 
 def test_the_families_come_from_transformers_mappings():
@@ -96,3 +96,16 @@ def test_zoo_keeps_a_layer_of_every_mlp_kind():
         assert text.mlp_layer_types == ["dense", "sparse"], name
     assert zoo._every_kind(["a", "a", "a", "b", "c"], 2) == ["a", "b"]
     assert zoo._every_kind(["a", "a", "b"], 3) == ["a", "a", "b"]
+
+
+@pytest.mark.parametrize("name,built_with", [("DeepseekV4ForCausalLM", "eager"), ("FlintForCausalLM", "eager"),
+                                             ("GptOssForCausalLM", "eager"), ("MixtralForCausalLM", "sdpa")])
+def test_models_transformers_cannot_run_with_sdpa_are_built_with_their_eager_attention(name, built_with, tmp_path):
+    """transformers refuses attn_implementation="sdpa" for classes marked _supports_sdpa = False (attention sinks,
+    compressed attention): the script built them with it and crashed at start ("run failed" in every layout). Their
+    FSDP and EP scripts now build the model's own eager attention; DeepSeek-V4 verifies so in CI (above)."""
+    from omnigen.pipeline import render
+    spec = supported_models.spec_for(name, "fsdp", tmp_path)
+    script = render(plan(spec), tmp_path / "out")["train.py"]
+    assert f'._from_config(config, attn_implementation="{built_with}", dtype=torch.float32)' in script
+    assert getattr(transformers, name)._supports_sdpa is (built_with == "sdpa")

@@ -388,13 +388,26 @@ def check_attention_kwargs(module, kwargs):
             raise RuntimeError(f"layer asks for {name}, which this attention does not compute; recompile with omnigen")
 
 
+def check_attention_mask(module, attention_mask):
+    """The decoder stack hands its layers no mask (split_sequence_hook drops it; no mask function is
+    registered for "omnigen"): this attention builds the mask itself. A layer that passes one anyway built it inside itself (e.g. a
+    bias computed from its values), which this attention would drop: refuse rather than train another attention."""
+    if attention_mask is not None:
+        shape = "x".join(map(str, getattr(attention_mask, "shape", ()))) or type(attention_mask).__name__
+        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) builds its own "
+                           f"{shape} attention mask, which this attention would replace with a causal one; train it "
+                           "with parallel.sp: 1 and unpacked rows (train.pack_documents: 1, train.packing: false)")
+
+
 def ulysses_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, document_ids=None, **kwargs):
     """Registered with transformers' AttentionInterface; HF's attention modules call it with [B, heads, S, D].
 
-    query/key/value arrive for the local chunk of the sequence. attention_mask is ignored: the mask is rebuilt for
-    the whole sequence (causal, and per document when packed), which no single chunk could know.
+    query/key/value arrive for the local chunk of the sequence. The stack passes no attention_mask
+    (check_attention_mask): the mask is rebuilt for the whole sequence (causal, and per document when packed), which
+    no single chunk could know.
     """
     check_attention_kwargs(module, kwargs)
+    check_attention_mask(module, attention_mask)
     group = module.sp_group
     if key.shape[1] < SP_DEGREE:  # fewer kv heads than SP ranks: repeat them so each rank gets its own copy
         key = key.repeat_interleave(SP_DEGREE // key.shape[1], dim=1)

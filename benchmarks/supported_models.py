@@ -76,6 +76,9 @@ def run_case(class_name: str, layout: str, is_moe: bool, verify: bool = True) ->
             return {"result": "run failed", "detail": log.getvalue()[-300:]}
         checks = runner.compare(pair[0], pair[1], STEPS, pair[2])
         failed = [c for c in checks if not c.ok]
+        if failed and runner.random_in_training(Path(tmp) / "verify" / "reference"):
+            return {"result": "random", "detail": "its training forward is random with dropout off (e.g. a router "
+                                                  "that samples experts): one process and 2 ranks cannot be compared"}
         grads = next(c for c in checks if c.what == "step-0 gradients")
         return {"result": "FAIL" if failed else "verified", "deviation": grads.worst,
                 "detail": "; ".join(f"{c.what} {c.worst:.2g} > {c.tolerance:g}" for c in failed)}
@@ -84,7 +87,7 @@ def run_case(class_name: str, layout: str, is_moe: bool, verify: bool = True) ->
 def cell(outcome: dict) -> str:
     if outcome["result"] == "verified":
         return f"{outcome['deviation']:.1e}"
-    return {"n/a": "-", "refused": "refused", "no tiny config": "no tiny config", "compiles": "compiles",
+    return {"n/a": "-", "refused": "refused", "no tiny config": "no tiny config", "compiles": "compiles", "random": "random",
             "FAIL": "**FAIL**"}.get(
         outcome["result"], f"**{outcome['result']}**")
 
@@ -98,12 +101,13 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['class']} | {r['kind']} | " + " | ".join(cell(r["layouts"][k]) for k in LAYOUTS)
                      + f" | {'; '.join(reasons)} |")
     count = {k: sum(o["result"] == k for r in results for o in r["layouts"].values())
-             for k in ("verified", "compiles", "refused", "no tiny config")}
+             for k in ("verified", "compiles", "refused", "no tiny config", "random")}
     return "\n".join(lines) + (f"\n\n{len(results)} classes; class x layout cases: {count['verified']} verified (the "
                                f"cell is the worst per-tensor step-0 gradient deviation), {count['compiles']} compiled "
                                f"but not verified in this run, {count['refused']} refused with the reason shown, "
                                f"{count['no tiny config']} without a tiny config (the zoo cannot shrink the class's "
-                               f"defaults validly). transformers {transformers.__version__}.\n")
+                               f"defaults validly), {count['random']} not comparable (random in training with "
+                               f"dropout off). transformers {transformers.__version__}.\n")
 
 
 def write(markdown: str, results: list[dict]) -> None:

@@ -240,13 +240,50 @@ def verify(spec: Spec, steps: int | None = None, rtol: float | None = None, work
     """Run the parallel script and the single-process reference with the same seed, data and global batch, and
     compare them (see compare); exit status 0 only when every check passes."""
     steps = steps or spec.train.steps
+    workdir = workdir or tempfile.mkdtemp(prefix=f"omnigen-verify-{spec.name}-")
     pair = run_pair(spec, steps, workdir)
     if pair is None:
         return 1
     reference, parallel, tol = pair
     if rtol is not None:
         tol = replace(tol, first_step=rtol, later_steps=rtol)
-    return report(reference, parallel, steps, tol)
+    code = report(reference, parallel, steps, tol)
+    if code and random_in_training(Path(workdir) / "reference"):
+        print(RANDOM_IN_TRAINING)
+    return code
+
+
+RANDOM_IN_TRAINING = ("NOT COMPARABLE: the model draws random numbers in its training forward beyond the dropout "
+                      "verify turns off (e.g. a router that samples its experts): one process and several ranks draw "
+                      "different numbers for the same samples, so this mismatch proves nothing either way")
+
+
+PROBE_SAMPLES = 4  # enough tokens that a sampling router meets near-ties between experts
+
+
+def random_in_training(out: Path) -> bool:
+    """Whether the script in `out` builds a model whose training step is random with dropout off: forward and
+    backward of its first PROBE_SAMPLES samples under two seeds disagree (a sampling router may be random in its forward, or only
+    in its gradient estimate). False when the probe cannot run it (a talker's targets come from the step, not the
+    sample)."""
+    namespace = {"__name__": "omnigen_verify_probe", "__file__": str(out / "train.py")}
+    try:
+        exec(compile((out / "train.py").read_text(), str(out / "train.py"), "exec"), namespace)  # noqa: S102
+        model = namespace["build_model"]().train()
+        data = namespace["open_data"]()
+        batch = namespace["collate"]([data.sample(i) for i in range(PROBE_SAMPLES)])
+        batch.pop("shift_labels")
+        results = []
+        for seed in (0, 1):
+            model.zero_grad()
+            torch.manual_seed(seed)
+            logits = model(**batch).logits
+            logits.float().square().mean().backward()
+            results.append(torch.cat([logits.detach().flatten(),
+                                      *(p.grad.flatten() for p in model.parameters() if p.grad is not None)]))
+    except Exception:  # noqa: BLE001 - a probe that cannot run says nothing
+        return False
+    return not torch.equal(*results)
 
 
 def run_pair(spec: Spec, steps: int, workdir: str | None = None) -> tuple[Run, Run, Tolerances] | None:

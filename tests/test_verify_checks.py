@@ -201,3 +201,27 @@ def test_dropout_is_off_in_both_verify_runs(tmp_path):
 def test_verify_passes_on_a_model_with_dropout(tmp_path):
     spec = load_spec(ROOT / "specs" / "llama_tiny.yaml", ["model.overrides.attention_dropout=0.2"])
     assert runner.verify(spec, steps=2, workdir=str(tmp_path)) == 0
+
+
+def test_a_model_random_in_training_is_reported_as_not_comparable(tmp_path):
+    """Phi-MoE's router samples its experts in training (sparsemixer), which no config turns off: one process and
+    2 ranks draw differently and verify cannot match them. The probe tells it from a deterministic model (the tiny
+    Llama with dropout in its config, which verify turns off), and verify says so under its MISMATCH."""
+    import transformers
+
+    from omnigen import zoo
+    from omnigen.spec import spec_from_dict
+
+    llama = tmp_path / "llama"
+    runner.compile_to(spec("llama_tiny", ["model.overrides.attention_dropout=0.2"]), llama)
+    runner.dropout_off(llama / "config.json")
+    assert not runner.random_in_training(llama)
+    raw = zoo.write_tiny(transformers.PhimoeForCausalLM, tmp_path / "phimoe_model", name="phimoe",
+                         cluster={"nodes": 1, "procs_per_node": 2, "device": "cpu", "hardware": "cpu"},
+                         train={"seq_len": 128, "micro_batch_size": 1, "global_batch_size": 4, "steps": 1},
+                         parallel={"dp_shard": 2, "dp_replicate": 1})
+    phimoe = spec_from_dict(raw, "<test>", str(tmp_path))
+    runner.compile_to(phimoe, tmp_path / "phimoe")
+    runner.dropout_off(tmp_path / "phimoe" / "config.json")
+    assert runner.random_in_training(tmp_path / "phimoe")
+    assert runner.verify(phimoe, steps=1, workdir=str(tmp_path / "verify")) == 1

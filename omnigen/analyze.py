@@ -352,8 +352,7 @@ class _Analyzer:
         spans, refused = A.layer_attention(config, modules, own_masks=own_masks)
         stack = self.model.get_submodule(_parent(_parent(members[0][0])))
         built = A.mask_built_in_layer(stack, [(self.path_of[id(m)], m) for m in modules])
-        cls = getattr(transformers, self.class_name, None)
-        if not (refused or built) and cls is not None and not getattr(cls, "_supports_sdpa", True):
+        if not (refused or built) and not hf.supports_sdpa(self.class_name):
             # transformers itself says SDPA cannot compute this model's attention, for a reason not found above
             built = (f"transformers marks {self.class_name} as not computable with scaled_dot_product_attention "
                      "(_supports_sdpa = False), which omnigen's attention uses")

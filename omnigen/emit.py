@@ -19,9 +19,9 @@ from typing import Any
 
 import jinja2
 import libcst
-import transformers
 
 from .errors import OmnigenError
+from .hf import supports_sdpa
 from .merge import Conflict, Merged, merge
 from .model_graph import router_aux_loss
 from .plan import Plan, hardware_provenance
@@ -118,8 +118,7 @@ def attn_implementation(model_class: str) -> str:
     """The attention the script builds the model with: SDPA, unless transformers says the class cannot run it
     (_supports_sdpa = False: attention sinks, compressed or indexed attention), then the model's own eager attention.
     (A class omnigen's own attention replaces under Ulysses or packing is refused there when SDPA cannot compute it.)"""
-    cls = getattr(transformers, model_class, None)
-    return "eager" if cls is not None and getattr(cls, "_supports_sdpa", True) is False else "sdpa"
+    return "sdpa" if supports_sdpa(model_class) else "eager"
 
 
 def render(plan: Plan, config: dict[str, Any], spec_dict: dict[str, Any], paths: Paths = Paths()) -> dict[str, str]:

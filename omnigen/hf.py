@@ -125,6 +125,13 @@ def config_to_dict(config: transformers.PretrainedConfig) -> dict[str, Any]:
     return json.loads(config.to_json_string(use_diff=True))
 
 
+def supports_sdpa(class_name: str) -> bool:
+    """Whether transformers can run the class's attention with scaled_dot_product_attention (False where it marks
+    _supports_sdpa = False: attention sinks, compressed or indexed attention). Unknown classes are taken to."""
+    cls = getattr(transformers, class_name, None)
+    return cls is None or getattr(cls, "_supports_sdpa", True) is not False
+
+
 def check_produces_logits(model: torch.nn.Module, spec: Spec) -> None:
     """The script trains on `model(**batch).logits`: a bare backbone (LlamaModel) has no output head."""
     if model.get_output_embeddings() is None:

@@ -36,24 +36,14 @@ def plan(spec: Spec) -> Compiled:
     if trains_talker(spec, config):
         return plan_talker(spec, config)
     graph = analyze(spec)
-    vocab_size = config.get_text_config().vocab_size
-    if data_format(spec) == "jsonl":
-        check_jsonl(spec.resolve(spec.train.data), vocab_size, spec.source)
-    elif data_format(spec) == "token_shards":
-        t = spec.train
-        check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
+    check_data_files(spec, config)
     hw = load_profile(spec)
     every = {"image": spec.train.synthetic.image_every, "audio": spec.train.synthetic.audio_every,
              "video": spec.train.synthetic.video_every if data_format(spec) is None else 0}
     inputs = input_recipe(config, graph.model_class, spec.train.seq_len, spec.train.pack_documents, every,
                           spec.train.packing)
-    if spec.train.packing and router_aux_loss(config_to_dict(config)):
-        raise SpecError(f"{spec.source}: key 'train.packing': {graph.model_class}'s config turns on the router "
-                        "load-balancing loss, which averages over a fixed count of micro-batches per step; packed "
-                        "steps vary it (use packing: false, or router_aux_loss_coef: 0 in model.overrides)")
-    if data_format(spec) == "chat":
-        t = spec.train
-        check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
+    refuse_packed_router_loss(spec, config, f"{graph.model_class}'s config", "model.overrides")
+    check_chat(spec, inputs)
     the_plan = make_plan(spec, graph, hw, inputs, weights=spec.model.weights)
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
 
@@ -63,37 +53,28 @@ def plan_composite(spec: Spec) -> Compiled:
     from . import compose
     from .inputs import composite_recipe
     parts = compose.load_parts(spec)
-    if spec.train.packing and router_aux_loss(config_to_dict(parts.foundation_config)):
-        raise SpecError(f"{spec.source}: key 'train.packing': the foundation's config turns on the router "
-                        "load-balancing loss, which averages over a fixed count of micro-batches per step; packed "
-                        "steps vary it (use packing: false, or router_aux_loss_coef: 0 in the foundation's config)")
+    refuse_packed_router_loss(spec, parts.foundation_config, "the foundation's config", "the foundation's config")
     if parts.codebook_decoders and data_format(spec) is not None:
         raise SpecError(f"{spec.source}: key 'train.data': a model with a {parts.codebook_decoders[0].modality} decoder "
                         "trains on synthetic samples for now (train.data: synthetic); jsonl rows and token shards "
                         "hold text only, and chat manifests no item to generate")
     graph = compose.analyze_composite(spec, parts)
-    vocab_size = parts.foundation_config.get_text_config().vocab_size
-    if data_format(spec) == "jsonl":
-        check_jsonl(spec.resolve(spec.train.data), vocab_size, spec.source)
-    elif data_format(spec) == "token_shards":
-        t = spec.train
-        check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
+    check_data_files(spec, parts.foundation_config)
     synthetic = spec.train.synthetic
     every = {"image": synthetic.image_every, "audio": synthetic.audio_every, "image_tokens": synthetic.image_tokens_every,
              "audio_codec": synthetic.audio_codec_every}
     inputs = composite_recipe(parts, compose.build_meta(parts), spec.train.seq_len, spec.train.pack_documents, every,
                               spec.source, spec.train.packing)
-    if data_format(spec) == "chat":
-        t = spec.train
-        check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
+    check_chat(spec, inputs)
     prefixes = compose.part_weights(spec, parts)
-    the_plan = replace(make_plan(spec, graph, load_profile(spec), inputs), parts=parts.describe(spec, prefixes))
+    hw = load_profile(spec)
+    the_plan = replace(make_plan(spec, graph, hw, inputs), parts=parts.describe(spec, prefixes))
     sp, seq_len = the_plan.mesh["sp"], spec.train.seq_len
     if parts.codebook_decoders and seq_len % sp:  # the per-position codes would need padding of their own
         raise SpecError(f"{spec.source}: key 'train.seq_len': {seq_len} does not split evenly over parallel.sp={sp}, "
                         f"which a model with a {parts.codebook_decoders[0].modality} decoder needs; use seq_len "
                         f"{seq_len + -seq_len % sp}")
-    return Compiled(spec, graph, load_profile(spec), the_plan, parts.config_dict())
+    return Compiled(spec, graph, hw, the_plan, parts.config_dict())
 
 
 def plan_talker(spec: Spec, config) -> Compiled:
@@ -103,6 +84,30 @@ def plan_talker(spec: Spec, config) -> Compiled:
     hw = load_profile(spec)
     the_plan = make_plan(spec, graph, hw, recipe(spec, config))
     return Compiled(spec, graph, hw, the_plan, config_to_dict(config))
+
+
+def check_data_files(spec: Spec, config) -> None:
+    """A jsonl file or token-shard folder in train.data: every token id inside the (text) model's vocabulary."""
+    t, vocab_size = spec.train, config.get_text_config().vocab_size
+    if data_format(spec) == "jsonl":
+        check_jsonl(spec.resolve(t.data), vocab_size, spec.source)
+    elif data_format(spec) == "token_shards":
+        check_shards(spec.resolve(t.data), vocab_size, t.seq_len, t.global_batch_size, spec.source)
+
+
+def check_chat(spec: Spec, inputs: dict) -> None:
+    """A chat manifest in train.data: every row read by the script's own reader for this input recipe."""
+    t = spec.train
+    if data_format(spec) == "chat":
+        check_chat_manifest(spec.resolve(t.data), spec.resolve(t.processor), inputs, t.long_samples, spec.source)
+
+
+def refuse_packed_router_loss(spec: Spec, config, whose: str, where_to_zero: str) -> None:
+    """Packed steps vary the count of micro-batches, which the router load-balancing loss averages over."""
+    if spec.train.packing and router_aux_loss(config_to_dict(config)):
+        raise SpecError(f"{spec.source}: key 'train.packing': {whose} turns on the router load-balancing loss, which "
+                        "averages over a fixed count of micro-batches per step; packed steps vary it (use packing: "
+                        f"false, or router_aux_loss_coef: 0 in {where_to_zero})")
 
 
 def data_format(spec: Spec) -> str | None:

@@ -153,7 +153,7 @@ def _plan_changes(old_json: str | None, compiled) -> str:
         return "plan: new (nothing to compare with)"
     old = json.loads(old_json)
     now = price_layout(compiled.spec, compiled.graph, compiled.hardware, compiled.plan.inputs, old["mesh"],
-                       old["groups"], old["train"].get("loss_chunk_tokens", 0))
+                       old["groups"], old["train"])
     lines = plan_changes(old, json.loads(canonical_json(compiled.plan.to_dict())), now)
     return "plan changes:\n" + "".join(f"  {line}\n" for line in lines) if lines else "plan: unchanged"
 

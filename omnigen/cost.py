@@ -38,6 +38,14 @@ class TrainShape:
     # (token_type_ids: transformers builds one per attention pattern before the stack, and every layer reads it).
     dense_mask: str = ""
     loss_chunk_tokens: int = 0  # the loss runs this many of a rank's tokens at a time (0: all of them at once)
+    # Gradients reduced once per step, after the last micro-batch: the earlier ones accumulate them unsharded.
+    sync_once_per_step: bool = False
+
+    @property
+    def reductions_per_micro_batch(self) -> float:
+        """Gradient reductions (reduce-scatters, all-reduces) per micro-batch: one each, or one per step spread
+        over its micro-batches."""
+        return 1 / self.grad_accum if self.sync_once_per_step else 1.0
 
     def tokens(self, role: str) -> float:
         """Tokens per micro-batch that blocks of this role process."""
@@ -274,6 +282,7 @@ class GroupCost:
     tensors: float              # trainable local parameter tensors: the optimizer's per-tensor work
     parameters: float
     gradients: float
+    accumulated_gradients: float  # gradient bytes held from one micro-batch to the next (unsharded when synced once)
     optimizer: float
     activations: float
     gathered_member: float      # bytes one unsharded member holds while it runs (0 when replicated)
@@ -314,12 +323,13 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
 
     # Parameters: a replicated group holds them whole; EP splits the routed experts before FSDP shards the rest.
     experts, dense = expert_bytes(g) / mesh.ep, g.param_bytes - expert_bytes(g)
+    reductions = shape.reductions_per_micro_batch if trains else 0.0
     if choice.replicate:
         held = g.count * (dense + experts)
-        comm = g.count * all_reduce_s((dense + experts), mesh.world_size, replicate_link(mesh, procs_per_node, hw)) \
-            if trains else 0.0
-        fsdp = g.count * all_reduce_hops(mesh.world_size) if trains else 0
-        calls = g.count if trains and mesh.world_size > 1 else 0
+        comm = reductions * g.count * all_reduce_s((dense + experts), mesh.world_size,
+                                                   replicate_link(mesh, procs_per_node, hw))
+        fsdp = reductions * g.count * all_reduce_hops(mesh.world_size)
+        calls = reductions * g.count * (mesh.world_size > 1)
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
@@ -331,11 +341,10 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         for member, n in ((dense * to_compute, fsdp_n), (experts * to_compute, fsdp_n // mesh.ep)):
             if member:
                 comm += g.count * gathers * all_gather_s(member, n, gather_l)
-                fsdp += g.count * fsdp_hops(n, mesh.dp_replicate, gathers, trains)
-                calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, trains)
-                if trains:
-                    comm += g.count * (reduce_scatter_s(member, n, scatter_l)
-                                       + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
+                fsdp += g.count * fsdp_hops(n, mesh.dp_replicate, gathers, reductions)
+                calls += g.count * fsdp_calls(n, mesh.dp_replicate, gathers, reductions)
+                comm += reductions * g.count * (reduce_scatter_s(member, n, scatter_l)
+                                                + all_reduce_s(member / n, mesh.dp_replicate, repl_l))
         gathered = unsharded_member_bytes(g, mesh) * to_compute
 
     # EP dispatch and Ulysses all-to-alls sit on the critical path: the experts (attention) wait for them.
@@ -369,20 +378,23 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         local_expert_calls=moe_layers(graph, g) * forwards * g.experts // mesh.ep if mesh.ep > 1 else 0,
         fsdp_comm_s=comm, all_to_all_s=a2a,
         fsdp_hops=fsdp, fsdp_calls=calls, all_to_all_hops=a2a_hops, tensors=g.count * g.tensors if trains else 0,
-        parameters=held, gradients=held if trains else 0.0, optimizer=ADAM_STATES * held if trains else 0.0,
+        parameters=held, gradients=held if trains else 0.0,
+        accumulated_gradients=(g.count * (dense + experts) if shape.sync_once_per_step else held) if trains else 0.0,
+        optimizer=ADAM_STATES * held if trains else 0.0,
         activations=activations, gathered_member=gathered,
         kept_gathered=0.0 if choice.reshard_after_forward or choice.replicate else (g.count - 1) * gathered)
 
 
-def fsdp_hops(shard: int, replicate: int, gathers: int, trains: bool) -> int:
-    """Latency hops of the collectives one FSDP unit launches per micro-batch: its ring all-gathers, then (when it
-    trains) the gradient reduce-scatter and, under HSDP, the all-reduce across replicas."""
-    return (gathers + trains) * (shard - 1) + trains * all_reduce_hops(replicate)
+def fsdp_hops(shard: int, replicate: int, gathers: int, reductions: float) -> float:
+    """Latency hops of the collectives one FSDP unit launches per micro-batch: its ring all-gathers, then
+    `reductions` times (TrainShape.reductions_per_micro_batch; 0 when it does not train) the gradient reduce-scatter
+    and, under HSDP, the all-reduce across replicas."""
+    return (gathers + reductions) * (shard - 1) + reductions * all_reduce_hops(replicate)
 
 
-def fsdp_calls(shard: int, replicate: int, gathers: int, trains: bool) -> int:
+def fsdp_calls(shard: int, replicate: int, gathers: int, reductions: float) -> float:
     """The same collectives counted per call; none on a mesh dim of one."""
-    return gathers * (shard > 1) + trains * ((shard > 1) + (replicate > 1))
+    return gathers * (shard > 1) + reductions * ((shard > 1) + (replicate > 1))
 
 
 def all_reduce_hops(n: int) -> int:
@@ -401,9 +413,12 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
     full = root_param_bytes(graph)
     root_blocks = [b for b in graph.blocks if b.parent is None and b.group is None]
     trainable = full - sum(b.param_bytes for b in root_blocks if under(b.name, frozen))
+    reductions = shape.reductions_per_micro_batch
     comm = (all_gather_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "all_gather"))
-            + reduce_scatter_s(full * to_compute, fsdp_n, shard_link(mesh, procs_per_node, hw, "reduce_scatter"))
-            + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate, replicate_link(mesh, procs_per_node, hw)))
+            + reductions * (reduce_scatter_s(full * to_compute, fsdp_n,
+                                             shard_link(mesh, procs_per_node, hw, "reduce_scatter"))
+                            + all_reduce_s(full * to_compute / fsdp_n, mesh.dp_replicate,
+                                           replicate_link(mesh, procs_per_node, hw))))
     forward = root_forward_flops(graph, shape, mesh)
     # A chunked loss runs the LM head twice per chunk (forward, and again in backward): priced like a layer call each.
     chunks = loss_chunks(graph, shape, mesh)
@@ -412,10 +427,12 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
                      forward_s=forward / hw.achieved_flops(shape.precision),
                      recompute_s=recompute / hw.achieved_flops(shape.precision), backward_factor=2.0,
                      layer_calls=2.0 * chunks, local_expert_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
-                     fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, True),
-                     fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, True), all_to_all_hops=0,
+                     fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, reductions),
+                     fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, reductions), all_to_all_hops=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
-                     gradients=trainable / fsdp_n, optimizer=ADAM_STATES * trainable / fsdp_n,
+                     gradients=trainable / fsdp_n,
+                     accumulated_gradients=trainable if shape.sync_once_per_step else trainable / fsdp_n,
+                     optimizer=ADAM_STATES * trainable / fsdp_n,
                      activations=logits_bytes(graph, shape, mesh), gathered_member=0.0,
                      kept_gathered=full * to_compute)
 
@@ -429,13 +446,15 @@ def all_costs(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sh
 def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) -> dict[str, int]:
     """What is alive at the step's high-water mark, whichever comes higher:
     - end of forward: parameters, optimizer state, every kept activation, the prefetch window of unsharded layers
-      (gradients only when an earlier micro-batch left them: zero_grad frees them after each step);
+      (gradients only when an earlier micro-batch left them, unsharded when they are reduced once per step:
+      zero_grad frees them after each step);
     - optimizer step: parameters, gradients and optimizer state (the fused AdamW and the in-place clipping allocate
       nothing more; foreach AdamW made about one gradient of temporaries)."""
     params, grads, optim = (sum(getattr(c, k) for c in costs) for k in ("parameters", "gradients", "optimizer"))
     transient = (FSDP_PREFETCH_UNITS * max(c.gathered_member for c in costs)
                  + sum(c.kept_gathered for c in costs))
-    forward = {"parameters": params, "gradients": grads if shape.grad_accum > 1 else 0.0, "optimizer": optim,
+    accumulated = sum(c.accumulated_gradients for c in costs) if shape.grad_accum > 1 else 0.0
+    forward = {"parameters": params, "gradients": accumulated, "optimizer": optim,
                "activations": sum(c.activations for c in costs), "transient": transient}
     step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": 0.0}
     at_peak = max((forward, step), key=lambda m: sum(m.values()))

@@ -97,10 +97,12 @@ class Candidate:
     choices: dict[str, GroupChoice]
     estimate: Estimate
     loss_chunk_tokens: int = 0
+    sync_once_per_step: bool = False
 
     def label(self) -> str:
         dims = " x ".join(f"{k}={v}" for k, v in self.mesh.to_dict().items() if v > 1) or "single process"
         loss = f"; loss in chunks of {self.loss_chunk_tokens:,} tokens" if self.loss_chunk_tokens else ""
+        loss += "; gradients reduced once per step" if self.sync_once_per_step else ""
         described = {name: describe_choice(c) for name, c in self.choices.items()}
         if len(set(described.values())) <= 1:
             return f"{dims}; {next(iter(described.values()), '-')}{loss}"
@@ -266,6 +268,13 @@ def loss_chunk_options(spec: Spec, graph: ModelGraph, mesh: Mesh, shape: TrainSh
     return [0] + sorted((c for c in LOSS_CHUNK_SIZES if c < shape.tokens("foundation") / mesh.sp), reverse=True)
 
 
+def sync_options(mesh: Mesh, shape: TrainShape) -> tuple[bool, ...]:
+    """When gradients may be reduced: after every micro-batch (sharded gradients between micro-batches), and, with
+    several micro-batches on several ranks, once per step (fewer reductions; the earlier micro-batches' gradients
+    accumulate unsharded)."""
+    return (False, True) if shape.grad_accum > 1 and mesh.world_size > 1 else (False,)
+
+
 def leanest_loss_chunk(spec: Spec, graph: ModelGraph) -> int:
     """The loss chunking that needs the least memory for any sequence length the spec allows (0: whole sequence)."""
     asked = spec.train.loss_chunk_tokens
@@ -351,24 +360,29 @@ def search(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str,
             rejected.append((None, f"{mesh.to_dict()}: {e}"))
             continue
         ppn, frozen = spec.cluster.procs_per_node, spec.model.freeze
-        # The root's cost depends on the mesh and the loss chunking only, a group's on its own choice: each is
-        # priced once per mesh, not once per candidate.
-        shapes = {chunk: replace(shape, loss_chunk_tokens=chunk) for chunk in loss_chunk_options(spec, graph, mesh, shape)}
-        roots = {chunk: root_cost(graph, mesh, s, hw, ppn, frozen) for chunk, s in shapes.items()}
-        groups: dict[tuple[str, GroupChoice], GroupCost] = {}
+        # The root's cost depends on the mesh, the loss chunking and when gradients are reduced only, a group's on
+        # its own choice and when gradients are reduced: each is priced once per mesh, not once per candidate.
+        shapes = {(chunk, once): replace(shape, loss_chunk_tokens=chunk, sync_once_per_step=once)
+                  for chunk in loss_chunk_options(spec, graph, mesh, shape) for once in sync_options(mesh, shape)}
+        roots = {key: root_cost(graph, mesh, s, hw, ppn, frozen) for key, s in shapes.items()}
+        groups: dict[tuple[str, GroupChoice, bool], GroupCost] = {}
         for choices in choice_candidates(spec, graph, mesh, shape, hw):
-            for g in graph.groups:
-                if (g.name, choices[g.name]) not in groups:
-                    groups[g.name, choices[g.name]] = group_cost(graph, g, choices[g.name], mesh, shape, hw, ppn)
-            costs = [groups[g.name, choices[g.name]] for g in graph.groups]
-            for chunk, chunk_shape in shapes.items():  # fastest first: the first that fits is this candidate's best
-                priced = estimate(graph, mesh, choices, chunk_shape, hw, ppn, frozen, costs=[roots[chunk], *costs])
-                c = Candidate(mesh, choices, priced, chunk)
+            fits = []
+            for (chunk, once), option in shapes.items():
+                for g in graph.groups:
+                    if (g.name, choices[g.name], once) not in groups:
+                        groups[g.name, choices[g.name], once] = group_cost(graph, g, choices[g.name], mesh, option,
+                                                                           hw, ppn)
+                costs = [roots[chunk, once], *(groups[g.name, choices[g.name], once] for g in graph.groups)]
+                c = Candidate(mesh, choices, estimate(graph, mesh, choices, option, hw, ppn, frozen, costs=costs),
+                              chunk, once)
                 if c.estimate.peak_memory_bytes <= usable_memory_bytes(spec, hw):
-                    feasible.append(c)
-                    break
-                rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per device, "
-                                    f"{memory_limit(spec, hw)}"))
+                    fits.append(c)
+                else:
+                    rejected.append((c, f"does not fit: needs {c.estimate.peak_memory_bytes / GIB:.2f} GiB per "
+                                        f"device, {memory_limit(spec, hw)}"))
+            if fits:  # this candidate's best: its fastest loss chunking and gradient sync that fit
+                feasible.append(min(fits, key=lambda c: c.estimate.step_time_s))
     feasible.sort(key=lambda c: (c.estimate.step_time_s, c.estimate.peak_memory_bytes))
     if not feasible:
         best = min((c for c, _ in rejected if c), key=lambda c: c.estimate.peak_memory_bytes, default=None)
@@ -494,7 +508,8 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
     best = ranked[0][0]
     assert best is not None
     mesh = best.mesh
-    shape = replace(train_shape(spec, mesh, inputs), loss_chunk_tokens=best.loss_chunk_tokens)
+    shape = replace(train_shape(spec, mesh, inputs), loss_chunk_tokens=best.loss_chunk_tokens,
+                    sync_once_per_step=best.sync_once_per_step)
     reasons = group_reasons(spec, graph, hw, best, shape)
     groups = tuple(replace(group_plan(graph, g, best.choices[g.name], mesh, shape), **reasons[g.name])
                    for g in graph.groups)
@@ -505,7 +520,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
                  "world_size": spec.cluster.world_size, "device": spec.cluster.device, "hardware": hw.name,
                  "hardware_measured_on": hw.measured_on},
         train={**spec.to_dict()["train"], "grad_accum": grad_accum(spec, mesh.dp, mesh.sp),
-               "loss_chunk_tokens": best.loss_chunk_tokens,
+               "loss_chunk_tokens": best.loss_chunk_tokens, "sync_gradients_once_per_step": best.sync_once_per_step,
                **({"packed_row_tokens": packed_row_tokens(spec, mesh.sp)} if spec.train.packing else {})},
         mesh={d: getattr(mesh, d) for d in MESH_DIMS},
         groups=groups,
@@ -573,7 +588,8 @@ def chosen(plan: Plan) -> tuple[Mesh, dict[str, GroupChoice]]:
 def reprice(plan: Plan, spec: Spec, graph: ModelGraph, hw: HardwareProfile) -> Estimate:
     """The plan's prediction under another hardware profile, its choices kept (calibration fits terms this way)."""
     mesh, choices = chosen(plan)
-    shape = replace(train_shape(spec, mesh, plan.inputs), loss_chunk_tokens=plan.train.get("loss_chunk_tokens", 0))
+    shape = replace(train_shape(spec, mesh, plan.inputs), loss_chunk_tokens=plan.train.get("loss_chunk_tokens", 0),
+                    sync_once_per_step=plan.train.get("sync_gradients_once_per_step", False))
     return estimate(graph, mesh, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)
 
 
@@ -628,8 +644,9 @@ def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPl
 
 
 def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any], mesh: dict[str, int],
-                 groups: list[dict[str, Any]], loss_chunk_tokens: int = 0) -> str:
-    """An earlier plan's layout (plan.json's mesh, groups and loss chunking) priced under today's inputs, in words:
+                 groups: list[dict[str, Any]], train: dict[str, Any]) -> str:
+    """An earlier plan's layout (plan.json's mesh, groups, loss chunking and gradient sync, read off its train)
+    priced under today's inputs, in words:
     why the planner would not keep it, or what it would cost."""
     m = Mesh(**mesh)
     if m.world_size != spec.cluster.world_size:
@@ -640,7 +657,8 @@ def price_layout(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dic
                                       activation_checkpointing=g["activation_checkpointing"],
                                       replicate=g["replicate"]) for g in groups}
     try:
-        shape = replace(train_shape(spec, m, inputs), loss_chunk_tokens=loss_chunk_tokens)
+        shape = replace(train_shape(spec, m, inputs), loss_chunk_tokens=train.get("loss_chunk_tokens", 0),
+                        sync_once_per_step=train.get("sync_gradients_once_per_step", False))
     except PlanError as e:
         return f"is invalid now: {e}"
     e = estimate(graph, m, choices, shape, hw, spec.cluster.procs_per_node, spec.model.freeze)

@@ -155,6 +155,41 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     assert one.host_s == 0 and one.optimizer_s == pytest.approx((4 * 9 + 1) * 100e-6)  # one rank: no collectives
 
 
+def test_gradients_reduced_once_per_step_by_hand():
+    """With 3 micro-batches, reducing gradients once per step does a third of the reduce-scatters (their seconds,
+    hops and calls), gathers as often, and holds the gradients unsharded between micro-batches; the planner takes it
+    when it fits and falls back to every micro-batch's reduction when it does not."""
+    g = model(FOUNDATION)
+    profile = hw(collective_us=1000.0, fsdp_us=500.0)
+    every = TrainShape(seq_len=128, micro_batch_size=2, grad_accum=3, precision="fp32")
+    once = replace(every, sync_once_per_step=True)
+    mesh = Mesh(dp_shard=4)
+    a, b = (cost.group_cost(g, FOUNDATION, GroupChoice(), mesh, s, profile, 8) for s in (every, once))
+    gather = 4 * 2 * cost.all_gather_s(40 * MB, 4, LINK)  # 4 layers x 2 gathers of 40 MB each
+    scatter = 4 * cost.reduce_scatter_s(40 * MB, 4, LINK)
+    assert a.fsdp_comm_s == pytest.approx(gather + scatter) and b.fsdp_comm_s == pytest.approx(gather + scatter / 3)
+    assert (a.fsdp_hops, b.fsdp_hops) == (4 * 3 * 3, pytest.approx(4 * (2 + 1 / 3) * 3))
+    assert (a.fsdp_calls, b.fsdp_calls) == (4 * 3, pytest.approx(4 * (2 + 1 / 3)))
+    assert (a.accumulated_gradients, b.accumulated_gradients) == (a.gradients, 4 * 40 * MB)
+    replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), mesh, once, profile, 8)
+    assert replicated.accumulated_gradients == replicated.gradients == 4 * 40 * MB  # whole already: nothing more held
+    e_every, e_once = (cost.estimate(g, mesh, {"model.layers": GroupChoice()}, s, profile, 8) for s in (every, once))
+    assert e_once.step_time_s < e_every.step_time_s
+    assert e_once.memory["gradients"] - e_every.memory["gradients"] == pytest.approx((4 * 40 + 4) * MB * 3 / 4)
+
+    # Short sequences: activation checkpointing cannot win back the unsharded gradients' memory. Between what
+    # sharded layers need either way, only reducing every micro-batch fits (replicated layers need more still).
+    s = spec(cluster={"procs_per_node": 4}, parallel={"dp_shard": 4},
+             train={"seq_len": 8, "micro_batch_size": 2, "global_batch_size": 24})
+    every, once = replace(every, seq_len=8), replace(once, seq_len=8)
+    roomy = make_plan(s, g, replace(profile, memory_gib=80.0), {})
+    assert roomy.train["grad_accum"] == 3 and roomy.train["sync_gradients_once_per_step"]
+    need = [cost.estimate(g, mesh, {"model.layers": GroupChoice()}, shape, profile, 8).peak_memory_bytes
+            for shape in (every, once)]
+    tight = make_plan(s, g, replace(profile, memory_gib=sum(need) / 2 / GIB / (1 - s.parallel.memory_headroom)), {})
+    assert not tight.train["sync_gradients_once_per_step"] and not tight.groups[0].replicate
+
+
 def test_all_to_all_link_and_encoder_tower_host_time_by_hand():
     g = model(FOUNDATION)
     pairwise = replace(hw(), all_to_all=Link(50.0, 1))
@@ -416,6 +451,7 @@ def test_short_sequences_keep_the_whole_sequence_loss_and_its_prediction():
     assert plan.train["loss_chunk_tokens"] == 0
     mesh, choices = Mesh(**plan.mesh), {"model.layers": GroupChoice(plan.groups[0].reshard_after_forward,
                                                                     plan.groups[0].activation_checkpointing)}
-    before = cost.estimate(g, mesh, choices, TrainShape(128, 1, plan.train["grad_accum"], "fp32"),
-                           hw(layer_us=100.0, step_ms=2.0), 2)
+    shape = TrainShape(128, 1, plan.train["grad_accum"], "fp32",
+                       sync_once_per_step=plan.train["sync_gradients_once_per_step"])
+    before = cost.estimate(g, mesh, choices, shape, hw(layer_us=100.0, step_ms=2.0), 2)
     assert plan.predicted["step_time_s"] == pytest.approx(before.step_time_s, abs=1e-6)  # summary rounds to 1 us

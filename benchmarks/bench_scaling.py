@@ -10,7 +10,8 @@ python benchmarks/bench_scaling.py --long [--seq-lens 4096 8192] [--sps 2 4] [--
 
 What is compared. Every layout runs one sequence's worth of tokens per rank and step: global batch N sequences of
 seq_len on N ranks, micro-batch 1 (FSDP/HSDP/EP: one sequence per rank; sp=N: N sequences, each split over the N
-ranks, in N micro-batches; sp x ep likewise). Its baseline is the same model compiled for one process with one
+ranks, in N micro-batches; sp x ep likewise; "sp=2 mb2": the same two sequences as one micro-batch of 2, so that a
+rank's forward sees 2 x 256 tokens, as many as an FSDP rank's, in half the all-to-alls and hooks). Its baseline is the same model compiled for one process with one
 sequence per step: the same tokens per step as each rank, the same sequence length (the same attention work per
 token), the same samples' shapes (images and audio in every sample for the VLM and omni models). Activation
 checkpointing is pinned to none everywhere so that the layout is the only difference.
@@ -89,17 +90,18 @@ CASES = (
     Case("HSDP", "llama_tiny_hsdp.yaml", 4, 0.90, {}, ISSUE_LLAMA),
     Case("sp=2", "llama_tiny_sp2.yaml", 2, 0.85, {}, ISSUE_LLAMA),
     Case("sp=4", "llama_tiny_sp2.yaml", 4, 0.85, {"parallel.sp": 4, "cluster.procs_per_node": 4}, ISSUE_LLAMA),
+    Case("sp=2 mb2", "llama_tiny_sp2.yaml", 2, 0.85, {"train.micro_batch_size": 2}, ISSUE_LLAMA),
     Case("ep=2", "qwen3_moe_tiny_ep2.yaml", 2, 0.80, {}, WIDE_MOE),
     Case("sp=2 x ep=2 (omni MoE)", "qwen3_omni_moe_tiny_sp2_ep2.yaml", 2, 0.80, {}, WIDE_OMNI_MOE),
     Case("VLM FSDP", "qwen2_vl_tiny.yaml", 2, 0.90, {}, WIDE_VLM),
     Case("omni (planned)", "qwen25_omni_tiny.yaml", 2, 0.90, {}, WIDE_OMNI),
 )
-SINGLE = {"cluster.procs_per_node": 1, "cluster.nodes": 1, "parallel.dp_replicate": 1, "parallel.dp_shard": 1,
+SINGLE = {"train.micro_batch_size": 1, "cluster.procs_per_node": 1, "cluster.nodes": 1, "parallel.dp_replicate": 1, "parallel.dp_shard": 1,
           "parallel.sp": 1, "parallel.ep": 1}
 
 
 def spec_for(case: Case, seq_len: int, steps: int, single: bool, extra: dict | None = None):
-    sets = {**case.sets, **(extra or {}), "train.seq_len": seq_len, "train.micro_batch_size": 1,
+    sets = {"train.micro_batch_size": 1, **case.sets, **(extra or {}), "train.seq_len": seq_len,
             "train.global_batch_size": 1 if single else case.ranks, "train.steps": steps,
             "parallel.activation_checkpointing": "none", "cluster.hardware": str(PROFILES / f"cpu_{case.ranks}ranks.yaml")}
     if single:
@@ -203,8 +205,8 @@ def scaling(args) -> None:
                      "yes" if eff >= case.target else "no"])
     print(fmt_table(head, rows))
     versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in ("torch", "transformers"))
-    print(f"seq_len {args.seq_len}, fp32, micro-batch 1, one sequence's tokens per rank and step, AC none; "
-          f"{args.steps} steps per launch, medians after {args.warmup}; fastest of {args.passes} interleaved "
+    print(f"seq_len {args.seq_len}, fp32, micro-batch 1 (sp=2 mb2: 2), one sequence's tokens per rank and step, "
+          f"AC none; {args.steps} steps per launch, medians after {args.warmup}; fastest of {args.passes} interleaved "
           f"launches of each kind; {os.cpu_count()} CPU cores, gloo, OMP_NUM_THREADS=1; {versions}. Llama rows: "
           f"the issue-18 Llama (6.16M parameters); the others: their spec's tiny config. eff. = measured / baseline; "
           f"load = 1-min load average when the kept launch started.")

@@ -474,15 +474,18 @@ def leanest_expert_mesh(spec: Spec, graph: ModelGraph, mesh: Mesh) -> Mesh:
 def max_seq_len_by_sp(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[str, Any]) -> dict[str, int]:
     """The longest seq_len whose best activation-checkpointing choice fits memory, for each valid sp degree, with the
     leanest EP degree and loss the spec allows (the loss in chunks, unless the spec fixes train.loss_chunk_tokens or
-    the model refuses them)."""
+    the model refuses them). An sp degree whose data-parallel size cannot split the spec's global batch is left out."""
     world = spec.cluster.world_size
     heads, kv_heads = foundation_attention(graph)
     out = {}
     no_ulysses = bool(ulysses_refusal(spec, graph))
     for sp in (d for d in divisors(world) if valid_sp(d, heads, kv_heads) and not (no_ulysses and d > 1)):
         mesh = leanest_expert_mesh(spec, graph, Mesh(dp_shard=world // sp, sp=sp))
-        base = replace(train_shape(spec, mesh, inputs), grad_accum=1,  # one micro-batch
-                       loss_chunk_tokens=leanest_loss_chunk(spec, graph))
+        try:
+            base = replace(train_shape(spec, mesh, inputs), grad_accum=1,  # one micro-batch
+                           loss_chunk_tokens=leanest_loss_chunk(spec, graph))
+        except PlanError:
+            continue
 
         def fits(seq_len: int) -> bool:
             shape = replace(base, seq_len=seq_len)

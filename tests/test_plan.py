@@ -193,3 +193,12 @@ def test_long_context_targets_plan_with_the_loss_in_chunks(name, seq_len, sets):
     whole = reprice(replace(plan, train={**plan.train, "loss_chunk_tokens": 0}), compiled.spec, compiled.graph,
                     compiled.hardware)
     assert whole.peak_memory_bytes > usable_memory_bytes(compiled.spec, compiled.hardware)
+
+
+def test_a_batch_only_the_chosen_sp_can_split_still_plans():
+    """Two sequences in one micro-batch on 2 ranks split only as sp=2 (sp=1 would need 2 x 2 samples): the plan is
+    sp=2, and max_seq_len_by_sp leaves out the degree that cannot hold the batch instead of refusing the spec."""
+    s = spec(cluster={"procs_per_node": 2}, parallel={"sp": 2},
+             train={"seq_len": 128, "micro_batch_size": 2, "global_batch_size": 2})
+    plan = make_plan(s, graph(), hw(), {})
+    assert plan.mesh["sp"] == 2 and plan.train["grad_accum"] == 1 and list(plan.max_seq_len_by_sp) == ["2"]

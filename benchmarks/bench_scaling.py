@@ -11,10 +11,11 @@ python benchmarks/bench_scaling.py --long [--seq-lens 4096 8192] [--sps 2 4] [--
 What is compared. Every layout runs one sequence's worth of tokens per rank and step: global batch N sequences of
 seq_len on N ranks, micro-batch 1 (FSDP/HSDP/EP: one sequence per rank; sp=N: N sequences, each split over the N
 ranks, in N micro-batches; sp x ep likewise; "sp=2 mb2": the same two sequences as one micro-batch of 2, so that a
-rank's forward sees 2 x 256 tokens, as many as an FSDP rank's, in half the all-to-alls and hooks). Its baseline is the same model compiled for one process with one
-sequence per step: the same tokens per step as each rank, the same sequence length (the same attention work per
-token), the same samples' shapes (images and audio in every sample for the VLM and omni models). Activation
-checkpointing is pinned to none everywhere so that the layout is the only difference.
+rank's forward sees 2 x 256 tokens, as many as an FSDP rank's, in half the all-to-alls and hooks). Its baseline is
+the same model compiled for one process with one sequence per step: the same tokens per step as each rank, the
+same sequence length (the same attention work per token), the same samples' shapes (images and audio in every
+sample for the VLM and omni models). Activation checkpointing is pinned to none everywhere so that the layout is
+the only difference.
 
 The no-communication limit of this machine is measured two ways, and efficiency is given against both:
 - N concurrent: N copies of the single-process script launched at once, their tokens/s summed. This is the
@@ -96,8 +97,8 @@ CASES = (
     Case("VLM FSDP", "qwen2_vl_tiny.yaml", 2, 0.90, {}, WIDE_VLM),
     Case("omni (planned)", "qwen25_omni_tiny.yaml", 2, 0.90, {}, WIDE_OMNI),
 )
-SINGLE = {"train.micro_batch_size": 1, "cluster.procs_per_node": 1, "cluster.nodes": 1, "parallel.dp_replicate": 1, "parallel.dp_shard": 1,
-          "parallel.sp": 1, "parallel.ep": 1}
+SINGLE = {"train.micro_batch_size": 1, "cluster.procs_per_node": 1, "cluster.nodes": 1, "parallel.dp_replicate": 1,
+          "parallel.dp_shard": 1, "parallel.sp": 1, "parallel.ep": 1}
 
 
 def spec_for(case: Case, seq_len: int, steps: int, single: bool, extra: dict | None = None):

@@ -276,6 +276,8 @@ class GroupCost:
     local_expert_calls: float   # expert forwards under EP: MoE layers x this rank's experts (recomputed ones too)
     fsdp_comm_s: float          # all-gathers, reduce-scatters, gradient all-reduces: prefetching can hide them
     all_to_all_s: float         # Ulysses and EP exchanges: on the critical path
+    after_backward_s: float     # a replicated group's share of the one gradient all-reduce after backward: exposed
+    flattened_gradients: float  # bytes that all-reduce copies the group's gradients into
     fsdp_hops: float            # latency hops of the collectives FSDP2 launches from its hooks: each costs host time
     fsdp_calls: float           # those collectives, counted per call: FSDP's hooks and copies around each
     all_to_all_hops: float      # hops of the script's own Ulysses and EP all-to-alls: bare calls, cheaper to launch
@@ -324,12 +326,15 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
     # Parameters: a replicated group holds them whole; EP splits the routed experts before FSDP shards the rest.
     experts, dense = expert_bytes(g) / mesh.ep, g.param_bytes - expert_bytes(g)
     reductions = shape.reductions_per_micro_batch if trains else 0.0
+    after_backward, flattened = 0.0, 0.0
     if choice.replicate:
+        # Plain parameters outside FSDP: no gathers, no hooks; the script sums every replicated gradient in one
+        # flat all-reduce per step, after the last micro-batch's backward (a 1/grad_accum share of it each).
         held = g.count * (dense + experts)
-        comm = reductions * g.count * all_reduce_s((dense + experts), mesh.world_size,
-                                                   replicate_link(mesh, procs_per_node, hw))
-        fsdp = reductions * g.count * all_reduce_hops(mesh.world_size)
-        calls = reductions * g.count * (mesh.world_size > 1)
+        per_step = 1 / shape.grad_accum if trains and mesh.world_size > 1 else 0.0
+        after_backward = per_step * all_reduce_s(held, mesh.world_size, replicate_link(mesh, procs_per_node, hw))
+        flattened = held if per_step else 0.0
+        comm, fsdp, calls = 0.0, per_step * all_reduce_hops(mesh.world_size), 0
         gathered = 0.0
     else:
         held = g.count * (dense / fsdp_n + experts / (fsdp_n // mesh.ep))
@@ -376,7 +381,7 @@ def group_cost(graph: ModelGraph, g: Group, choice: GroupChoice, mesh: Mesh, sha
         backward_factor=backward_factor(g, choice),
         layer_calls=g.count * forwards,
         local_expert_calls=moe_layers(graph, g) * forwards * g.experts // mesh.ep if mesh.ep > 1 else 0,
-        fsdp_comm_s=comm, all_to_all_s=a2a,
+        fsdp_comm_s=comm, all_to_all_s=a2a, after_backward_s=after_backward, flattened_gradients=flattened,
         fsdp_hops=fsdp, fsdp_calls=calls, all_to_all_hops=a2a_hops, tensors=g.count * g.tensors if trains else 0,
         parameters=held, gradients=held if trains else 0.0,
         accumulated_gradients=(g.count * (dense + experts) if shape.sync_once_per_step else held) if trains else 0.0,
@@ -427,6 +432,7 @@ def root_cost(graph: ModelGraph, mesh: Mesh, shape: TrainShape, hw: HardwareProf
                      forward_s=forward / hw.achieved_flops(shape.precision),
                      recompute_s=recompute / hw.achieved_flops(shape.precision), backward_factor=2.0,
                      layer_calls=2.0 * chunks, local_expert_calls=0.0, fsdp_comm_s=comm, all_to_all_s=0.0,
+                     after_backward_s=0.0, flattened_gradients=0.0,
                      fsdp_hops=fsdp_hops(fsdp_n, mesh.dp_replicate, 1, reductions),
                      fsdp_calls=fsdp_calls(fsdp_n, mesh.dp_replicate, 1, reductions), all_to_all_hops=0,
                      tensors=sum(b.tensors for b in root_blocks if not under(b.name, frozen)), parameters=full / fsdp_n,
@@ -449,14 +455,16 @@ def peak_memory(costs: list[GroupCost], shape: TrainShape, hw: HardwareProfile) 
       (gradients only when an earlier micro-batch left them, unsharded when they are reduced once per step:
       zero_grad frees them after each step);
     - optimizer step: parameters, gradients and optimizer state (the fused AdamW and the in-place clipping allocate
-      nothing more; foreach AdamW made about one gradient of temporaries)."""
+      nothing more; foreach AdamW made about one gradient of temporaries), and just before it the flat copy of the
+      replicated groups' gradients their all-reduce sums."""
     params, grads, optim = (sum(getattr(c, k) for c in costs) for k in ("parameters", "gradients", "optimizer"))
     transient = (FSDP_PREFETCH_UNITS * max(c.gathered_member for c in costs)
                  + sum(c.kept_gathered for c in costs))
     accumulated = sum(c.accumulated_gradients for c in costs) if shape.grad_accum > 1 else 0.0
     forward = {"parameters": params, "gradients": accumulated, "optimizer": optim,
                "activations": sum(c.activations for c in costs), "transient": transient}
-    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0, "transient": 0.0}
+    step = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": 0.0,
+            "transient": sum(c.flattened_gradients for c in costs)}
     at_peak = max((forward, step), key=lambda m: sum(m.values()))
     return {**{k: int(v) for k, v in at_peak.items()}, "overhead": int(hw.overhead_gib * GIB)}
 
@@ -473,7 +481,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
     recompute_s = sum(c.recompute_s for c in costs) * micro
     host_s = host_seconds(costs, mesh, hw, micro, tower_host_ms(graph, shape, hw, choices), graph.router_aux_loss)
     fsdp_s = sum(c.fsdp_comm_s for c in costs) * micro
-    a2a_s = sum(c.all_to_all_s for c in costs) * micro
+    a2a_s = sum(c.all_to_all_s + c.after_backward_s for c in costs) * micro  # on the critical path
     units = 1 + sum(g.count for g in graph.groups)
     # Prefetching hides FSDP collectives behind compute, except the first unit's gather, which nothing precedes.
     exposed = max(fsdp_s - hw.overlap * (compute_s + recompute_s), fsdp_s / units) + a2a_s
@@ -491,7 +499,7 @@ def estimate(graph: ModelGraph, mesh: Mesh, choices: dict[str, GroupChoice], sha
 
 def group_time_s(c: GroupCost, hw: HardwareProfile) -> float:
     """A group's time per micro-batch on its own, nothing hidden: how the planner ranks a group's options."""
-    return c.compute_s + c.fsdp_comm_s + c.all_to_all_s + group_host_us(c, hw) * 1e-6
+    return c.compute_s + c.fsdp_comm_s + c.all_to_all_s + c.after_backward_s + group_host_us(c, hw) * 1e-6
 
 
 def group_memory_bytes(c: GroupCost) -> float:

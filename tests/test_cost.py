@@ -144,7 +144,11 @@ def test_host_time_per_collective_and_per_parameter_tensor_by_hand():
     assert hsdp.fsdp_hops == 4 * (1 + 1 + 2)  # gather and reduce-scatter over 2, all-reduce across 2 replicas
     assert hsdp.fsdp_calls == 4 * 3
     replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), Mesh(dp_shard=4), SHAPE, profile, 8)
-    assert (replicated.fsdp_hops, replicated.fsdp_calls) == (4 * 6, 4)  # each layer's gradients all-reduced over 4
+    # plain parameters outside FSDP: no hooks; the whole group's gradients in the one flat all-reduce over 4, after
+    # backward, where nothing hides it
+    assert (replicated.fsdp_hops, replicated.fsdp_calls, replicated.fsdp_comm_s) == (6, 0, 0)
+    assert replicated.after_backward_s == pytest.approx(cost.all_reduce_s(4 * 40 * MB, 4, LINK))
+    assert replicated.flattened_gradients == 4 * 40 * MB
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True), Mesh(dp_shard=4), SHAPE, profile, 8)
     assert (frozen.fsdp_hops, frozen.tensors) == (4 * 2 * 3, 0)
     sp = cost.group_cost(g, FOUNDATION, GroupChoice(True, "full"), Mesh(sp=2), SHAPE, profile, 8)
@@ -261,7 +265,8 @@ def test_each_collective_on_its_own_link_within_a_node():
     c = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_shard=4), SHAPE, slow_scatter, 8)
     assert c.fsdp_comm_s == pytest.approx(4 * (ring(5e-6) + ring(50e-6)))  # gather on intra_node, scatter on its own
     replicated = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), Mesh(dp_shard=4), SHAPE, slow_scatter, 8)
-    assert replicated.fsdp_comm_s == pytest.approx(4 * 2 * ring(20e-6))
+    # one flat all-reduce of the group's 4 layers: its latency once
+    assert replicated.after_backward_s == pytest.approx(2 * (3 * 20e-6 + 4 * member * 3 / 4 / 100e9))
     across_nodes = cost.group_cost(g, FOUNDATION, GroupChoice(False), Mesh(dp_shard=4), SHAPE, slow_scatter, 2)
     assert across_nodes.fsdp_comm_s == pytest.approx(4 * 2 * (3 * 10e-6 + member * 3 / 4 / 10e9))  # inter_node
 
@@ -302,7 +307,8 @@ def test_replicated_group_all_reduces_whole_gradients():
     mesh = Mesh(dp_shard=4)
     c = cost.group_cost(g, FOUNDATION, GroupChoice(replicate=True), mesh, SHAPE, hw(), 8)
     member = 4 * 10 * MB
-    assert c.fsdp_comm_s == pytest.approx(4 * 2 * (3 * 5e-6 + member * 3 / 4 / 100e9))  # ring all-reduce
+    # one ring all-reduce of the whole group's gradients, after backward
+    assert c.after_backward_s == pytest.approx(2 * (3 * 5e-6 + 4 * member * 3 / 4 / 100e9)) and c.fsdp_comm_s == 0
     assert c.parameters == 4 * member and c.optimizer == 2 * 4 * member and c.gathered_member == 0
     frozen = cost.group_cost(g, FOUNDATION, GroupChoice(frozen=True, replicate=True), mesh, SHAPE, hw(), 8)
     assert frozen.fsdp_comm_s == 0.0
@@ -353,10 +359,12 @@ def test_peak_memory_picks_the_higher_phase():
         assert sum(memory.values()) == pytest.approx(by_hand(shape), abs=8)
     long = cost.memory_breakdown(g, mesh, choices, TrainShape(65536, 1, 2, "fp32"), hw())
     assert long["gradients"] == params  # an earlier micro-batch left its gradients
-    # Replicated layers gather nothing: the optimizer step is the high-water mark.
+    # Replicated layers gather nothing: the optimizer step is the high-water mark, with the flat copy their
+    # gradients' all-reduce makes.
     whole = {"model.layers": GroupChoice(replicate=True)}
     short = cost.memory_breakdown(g, mesh, whole, TrainShape(16, 1, 1, "fp32"), hw())
-    assert short["activations"] == short["transient"] == 0 and short["gradients"] == 4 * 40 * MB + MB
+    assert short["activations"] == 0 and short["transient"] == 4 * 40 * MB
+    assert short["gradients"] == 4 * 40 * MB + MB
 
 
 def test_expert_parallel_bytes_by_hand():
@@ -450,7 +458,8 @@ def test_short_sequences_keep_the_whole_sequence_loss_and_its_prediction():
     plan = make_plan(s, g, hw(layer_us=100.0, step_ms=2.0), {})
     assert plan.train["loss_chunk_tokens"] == 0
     mesh, choices = Mesh(**plan.mesh), {"model.layers": GroupChoice(plan.groups[0].reshard_after_forward,
-                                                                    plan.groups[0].activation_checkpointing)}
+                                                                    plan.groups[0].activation_checkpointing,
+                                                                    replicate=plan.groups[0].replicate)}
     shape = TrainShape(128, 1, plan.train["grad_accum"], "fp32",
                        sync_once_per_step=plan.train["sync_gradients_once_per_step"])
     before = cost.estimate(g, mesh, choices, shape, hw(layer_us=100.0, step_ms=2.0), 2)

@@ -762,22 +762,27 @@ def apply_activation_checkpointing(model):
 # Parameters in fp32 for compute, gradients reduced in fp32.
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
+# Replicated groups: plain parameters, whole on every rank and outside FSDP (none of its per-unit copies and hooks).
+# All of them are frozen: no gradients, no collectives.
+REPLICATED_GROUPS = ["encoders.image.encoder.layers"]
+
+
+def replicated_parameters(model):
+    return [p for name in REPLICATED_GROUPS for p in model.get_submodule(name).parameters()]
+
 
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
     divided by the global token count, so the sum is the exact mean gradient."""
-    # Replicated groups: whole parameters on every rank (a shard group of one), gradients all-reduced (frozen ones: no collectives at all).
-    replicated = init_device_mesh(mesh.device_type, (mesh.size(), 1), mesh_dim_names=("replicate", "unsharded"))
     # encoders.image.encoder.layers: 2 x SiglipEncoderLayer (encoder:vision), replicated. Why: FSDP would take +0.0468
     # ms/step for -0.0326 MiB (peak 0.306 of 7.6 GiB usable).
-    for layer in model.get_submodule("encoders.image.encoder.layers"):
-        fully_shard(layer, mesh=replicated, mp_policy=MIXED_PRECISION)
     # foundation.model.layers: 2 x Qwen3MoeDecoderLayer (foundation), FSDP, unsharded after forward. Why: resharding
     # after forward would take +0.0504 ms/step for -0.237 MiB (peak 0.306 of 7.6 GiB usable).
     for layer in model.get_submodule("foundation.model.layers"):
         fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     # Root: kept unsharded after forward because backward starts with it.
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                ignored_params=set(replicated_parameters(model)))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -828,8 +833,11 @@ EPS = 1e-08
 
 def build_optimizer(model):
     """AdamW over the trainable parameters (frozen ones get no optimizer state). The fused kernel updates each
-    parameter and its two moments in one pass, with no temporaries (foreach makes a gradient-sized one)."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS, eps=EPS,
+    parameter and its two moments in one pass, with no temporaries (foreach makes a gradient-sized one). FSDP's
+    DTensors and plain parameters (replicated groups) cannot meet in one fused call: each kind is its own group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kinds = ([p for p in trainable if hasattr(p, "device_mesh")], [p for p in trainable if not hasattr(p, "device_mesh")])
+    return torch.optim.AdamW([{"params": kind} for kind in kinds if kind], lr=LR, betas=BETAS, eps=EPS,
                              weight_decay=WEIGHT_DECAY, fused=True)
 
 

@@ -411,19 +411,27 @@ def expert_state_entries(model_state, optim_state):
 
 
 def global_expert_view(tensor, expert_mesh):
-    """This rank's part of an expert tensor (FSDP's DTensor over the rank's EXPERTS_PER_RANK experts) as its part of
+    """This rank's part of an expert tensor (FSDP's DTensor over the rank's EXPERTS_PER_RANK experts, or the plain
+    tensor of experts outside FSDP) as its part of
     the full [NUM_EXPERTS, ...] tensor, for DCP. DTensor splits dim 0 over the mesh dims in their order: ep picks
     the rank's block (global expert = ep rank * EXPERTS_PER_RANK + local index), then ep_fsdp FSDP's rows inside
     it; dp_replicate replicas hold the same rows. No data moves: the result is a view of the local rows."""
     full_shape = (NUM_EXPERTS, *tensor.shape[1:])
-    return DTensor.from_local(tensor.to_local(), expert_mesh, (Replicate(), Shard(0), Shard(0)),
+    return DTensor.from_local(local_rows(tensor), expert_mesh, (Replicate(), Shard(0), Shard(0)),
                               shape=full_shape, stride=torch.empty(full_shape, device="meta").stride())
 
 
 def local_expert_view(tensor, like):
-    """The inverse of global_expert_view: the same local rows, as the FSDP DTensor `like` places them."""
+    """The inverse of global_expert_view: the same local rows, as the FSDP DTensor `like` places them (or plain,
+    like experts outside FSDP)."""
+    if not isinstance(like, DTensor):
+        return tensor.to_local()
     return DTensor.from_local(tensor.to_local(), like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride())
+
+
+def local_rows(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def build_expert_mesh(device):
@@ -436,12 +444,13 @@ def build_expert_mesh(device):
 
 
 def shard_experts(model, expert_mesh):
-    """Each experts module its own FSDP unit on the expert mesh, before FSDP wraps the layers around them: ranks of
-    an EP group hold different experts, so expert weights are sharded (and their gradients summed) over ep_fsdp
-    only, never across the EP group."""
+    """Each rank's experts are its own: no ep_fsdp rank shares their rows and no replica holds them, so their
+    gradients are complete after backward (every row routed to them came through the all-to-all) and there is
+    nothing to shard or reduce. They stay plain parameters outside FSDP (outside_fsdp, read by apply_fsdp). (In bf16
+    they keep FSDP for its mixed precision: the dispatch's autograd Functions run outside autocast.)"""
     for path in EP_MODULES:
         experts = model.get_submodule(path)
-        fully_shard(experts, mesh=expert_mesh["ep_fsdp"], reshard_after_forward=True, mp_policy=MIXED_PRECISION)
+        experts.outside_fsdp = True
         experts.ep_mesh = expert_mesh  # where checkpoints place this rank's experts (global_expert_views)
 
 
@@ -548,15 +557,24 @@ def apply_activation_checkpointing(model):
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
+def outside_fsdp(module):
+    """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
+    outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""
+    return {p for m in module.modules() if getattr(m, "outside_fsdp", False) for p in m.parameters()}
+
+
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
-    divided by the global token count, so the sum is the exact mean gradient."""
+    divided by the global token count, so the sum is the exact mean gradient. A replicated group stays plain
+    parameters, whole on every rank, outside FSDP: none of its per-unit copies and hooks."""
     # model.layers: 3 x DeepseekV3DecoderLayer (foundation), FSDP, unsharded after forward. Why: resharding after
     # forward would take +0.113 ms/step for -0.32 MiB (peak 0.307 of 7.6 GiB usable).
     for layer in model.get_submodule("model.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # Root: kept unsharded after forward because backward starts with it.
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                ignored_params=outside_fsdp(model))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

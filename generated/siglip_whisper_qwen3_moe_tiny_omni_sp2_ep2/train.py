@@ -698,19 +698,27 @@ def expert_state_entries(model_state, optim_state):
 
 
 def global_expert_view(tensor, expert_mesh):
-    """This rank's part of an expert tensor (FSDP's DTensor over the rank's EXPERTS_PER_RANK experts) as its part of
+    """This rank's part of an expert tensor (FSDP's DTensor over the rank's EXPERTS_PER_RANK experts, or the plain
+    tensor of experts outside FSDP) as its part of
     the full [NUM_EXPERTS, ...] tensor, for DCP. DTensor splits dim 0 over the mesh dims in their order: ep picks
     the rank's block (global expert = ep rank * EXPERTS_PER_RANK + local index), then ep_fsdp FSDP's rows inside
     it; dp_replicate replicas hold the same rows. No data moves: the result is a view of the local rows."""
     full_shape = (NUM_EXPERTS, *tensor.shape[1:])
-    return DTensor.from_local(tensor.to_local(), expert_mesh, (Replicate(), Shard(0), Shard(0)),
+    return DTensor.from_local(local_rows(tensor), expert_mesh, (Replicate(), Shard(0), Shard(0)),
                               shape=full_shape, stride=torch.empty(full_shape, device="meta").stride())
 
 
 def local_expert_view(tensor, like):
-    """The inverse of global_expert_view: the same local rows, as the FSDP DTensor `like` places them."""
+    """The inverse of global_expert_view: the same local rows, as the FSDP DTensor `like` places them (or plain,
+    like experts outside FSDP)."""
+    if not isinstance(like, DTensor):
+        return tensor.to_local()
     return DTensor.from_local(tensor.to_local(), like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride())
+
+
+def local_rows(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def build_expert_mesh(device):
@@ -1127,31 +1135,34 @@ def apply_activation_checkpointing(model):
 # Parameters in fp32 for compute, gradients reduced in fp32.
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
-# Replicated groups: plain parameters, whole on every rank and outside FSDP (none of its per-unit copies and hooks).
-# All of them are frozen: no gradients, no collectives.
-REPLICATED_GROUPS = ["encoders.image.encoder.layers"]
 
-
-def replicated_parameters(model):
-    return [p for name in REPLICATED_GROUPS for p in model.get_submodule(name).parameters()]
+def outside_fsdp(module):
+    """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
+    outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""
+    return {p for m in module.modules() if getattr(m, "outside_fsdp", False) for p in m.parameters()}
 
 
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
-    divided by the global token count, so the sum is the exact mean gradient."""
+    divided by the global token count, so the sum is the exact mean gradient. A replicated group stays plain
+    parameters, whole on every rank, outside FSDP: none of its per-unit copies and hooks."""
     # encoders.image.encoder.layers: 2 x SiglipEncoderLayer (encoder:vision), replicated. Why: FSDP would take +0.186
     # ms/step for -0.0489 MiB (peak 0.305 of 7.6 GiB usable).
+    for layer in model.get_submodule("encoders.image.encoder.layers"):
+        layer.outside_fsdp = True
     # encoders.audio.layers: 2 x WhisperEncoderLayer (encoder:audio), FSDP, unsharded after forward. Why: resharding
     # after forward would take +0.186 ms/step for -0.0325 MiB (peak 0.305 of 7.6 GiB usable).
     for layer in model.get_submodule("encoders.audio.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard_sp"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard_sp"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # foundation.model.layers: 2 x Qwen3MoeDecoderLayer (foundation), FSDP, unsharded after forward. Why: resharding
     # after forward would take +0.307 ms/step for -0.237 MiB (peak 0.305 of 7.6 GiB usable).
     for layer in model.get_submodule("foundation.model.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard_sp"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard_sp"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # Root: kept unsharded after forward because backward starts with it.
     fully_shard(model, mesh=mesh["dp_shard_sp"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                ignored_params=set(replicated_parameters(model)))
+                ignored_params=outside_fsdp(model))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

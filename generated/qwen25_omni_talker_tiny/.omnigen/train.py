@@ -574,35 +574,43 @@ def apply_activation_checkpointing(model):
 # Parameters in fp32 for compute, gradients reduced in fp32.
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
-# Replicated groups: plain parameters, whole on every rank and outside FSDP (none of its per-unit copies and hooks).
-# Their gradients are summed over every rank in one all-reduce after backward (all_reduce_replicated_gradients).
-REPLICATED_GROUPS = ["model.visual.blocks"]
+# Replicated groups (plain parameters outside FSDP, see apply_fsdp) that train: their gradients are summed over every
+# rank in one all-reduce after backward (all_reduce_replicated_gradients).
+TRAINED_REPLICATED_GROUPS = ["model.visual.blocks"]
 
 
-def replicated_parameters(model):
-    return [p for name in REPLICATED_GROUPS for p in model.get_submodule(name).parameters()]
+def outside_fsdp(module):
+    """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
+    outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""
+    return {p for m in module.modules() if getattr(m, "outside_fsdp", False) for p in m.parameters()}
 
 
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
-    divided by the global token count, so the sum is the exact mean gradient."""
+    divided by the global token count, so the sum is the exact mean gradient. A replicated group stays plain
+    parameters, whole on every rank, outside FSDP: none of its per-unit copies and hooks."""
     # model.audio_tower.layers: 2 x Qwen2_5OmniAudioEncoderLayer (encoder:audio), FSDP, unsharded after forward. Why:
     # resharding after forward would take +0.026 ms/step for -0.0325 MiB (peak 0.308 of 7.6 GiB usable).
     for layer in model.get_submodule("model.audio_tower.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # model.visual.blocks: 2 x Qwen2_5OmniVisionBlock (encoder:vision), replicated. Why: FSDP would take -0.075
     # ms/step for -0.121 MiB (peak 0.308 of 7.6 GiB usable).
+    for layer in model.get_submodule("model.visual.blocks"):
+        layer.outside_fsdp = True
     # model.language_model.layers: 2 x Qwen2_5OmniDecoderLayer (foundation), FSDP, unsharded after forward. Why:
     # resharding after forward would take +0.0387 ms/step for -0.142 MiB (peak 0.308 of 7.6 GiB usable).
     for layer in model.get_submodule("model.language_model.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # talker.model.layers: 2 x Qwen2_5OmniDecoderLayer (decoder), FSDP, unsharded after forward. Why: resharding after
     # forward would take +0.0264 ms/step for -0.0356 MiB (peak 0.308 of 7.6 GiB usable).
     for layer in model.get_submodule("talker.model.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
+                    ignored_params=outside_fsdp(layer))
     # Root: kept unsharded after forward because backward starts with it.
     fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                ignored_params=set(replicated_parameters(model)))
+                ignored_params=outside_fsdp(model))
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -613,7 +621,7 @@ def apply_fsdp(model, mesh):
 def all_reduce_replicated_gradients(model):
     """Sum the replicated groups' gradients over every rank, flattened into one buffer: one collective per step.
     A parameter this rank's micro-batches left without a gradient adds zeros (the others may have one)."""
-    params = [p for p in replicated_parameters(model) if p.requires_grad]
+    params = [p for name in TRAINED_REPLICATED_GROUPS for p in model.get_submodule(name).parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -529,7 +529,7 @@ def make_plan(spec: Spec, graph: ModelGraph, hw: HardwareProfile, inputs: dict[s
         groups=groups,
         root={"shard_dims": list(fsdp_dims(mesh)), "reshard_after_forward": False},
         inputs=inputs, sequence_parallel=sequence_parallel_section(spec, graph, mesh, groups, inputs), weights=weights,
-        expert_parallel=expert_parallel_section(graph, mesh, groups),
+        expert_parallel=expert_parallel_section(graph, mesh, groups, spec.train.precision),
         decoder_stack=graph.towers.get("foundation", ""), towers=tower_order(graph, inputs),
         frozen=frozen_modules(spec, graph),
         predicted=best.estimate.summary(),
@@ -634,12 +634,17 @@ def group_plan(graph: ModelGraph, g, choice: GroupChoice, mesh: Mesh, shape: Tra
                      ep_all_to_all_bytes_max_per_step=per_step * ep_all_to_all_bytes(g, shape, mesh, recompute, False))
 
 
-def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...]) -> dict | None:
-    """The experts modules EP slices, and the expert mesh: (dp_replicate, ep_fsdp, ep) over the FSDP ranks."""
+def expert_parallel_section(graph: ModelGraph, mesh: Mesh, groups: tuple[GroupPlan, ...],
+                            precision: str) -> dict | None:
+    """The experts modules EP slices, and the expert mesh: (dp_replicate, ep_fsdp, ep) over the FSDP ranks.
+    outside_fsdp: each rank's experts are its own (no ep_fsdp shard, no replica), so they stay plain parameters; in
+    bf16 they keep FSDP for its mixed precision (the dispatch's autograd Functions run outside autocast)."""
     if mesh.ep == 1:
         return None
     moe = [b for b in graph.blocks if b.kind == "moe"]
-    return {"degree": mesh.ep, "ep_fsdp": mesh.dp_shard * mesh.sp // mesh.ep,
+    ep_fsdp = mesh.dp_shard * mesh.sp // mesh.ep
+    return {"degree": mesh.ep, "ep_fsdp": ep_fsdp,
+            "outside_fsdp": ep_fsdp == 1 and mesh.dp_replicate == 1 and precision != "bf16",
             "modules": [b.experts_module or f"{b.name}.experts" for b in moe],
             "num_experts": moe[0].experts, "top_k": moe[0].top_k,
             "all_to_all_bytes_per_step": sum(g.ep_all_to_all_bytes_per_step for g in groups),

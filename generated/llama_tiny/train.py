@@ -258,11 +258,6 @@ def apply_activation_checkpointing(model):
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
-def outside_fsdp(module):
-    """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
-    outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""
-    return {p for m in module.modules() if getattr(m, "outside_fsdp", False) for p in m.parameters()}
-
 
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
@@ -271,11 +266,9 @@ def apply_fsdp(model, mesh):
     # model.layers: 2 x LlamaDecoderLayer (foundation), FSDP, unsharded after forward. Why: resharding after forward
     # would take +0.116 ms/step for -0.141 MiB (peak 0.305 of 7.6 GiB usable).
     for layer in model.get_submodule("model.layers"):
-        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                    ignored_params=outside_fsdp(layer))
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     # Root: kept unsharded after forward because backward starts with it.
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                ignored_params=outside_fsdp(model))
+    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

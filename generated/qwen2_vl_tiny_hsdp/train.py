@@ -429,11 +429,6 @@ def save_matmuls_context():
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
-def outside_fsdp(module):
-    """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
-    outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""
-    return {p for m in module.modules() if getattr(m, "outside_fsdp", False) for p in m.parameters()}
-
 
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
@@ -442,16 +437,13 @@ def apply_fsdp(model, mesh):
     # model.visual.blocks: 2 x Qwen2VLVisionBlock (encoder:vision), FSDP, unsharded after forward. Why: resharding
     # after forward would take +0.0468 ms/step for -0.0326 MiB (peak 0.306 of 7.6 GiB usable).
     for layer in model.get_submodule("model.visual.blocks"):
-        fully_shard(layer, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                    ignored_params=outside_fsdp(layer))
+        fully_shard(layer, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     # model.language_model.layers: 2 x Qwen2VLDecoderLayer (foundation), FSDP, unsharded after forward. Why:
     # resharding after forward would take +0.0697 ms/step for -0.142 MiB (peak 0.306 of 7.6 GiB usable).
     for layer in model.get_submodule("model.language_model.layers"):
-        fully_shard(layer, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                    ignored_params=outside_fsdp(layer))
+        fully_shard(layer, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     # Root: kept unsharded after forward because backward starts with it.
-    fully_shard(model, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION,
-                ignored_params=outside_fsdp(model))
+    fully_shard(model, mesh=mesh[("dp_replicate", "dp_shard")], reshard_after_forward=False, mp_policy=MIXED_PRECISION)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

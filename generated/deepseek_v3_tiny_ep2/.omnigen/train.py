@@ -557,7 +557,6 @@ def apply_activation_checkpointing(model):
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
-
 def outside_fsdp(module):
     """The parameters under `module` that FSDP leaves alone (plain, whole on this rank): those of modules marked
     outside_fsdp, by apply_fsdp (replicated groups) or another section (EP's experts when each rank's are its own)."""

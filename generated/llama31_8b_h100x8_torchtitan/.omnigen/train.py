@@ -288,7 +288,6 @@ def save_matmuls_context():
 MIXED_PRECISION = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-
 def apply_fsdp(model, mesh):
     """FSDP2 per block group as planned, then the root. Gradients are summed, not averaged: the loss is already
     divided by the global token count, so the sum is the exact mean gradient. A replicated group stays plain

@@ -87,8 +87,8 @@ def run_case(class_name: str, layout: str, is_moe: bool, verify: bool = True) ->
 def cell(outcome: dict) -> str:
     if outcome["result"] == "verified":
         return f"{outcome['deviation']:.1e}"
-    return {"n/a": "-", "refused": "refused", "no tiny config": "no tiny config", "compiles": "compiles", "random": "random",
-            "FAIL": "**FAIL**"}.get(
+    return {"n/a": "-", "refused": "refused", "no tiny config": "no tiny config", "compiles": "compiles",
+            "random": "random", "FAIL": "**FAIL**"}.get(
         outcome["result"], f"**{outcome['result']}**")
 
 

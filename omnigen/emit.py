@@ -90,7 +90,8 @@ def sections(plan: Plan, context: dict[str, Any]) -> list[str]:
     return [name for name, used in wanted.items() if used]
 
 
-HOOKS = ("setup", "batches", "micro_batch", "gradients", "step_record", "flags", "to_checkpoint", "from_checkpoint", "full_grad")
+HOOKS = ("setup", "batches", "micro_batch", "gradients", "step_record", "flags", "to_checkpoint", "from_checkpoint",
+         "full_grad")
 
 
 def render_train_py(env: jinja2.Environment, plan: Plan, context: dict[str, Any]) -> str:

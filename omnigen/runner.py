@@ -263,9 +263,9 @@ PROBE_SAMPLES = 4  # enough tokens that a sampling router meets near-ties betwee
 
 def random_in_training(out: Path) -> bool:
     """Whether the script in `out` builds a model whose training step is random with dropout off: forward and
-    backward of its first PROBE_SAMPLES samples under two seeds disagree (a sampling router may be random in its forward, or only
-    in its gradient estimate). False when the probe cannot run it (a talker's targets come from the step, not the
-    sample)."""
+    backward of its first PROBE_SAMPLES samples under two seeds disagree (a sampling router may be random in its
+    forward, or only in its gradient estimate). False when the probe cannot run it (a talker's targets come from
+    the step, not the sample)."""
     namespace = {"__name__": "omnigen_verify_probe", "__file__": str(out / "train.py")}
     try:
         exec(compile((out / "train.py").read_text(), str(out / "train.py"), "exec"), namespace)  # noqa: S102

@@ -539,8 +539,9 @@ def build_optimizer(model):
     parameter and its two moments in one pass, with no temporaries (foreach makes a gradient-sized one). FSDP's
     DTensors and plain parameters cannot meet in one fused call: each kind is its own group."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    kinds = ([p for p in trainable if hasattr(p, "device_mesh")], [p for p in trainable if not hasattr(p, "device_mesh")])
-    return torch.optim.AdamW([{"params": kind} for kind in kinds if kind], lr=LR, betas=BETAS, eps=EPS,
+    dtensors = [p for p in trainable if hasattr(p, "device_mesh")]
+    plain = [p for p in trainable if not hasattr(p, "device_mesh")]
+    return torch.optim.AdamW([{"params": kind} for kind in (dtensors, plain) if kind], lr=LR, betas=BETAS, eps=EPS,
                              weight_decay=WEIGHT_DECAY, fused=True)
 
 
